@@ -1,0 +1,175 @@
+"""Public entry points: `sageattn` (thu-ml style) and an SDPA drop-in."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+from .config import PRECISIONS, Granularity
+
+LAYOUTS = ("HND", "NHD")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def validate(q, k, v, tensor_layout: str) -> None:
+    """Raise TypeError/ValueError with what to change; return nothing when the call is valid."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D ({'(B, H, N, D)' if tensor_layout == 'HND' else '(B, N, H, D)'}"
+                f" for tensor_layout={tensor_layout!r}), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    _check_choice("tensor_layout", tensor_layout, LAYOUTS)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    h, n = (1, 2) if tensor_layout == "HND" else (2, 1)
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if not (q.shape[3] == k.shape[3] == v.shape[3]):
+        raise ValueError(f"head dims differ: q {q.shape[3]}, k {k.shape[3]}, v {v.shape[3]}")
+    if k.shape[h] != v.shape[h] or k.shape[n] != v.shape[n]:
+        raise ValueError(f"k and v must have the same heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[h] == 0 or q.shape[h] % k.shape[h] != 0:
+        raise ValueError(
+            f"query heads ({q.shape[h]}) must be a multiple of key/value heads ({k.shape[h]}) for GQA"
+        )
+    if k.shape[n] == 0:
+        raise ValueError("k and v need at least one token")
+    if q.shape[3] == 0:
+        raise ValueError("head dim must be at least 1")
+
+
+def sageattn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tensor_layout: str = "HND",
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    precision: str = "auto",
+    granularity: str = "per_thread",
+    smooth_k: bool = True,
+    smooth_q: bool | None = None,
+    smooth_v: bool = False,
+    backend: str = "auto",
+    force_int4_emulation: bool = False,
+):
+    """SageAttention2: softmax(Q K^T * sm_scale) V with INT8/INT4 QK and FP8/FP16 PV.
+
+    q: (B, Hq, Nq, D) for tensor_layout "HND" or (B, Nq, Hq, D) for "NHD"; k, v with Hkv
+    heads (Hq % Hkv == 0, GQA) and Nk tokens. fp16/bf16 (fp32 is cast to bf16 and back).
+    precision: "auto" (fastest accurate level for this GPU), "int8+fp8", "int8+fp16",
+    "int4+fp8", "int4+fp16", or "exact" (PyTorch SDPA).
+    granularity: "per_thread" (default), "per_warp", "per_block" quantization groups.
+    smooth_k / smooth_q / smooth_v: subtract the K mean (default on), per-block Q means
+    (default: on for int4), the V mean. They change rounding, never the math.
+    backend: "auto" (kernels where built, else exact), "cuda" (same, for clarity),
+    "reference" (the pure-PyTorch emulation of the kernels, any device), "exact".
+    Returns O in q's dtype and layout, and with return_lse also lse (B, Hq, Nq) float32 in
+    natural-log units (exact lse up to quantization error, smoothing included).
+    Inputs the kernels cannot serve (CPU, head dim > 256, kernels not built, ...) run exact
+    attention and log the reason once.
+    """
+    validate(q, k, v, tensor_layout)
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("granularity", granularity, [g.value for g in Granularity])
+    _check_choice("backend", backend, dispatch.BACKENDS)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+
+    p = dispatch.plan(
+        q, k, v,
+        layout=tensor_layout, precision=precision, granularity=granularity,
+        smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
+        backend=backend, force_int4_emulation=force_int4_emulation,
+    )
+    if p.backend == "exact":
+        o, lse = exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+    else:
+        in_dtype = q.dtype
+        if in_dtype == torch.float32 and p.backend != "reference":
+            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        from . import ops
+
+        o, lse = ops.run(p, q, k, v, tensor_layout, is_causal, float(sm_scale), return_lse)
+        o = o.to(in_dtype)
+    return (o, lse) if return_lse else o
+
+
+def exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse):
+    """Exact attention through PyTorch SDPA (and an explicit logsumexp when asked for)."""
+    if tensor_layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    o = F.scaled_dot_product_attention(
+        q, k, v, is_causal=is_causal, scale=sm_scale, enable_gqa=group > 1
+    )
+    lse = _exact_lse(q, k, is_causal, sm_scale) if return_lse else None
+    if tensor_layout == "NHD":
+        o = o.transpose(1, 2)
+    return o, lse
+
+
+def _exact_lse(q, k, is_causal, sm_scale, rows_per_chunk=1024):
+    """logsumexp(sm_scale * q k^T) per row in float32, chunked so it never holds N x N."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
+    out = []
+    for start in range(0, q.shape[2], rows_per_chunk):
+        s = q[:, :, start : start + rows_per_chunk].float() @ kf.transpose(-1, -2) * sm_scale
+        if is_causal:
+            rows = torch.arange(start, start + s.shape[2], device=q.device)[:, None]
+            cols = torch.arange(k.shape[2], device=q.device)[None, :]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        out.append(torch.logsumexp(s, dim=-1))
+    return torch.cat(out, dim=2)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention ((B, H, L, D) tensors).
+
+    Serves what SageAttention can (no mask, no dropout, 4-D inputs); everything else goes to
+    PyTorch's SDPA unchanged, with one log line per reason.
+    """
+    reason = None
+    if attn_mask is not None:
+        reason = "attention masks"
+    elif dropout_p != 0.0:
+        reason = "dropout"
+    elif any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (query, key, value)):
+        reason = "inputs that are not 4-D"
+    elif query.shape[1] != key.shape[1] and not enable_gqa:
+        reason = "different head counts without enable_gqa"
+    if reason is not None:
+        dispatch.log_once(f"exact attention: {reason} go to PyTorch SDPA")
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )
+    return sageattn(query, key, value, "HND", is_causal, scale, precision=precision)

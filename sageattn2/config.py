@@ -1,0 +1,222 @@
+"""Precision levels, quantization granularities and the tile layouts the kernels use.
+
+This module is the contract between the CUDA kernels and the PyTorch reference: the
+reference reproduces a kernel's quantization groups from the same `TileShape`, so both
+must read it from here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+
+# ---------------------------------------------------------------------------------------
+# Names users type
+
+
+class QKDType(str, Enum):
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class PVDType(str, Enum):
+    FP16 = "fp16"  # P and V in the input dtype (fp16 or bf16), fp32 accumulation
+    FP8 = "fp8"  # P and V in FP8 E4M3, two-level accumulation
+
+
+class Granularity(str, Enum):
+    PER_THREAD = "per_thread"
+    PER_WARP = "per_warp"
+    PER_BLOCK = "per_block"
+
+
+class Family(str, Enum):
+    """Kernel family: which fragment layout the quantization groups follow."""
+
+    MMA = "mma"  # mma.sync, sm80/86/89/120 (and sm90 through emulation)
+    WGMMA = "wgmma"  # Hopper sm90a
+
+
+# Precision levels offered to users (node combo, `precision=` argument).
+PRECISIONS = ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "int4+fp16", "exact")
+QUANTIZED_PRECISIONS = ("int8+fp8", "int8+fp16", "int4+fp8", "int4+fp16")
+
+# Largest E4M3 value: P is produced in [0, 448] and V is scaled so |V| <= 448.
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT4_MAX = 7.0
+# Group absmax is clamped to this before computing a scale, so an all-zero group never
+# divides by zero and its scale stays finite.
+ABSMAX_EPS = 1e-6
+# Largest head dim any kernel serves (after padding); larger goes to exact attention.
+MAX_HEAD_DIM = 256
+
+
+def parse_precision(precision: str) -> tuple[QKDType, PVDType]:
+    """'int8+fp8' -> (QKDType.INT8, PVDType.FP8). Raises ValueError on anything else."""
+    if precision not in QUANTIZED_PRECISIONS:
+        raise ValueError(
+            f"precision must be one of {QUANTIZED_PRECISIONS} (or 'auto'/'exact' where accepted), "
+            f"got {precision!r}"
+        )
+    qk, pv = precision.split("+")
+    return QKDType(qk), PVDType(pv)
+
+
+def padded_head_dim(head_dim: int, family: Family = Family.MMA) -> int:
+    """Head dim the kernels compute with: the input is zero-padded to it during quantization.
+
+    Zero channels change neither QK^T nor the first `head_dim` output channels.
+    """
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    for d in NATIVE_HEAD_DIMS[family]:
+        if head_dim <= d:
+            return d
+    raise AssertionError("unreachable")
+
+
+# Head dims each family instantiates; others are padded up to the next one.
+NATIVE_HEAD_DIMS = {
+    Family.MMA: (64, 128, 256),
+    Family.WGMMA: (64, 128),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Tile shapes: they define the quantization groups
+
+
+@dataclass(frozen=True)
+class TileShape:
+    """What one CTA computes, and therefore how the quantization groups fall.
+
+    cta_q       query rows per CTA
+    warp_q      query rows owned by one warp (mma) or one warp of a warpgroup (wgmma: 16)
+    k_tile      keys per main-loop iteration; also the two-level PV accumulation window
+                and the block of the online-softmax running max
+    q_mean_rows rows that share one Q-smoothing mean (q-bar) and hence one Delta-S row
+    """
+
+    cta_q: int
+    warp_q: int
+    k_tile: int
+    q_mean_rows: int = 64
+
+
+def tile_shape(family: Family, head_dim_padded: int) -> TileShape:
+    """The single source of tile sizes. Kernels mirror these numbers in their traits.
+
+    mma: 4 warps per CTA. At head dim <= 128 a warp owns 32 rows (two m16 tiles) so each
+    K fragment loaded from shared memory feeds two MMAs; at 256 the fp32 O fragment
+    (warp_q * d / 32 = 256 registers at 32 rows) does not fit, so a warp owns 16 rows.
+    wgmma: two consumer warpgroups of 64 rows; a warp's slice of a wgmma is 16 rows.
+    """
+    family = Family(family)
+    if family is Family.MMA:
+        if head_dim_padded <= 128:
+            return TileShape(cta_q=128, warp_q=32, k_tile=64)
+        return TileShape(cta_q=64, warp_q=16, k_tile=64)
+    if head_dim_padded <= 128:
+        return TileShape(cta_q=128, warp_q=16, k_tile=128)
+    raise ValueError(f"wgmma family has no tile for head dim {head_dim_padded}")
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization groups (used by the reference and the tests)
+#
+# per_thread: the groups are exactly the rows/columns one lane's MMA accumulators cover.
+#   Q: inside each warp_q-row slice, rows with the same (row % 8) share a scale:
+#      {g, g+8, g+16, g+24} for warp_q 32, {g, g+8} for warp_q 16.
+#   K: inside each k_tile-key tile, keys with the same ((key % 8) // 2) share a scale:
+#      {8n + 2t, 8n + 2t + 1}, 16 keys per group for k_tile 64, 32 for k_tile 128.
+# per_warp:  Q groups are warp_q-row slices, K groups are k_tile tiles.
+# per_block: Q groups are cta_q-row blocks,  K groups are k_tile tiles.
+
+
+def q_group_of_row(row: int, tile: TileShape, gran: Granularity) -> int:
+    """Index of the Q scale that row `row` (0-based within one batch-head) uses."""
+    gran = Granularity(gran)
+    if gran is Granularity.PER_BLOCK:
+        return row // tile.cta_q
+    if gran is Granularity.PER_WARP:
+        return row // tile.warp_q
+    return (row // tile.warp_q) * 8 + row % 8
+
+
+def k_group_of_key(key: int, tile: TileShape, gran: Granularity) -> int:
+    """Index of the K scale that key `key` uses."""
+    gran = Granularity(gran)
+    if gran is Granularity.PER_THREAD:
+        return (key // tile.k_tile) * 4 + (key % 8) // 2
+    return key // tile.k_tile
+
+
+def num_q_groups(n_q: int, tile: TileShape, gran: Granularity) -> int:
+    """Number of Q scales per batch-head (rows padded up to whole CTAs)."""
+    blocks = -(-n_q // tile.cta_q)
+    gran = Granularity(gran)
+    if gran is Granularity.PER_BLOCK:
+        return blocks
+    per_block = tile.cta_q // tile.warp_q
+    return blocks * per_block * (8 if gran is Granularity.PER_THREAD else 1)
+
+
+def num_k_groups(n_k: int, tile: TileShape, gran: Granularity) -> int:
+    """Number of K scales per batch-head (keys padded up to whole k_tiles)."""
+    tiles = -(-n_k // tile.k_tile)
+    return tiles * (4 if Granularity(gran) is Granularity.PER_THREAD else 1)
+
+
+# ---------------------------------------------------------------------------------------
+# One resolved configuration
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Everything that selects a kernel and its numerics (not the shapes)."""
+
+    qk_dtype: QKDType = QKDType.INT8
+    pv_dtype: PVDType = PVDType.FP8
+    granularity: Granularity = Granularity.PER_THREAD
+    smooth_k: bool = True
+    smooth_q: bool = False
+    smooth_v: bool = False
+    family: Family = Family.MMA
+
+    def __post_init__(self):
+        # Accept plain strings and normalise them to the enums, with a clear error.
+        for name, enum in (
+            ("qk_dtype", QKDType),
+            ("pv_dtype", PVDType),
+            ("granularity", Granularity),
+            ("family", Family),
+        ):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(value))
+            except ValueError:
+                choices = [e.value for e in enum]
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+
+    @property
+    def precision(self) -> str:
+        return f"{self.qk_dtype.value}+{self.pv_dtype.value}"
+
+    def with_(self, **changes) -> "AttnConfig":
+        return replace(self, **changes)
+
+    @property
+    def uri(self) -> str:
+        """Stable name for logs, caches and test ids."""
+        flags = "".join(
+            c for c, on in (("k", self.smooth_k), ("q", self.smooth_q), ("v", self.smooth_v)) if on
+        )
+        return (
+            f"{self.family.value}_{self.precision}_{self.granularity.value}"
+            f"_smooth-{flags or 'none'}"
+        )
+
+
+def default_smooth_q(qk_dtype: QKDType) -> bool:
+    """The paper smooths Q for 4-bit QK (SageAttn2-4b) and not for 8-bit."""
+    return QKDType(qk_dtype) is QKDType.INT4

@@ -1,0 +1,142 @@
+"""Chooses who serves an attention call: a CUDA kernel family, the reference, or exact SDPA.
+
+Every reason for not running the requested quantized path is logged once (per reason),
+never raised: unsupported input always has exact attention to fall back on.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import loader
+from .config import (
+    MAX_HEAD_DIM,
+    AttnConfig,
+    Family,
+    Granularity,
+    PVDType,
+    QKDType,
+    default_smooth_q,
+    parse_precision,
+)
+
+log = logging.getLogger("sageattn2")
+_logged: set[str] = set()
+
+BACKENDS = ("auto", "cuda", "reference", "exact")
+
+
+def log_once(message: str, level: int = logging.INFO) -> None:
+    """Log `message` the first time it is seen in this process."""
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, "[sageattn2] %s", message)
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str  # "wgmma" | "mma" | "reference" | "exact"
+    cfg: AttnConfig | None  # None for exact
+    force_int4_emulation: bool = False
+    note: str | None = None  # why the request was changed or declined (already logged)
+
+
+def default_precision(capability: tuple[int, int]) -> str:
+    """What `auto` means on a GPU: FP8 PV where the tensor cores have it, else FP16 PV."""
+    return "int8+fp8" if capability >= (8, 9) else "int8+fp16"
+
+
+def _backend_module(name: str):
+    if name == "wgmma":
+        from .backends import wgmma as mod
+    else:
+        from .backends import mma as mod
+    return mod
+
+
+def _exact(note: str | None) -> Plan:
+    if note:
+        log_once(f"exact attention: {note}")
+    return Plan("exact", None, note=note)
+
+
+def _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, family) -> AttnConfig:
+    qk, pv = parse_precision(precision)
+    return AttnConfig(
+        qk_dtype=qk,
+        pv_dtype=pv,
+        granularity=Granularity(granularity),
+        smooth_k=smooth_k,
+        smooth_q=default_smooth_q(qk) if smooth_q is None else smooth_q,
+        smooth_v=smooth_v,
+        family=family,
+    )
+
+
+def plan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str,
+    precision: str,
+    granularity: str,
+    smooth_k: bool,
+    smooth_q: bool | None,
+    smooth_v: bool,
+    is_causal: bool,
+    backend: str = "auto",
+    force_int4_emulation: bool = False,
+) -> Plan:
+    """Arguments are assumed validated (api.py). Cheap after the first call for a GPU."""
+    if precision == "exact" or backend == "exact":
+        return Plan("exact", None)
+    if backend == "reference":
+        p = "int8+fp8" if precision == "auto" else precision
+        return Plan("reference", _resolve_config(p, granularity, smooth_k, smooth_q, smooth_v, Family.MMA))
+
+    if q.device.type != "cuda":
+        return _exact(f"{q.device.type} tensors have no quantized kernel")
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        return _exact(f"head dim {head_dim} > {MAX_HEAD_DIM}")
+
+    lib, why = loader.library_for_device(q.device)
+    if lib is None:
+        return _exact(why)
+
+    capability = torch.cuda.get_device_capability(q.device)
+    return plan_for_library(
+        q, k, v, lib, capability, layout=layout, precision=precision, granularity=granularity,
+        smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
+        force_int4_emulation=force_int4_emulation,
+    )
+
+
+def plan_for_library(
+    q, k, v, lib, capability: tuple[int, int], *, layout, precision, granularity, smooth_k, smooth_q,
+    smooth_v, is_causal, force_int4_emulation=False,
+) -> Plan:
+    """The GPU part of `plan`: which family of `lib` serves this call, at which precision."""
+    if precision == "auto":
+        precision = default_precision(capability)
+    cfg = _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, Family.MMA)
+
+    if cfg.pv_dtype is PVDType.FP8 and not lib.fp8_mma and "wgmma" not in lib.families:
+        log_once(f"{lib.tag} has no FP8 tensor cores: running {cfg.qk_dtype.value}+fp16 instead of +fp8")
+        cfg = cfg.with_(pv_dtype=PVDType.FP16)
+    if cfg.qk_dtype is QKDType.INT4 and capability == (9, 0) and not force_int4_emulation:
+        log_once("Hopper has no INT4 tensor cores: running INT8 QK for int4 requests")
+        cfg = cfg.with_(qk_dtype=QKDType.INT8)
+
+    reasons = []
+    for family in lib.families:
+        family_cfg = cfg.with_(family=Family(family))
+        mod = _backend_module(family)
+        why = mod.unsupported_reason(q, k, v, layout=layout, cfg=family_cfg, is_causal=is_causal)
+        if why is None:
+            return Plan(family, family_cfg, force_int4_emulation)
+        reasons.append(f"{family}: {why}")
+    return _exact("; ".join(reasons) or f"no kernel family in the {lib.tag} library")

@@ -1,0 +1,75 @@
+"""The quantized attention as one torch.library custom op, so torch.compile sees a single
+opaque node (quantization included) with a fake implementation instead of graph-breaking.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import AttnConfig
+from .dispatch import Plan
+
+
+def _output_like(q: torch.Tensor) -> torch.Tensor:
+    # A new tensor in q's logical shape and layout, contiguous.
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == "HND" else (q.shape[0], q.shape[2], q.shape[1])
+    return (b, h, n)
+
+
+@torch.library.custom_op("sageattn2::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: str,
+    backend: str,
+    qk_dtype: str,
+    pv_dtype: str,
+    granularity: str,
+    smooth_k: bool,
+    smooth_q: bool,
+    smooth_v: bool,
+    family: str,
+    is_causal: bool,
+    sm_scale: float,
+    return_lse: bool,
+    force_int4_emulation: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = AttnConfig(qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v, family)
+    if backend == "reference":
+        from .reference import reference_attention
+
+        o, lse = reference_attention(
+            q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
+        )
+    else:
+        from .dispatch import _backend_module
+
+        kwargs = {"force_int4_emulation": True} if force_int4_emulation else {}
+        o, lse = _backend_module(backend).attention(
+            q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
+            return_lse=return_lse, **kwargs,
+        )
+    if lse is None:
+        lse = q.new_empty((0,), dtype=torch.float32)
+    return o, lse
+
+
+@attention_op.register_fake
+def _(q, k, v, layout, backend, qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v,
+      family, is_causal, sm_scale, return_lse, force_int4_emulation):
+    lse_shape = _lse_shape(q, layout) if return_lse else (0,)
+    return _output_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def run(plan: Plan, q, k, v, layout: str, is_causal: bool, sm_scale: float, return_lse: bool):
+    cfg = plan.cfg
+    o, lse = attention_op(
+        q, k, v, layout, plan.backend, cfg.qk_dtype.value, cfg.pv_dtype.value, cfg.granularity.value,
+        cfg.smooth_k, cfg.smooth_q, cfg.smooth_v, cfg.family.value, is_causal, sm_scale, return_lse,
+        plan.force_int4_emulation,
+    )
+    return o, (lse if return_lse else None)
