@@ -98,16 +98,24 @@ def sageattn(
         smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
         backend=backend, force_int4_emulation=force_int4_emulation,
     )
+    exact = lambda: exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
     if p.backend == "exact":
-        o, lse = exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
+        o, lse = exact()
     else:
-        in_dtype = q.dtype
-        if in_dtype == torch.float32 and p.backend != "reference":
-            q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        from . import ops
+        from . import autotune, ops
 
-        o, lse = ops.run(p, q, k, v, tensor_layout, is_causal, float(sm_scale), return_lse)
-        o = o.to(in_dtype)
+        in_dtype = q.dtype
+        qc, kc, vc = q, k, v
+        if in_dtype == torch.float32 and p.backend != "reference":
+            qc, kc, vc = (t.to(torch.bfloat16) for t in (q, k, v))
+        quantized = lambda: ops.run(p, qc, kc, vc, tensor_layout, is_causal, float(sm_scale), return_lse)
+        if precision == "auto" and p.backend != "reference" and not autotune.quantized_pays_off(
+            q, k, tensor_layout, is_causal, quantized, exact
+        ):
+            o, lse = exact()
+        else:
+            o, lse = quantized()
+            o = o.to(in_dtype)
     return (o, lse) if return_lse else o
 
 

@@ -235,3 +235,33 @@ def test_custom_op_opcheck_reference_backend():
         (q, k, v, "HND", "reference", "int8", "fp8", "per_thread", True, False, False, "mma", False, 0.125, True, False),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# auto: decided once per shape, small shapes go exact without timing
+
+
+def test_autotune_small_shapes_go_exact_without_timing(monkeypatch):
+    from sageattn2 import autotune
+
+    autotune._decisions.clear()
+    called = []
+    q = rand(1, 2, 512, 64)
+    assert not autotune.quantized_pays_off(q, q, "HND", False, lambda: called.append("q"), lambda: called.append("e"))
+    assert called == [] and len(autotune._decisions) == 1
+    monkeypatch.setenv("SAGEATTN2_AUTOTUNE", "0")
+    assert autotune.quantized_pays_off(q, q, "HND", False, None, None)
+
+
+def test_autotune_times_once_per_shape(monkeypatch):
+    from sageattn2 import autotune
+
+    autotune._decisions.clear()
+    timings = iter([1.0, 2.0])  # quantized 1 ms, exact 2 ms
+    calls = []
+    monkeypatch.setattr(autotune, "_median_ms", lambda fn, iters: (calls.append(fn), next(timings))[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    q = rand(1, 1, 2048, 64)
+    for _ in range(3):
+        assert autotune.quantized_pays_off(q, q, "HND", False, "quant", "exact")
+    assert calls == ["quant", "exact"]
