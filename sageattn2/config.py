@@ -69,10 +69,11 @@ def padded_head_dim(head_dim: int, family: Family = Family.MMA) -> int:
     """
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
-    for d in NATIVE_HEAD_DIMS[family]:
+    for d in NATIVE_HEAD_DIMS[Family(family)]:
         if head_dim <= d:
             return d
-    raise AssertionError("unreachable")
+    raise ValueError(f"the {Family(family).value} kernels serve head dims up to "
+                     f"{NATIVE_HEAD_DIMS[Family(family)][-1]}, got {head_dim}")
 
 
 # Head dims each family instantiates; others are padded up to the next one.
