@@ -175,7 +175,8 @@ class Source:
         return "all" in self.families or any(f in arch.families for f in self.families)
 
 
-def scan_sources(csrc: Path = CSRC) -> list[Source]:
+def scan_sources(csrc: Path | None = None) -> list[Source]:
+    csrc = csrc or CSRC
     sources = []
     for path in sorted(csrc.glob("*.cu")):
         head = path.read_text(errors="replace")[:2000]
@@ -187,8 +188,9 @@ def scan_sources(csrc: Path = CSRC) -> list[Source]:
     return sources
 
 
-def cache_key(sources: list[Source], arch: Arch, nvcc: Path, cuda_version, csrc: Path = CSRC) -> str:
+def cache_key(sources: list[Source], arch: Arch, nvcc: Path, cuda_version, csrc: Path | None = None) -> str:
     """Changes when any source or header, the flags, or the toolkit changes."""
+    csrc = csrc or CSRC
     h = hashlib.sha256()
     for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(csrc)).encode())
@@ -198,7 +200,8 @@ def cache_key(sources: list[Source], arch: Arch, nvcc: Path, cuda_version, csrc:
 
 
 def write_ninja(out_dir: Path, sources: list[Source], arch: Arch, nvcc: Path, link: bool) -> Path:
-    flags = " ".join(NVCC_FLAGS + arch.defines() + [arch.gencode, f"-I{CSRC / 'include'}"])
+    include = sources[0].path.parent / "include" if sources else CSRC / "include"
+    flags = " ".join(NVCC_FLAGS + arch.defines() + [arch.gencode, f"-I{include}"])
     lines = [
         "ninja_required_version = 1.3",
         f"nvcc = {nvcc}",
