@@ -90,7 +90,27 @@ def plan(
     backend: str = "auto",
     force_int4_emulation: bool = False,
 ) -> Plan:
-    """Arguments are assumed validated (api.py). Cheap after the first call for a GPU."""
+    """Arguments are assumed validated (api.py). Cached per shape and options: a diffusion
+    model makes the same few calls thousands of times, and planning must cost ~nothing."""
+    key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), q.stride(-1), k.stride(-1), v.stride(-1),
+           layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal, backend, force_int4_emulation)
+    cached = _plans.get(key)
+    if cached is None:
+        if len(_plans) > 4096:
+            _plans.clear()
+        cached = _plans[key] = _plan_uncached(
+            q, k, v, layout=layout, precision=precision, granularity=granularity, smooth_k=smooth_k,
+            smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal, backend=backend,
+            force_int4_emulation=force_int4_emulation,
+        )
+    return cached
+
+
+_plans: dict[tuple, Plan] = {}
+
+
+def _plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal,
+                   backend, force_int4_emulation) -> Plan:
     if precision == "exact" or backend == "exact":
         return Plan("exact", None)
     if backend == "reference":

@@ -85,6 +85,7 @@ def test_cpu_auto_runs_exact_attention(layout, causal, caplog):
 
 def test_fallback_reason_logged_once(caplog):
     dispatch._logged.clear()
+    dispatch._plans.clear()
     q = rand(1, 2, 8, 64)
     with caplog.at_level(logging.INFO, logger="sageattn2"):
         for _ in range(3):

@@ -1,0 +1,213 @@
+"""End-to-end speed inside ComfyUI: full-width slices of real architectures (random weights)
+built through ComfyUI's own classes, timed with stock attention and with our patch node.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_e2e.py [--models wan14b,flux] [--out FILE]
+
+Each row: the diffusion model's forward (BaseModel.apply_model, bf16, median of --iters after
+2 warm-ups), speed-up against stock, cosine of the output against stock. "no attention"
+replaces attention with zeros to show how much of the forward attention takes. A second
+table breaks our attention path down per CUDA kernel (torch.profiler): the quantization
+passes against the attention kernel itself, the overhead budget of issue #6.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "comfy"))
+sys.path.insert(0, str(REPO / "tests"))
+from comfy_env import comfyui_path, setup  # noqa: E402
+
+LEVELS = ["int8+fp16", "int8+fp8", "int4+fp8", "auto"]
+
+
+def fill_(model, seed=0):
+    """Random weights that keep activations O(1): N(0, 1/fan_in) matrices, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_((torch.randn(p.shape, generator=g) / math.sqrt(fan_in)).to(p.dtype))
+            else:
+                base = 1.0 if ("norm" in name or "scale" in name) else 0.0
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02 + base).to(p.dtype))
+
+
+def build(name: str, device):
+    """(label, BaseModel, apply_model kwargs) for one slice."""
+    import comfy.supported_models as sm
+
+    rnd = lambda *s: torch.randn(*s, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
+    if name in ("wan14b", "wan1.3b"):
+        dim, heads, ffn = (5120, 40, 13824) if name == "wan14b" else (1536, 12, 8960)
+        cfg = sm.WAN21_T2V({"image_model": "wan2.1", "model_type": "t2v", "dim": dim, "num_heads": heads,
+                            "ffn_dim": ffn, "num_layers": 2, "in_dim": 16, "out_dim": 16, "text_dim": 4096,
+                            "freq_dim": 256, "text_len": 512})
+        label = f"WAN 2.1 {'14B' if name == 'wan14b' else '1.3B'} shape, 2 blocks, 480p x 81f (32,760 tokens)"
+        kw = dict(x=rnd(1, 16, 21, 60, 104), t=torch.tensor([0.7], device=device), c_crossattn=rnd(1, 512, 4096))
+    elif name == "flux":
+        cfg = sm.Flux({"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+                       "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 2,
+                       "depth_single_blocks": 4, "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2,
+                       "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": []})
+        label = "Flux-dev shape, 2 double + 4 single blocks, 1024² (4,608 tokens)"
+        kw = dict(x=rnd(1, 16, 128, 128), t=torch.tensor([0.7], device=device), c_crossattn=rnd(1, 512, 4096),
+                  y=rnd(1, 768), guidance=torch.tensor([3.5], device=device))
+    elif name == "hunyuan":
+        cfg = sm.HunyuanVideo({"image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16,
+                               "patch_size": [1, 2, 2], "vec_in_dim": 768, "axes_dim": [16, 56, 56], "meanflow": False,
+                               "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+                               "depth": 2, "depth_single_blocks": 2, "theta": 256, "qkv_bias": True, "byt5": False,
+                               "guidance_embed": True})
+        label = "HunyuanVideo shape, 2 double + 2 single blocks, 720p x 129f (118,800 + 256 tokens)"
+        kw = dict(x=rnd(1, 16, 33, 90, 160), t=torch.tensor([0.7], device=device), c_crossattn=rnd(1, 256, 4096),
+                  y=rnd(1, 768), guidance=torch.tensor([6.0], device=device))
+    elif name == "sdxl":
+        cfg = sm.SDXL({"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+                       "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+                       "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                       "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+                       "context_dim": 2048, "num_head_channels": 64,
+                       "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+                       "use_temporal_attention": False, "use_temporal_resblock": False})
+        label = "SDXL, full UNet, 1024² (4,096 + 1,024 tokens; text 77)"
+        kw = dict(x=rnd(2, 4, 128, 128), t=torch.tensor([5.0, 5.0], device=device), c_crossattn=rnd(2, 77, 2048),
+                  y=rnd(2, 2816))
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    cfg.set_inference_dtype(torch.bfloat16, None)
+    model = cfg.get_model({}, device=device)
+    fill_(model)
+    model.to(device)
+    return label, model, kw
+
+
+def forward_fn(model, kw, override=None, extra_options=None):
+    def run():
+        to = dict(extra_options or {})
+        if override is not None:
+            to["optimized_attention_override"] = override
+        with torch.no_grad():
+            return model.apply_model(kw["x"], kw["t"], c_crossattn=kw["c_crossattn"], transformer_options=to,
+                                     **{k: v for k, v in kw.items() if k not in ("x", "t", "c_crossattn")})
+    return run
+
+
+def median_ms(fn, iters):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def stage_breakdown(fn) -> dict[str, float]:
+    """CUDA time per kernel group of one forward: ours (quant / attention), the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    groups: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if not us or evt.key.startswith("ProfilerStep"):
+            continue
+        key = evt.key.lower()
+        if "sa2" in key or "sageattn2" in key:
+            group = "ours: attention kernel" if ("attn" in key and "quant" not in key) else "ours: quantization"
+        elif "flash" in key or "fmha" in key or "cudnn" in key or "attention" in key:
+            group = "stock attention"
+        else:
+            group = "everything else"
+        groups[group] = groups.get(group, 0.0) + us / 1000
+    return groups
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", default="wan14b,wan1.3b,flux,sdxl,hunyuan")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    if not comfyui_path() or not torch.cuda.is_available():
+        print("needs COMFYUI_PATH and a CUDA GPU")
+        return 2
+    setup(comfyui_path(), cpu=False)
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_nodes_support import load_pack
+
+    load_pack()
+    from sageattn2_pack.nodes import override as ov
+    import comfy.model_patcher
+
+    device = torch.device("cuda")
+    lines = []
+    say = lambda s="": (print(s, flush=True), lines.append(s))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    say(f"# End to end in ComfyUI: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"{datetime.date.today()}, commit {commit or 'unknown'}")
+    say()
+    say("| model slice | variant | ms | vs stock | cosine vs stock |")
+    say("|---|---|---|---|---|")
+    breakdowns = []
+    for name in args.models.split(","):
+        label, model, kw = build(name, device)
+        stock = forward_fn(model, kw)
+        ref = stock().float()
+        t_stock = median_ms(stock, args.iters)
+        say(f"| {label} | stock | {t_stock:.1f} | 1.00x | 1.000000 |")
+        zero = forward_fn(model, kw, override=lambda f, *a, **k: f(*a, **k).zero_())
+        say(f"| | no attention (zeros) | {median_ms(zero, args.iters):.1f} | | |")
+        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+        for level in LEVELS:
+            # Exactly what the node installs: override, APPLY_MODEL wrapper, callbacks.
+            state = ov.PatchState(ov.PatchSettings(precision=level, min_seq_len=0))
+            patched = ov.install(patcher, state)
+            fn = forward_fn(model, kw, extra_options=patched.model_options["transformer_options"])
+            out = fn().float()
+            t = median_ms(fn, args.iters)
+            say(f"| | patch node, {level} | {t:.1f} | {t_stock / t:.2f}x | {cosine(out, ref):.6f} |")
+            if level == "int8+fp8":
+                breakdowns.append((label, stage_breakdown(fn)))
+        del model
+        torch.cuda.empty_cache()
+    say()
+    say("Per-kernel CUDA time of one forward with int8+fp8 (torch.profiler, ms):")
+    say()
+    say("| model slice | ours: quantization | ours: attention kernel | overhead / kernel | stock attention | everything else |")
+    say("|---|---|---|---|---|---|")
+    for label, g in breakdowns:
+        q, a = g.get("ours: quantization", 0.0), g.get("ours: attention kernel", 0.0)
+        ratio = f"{100 * q / a:.1f}%" if a else "n/a"
+        say(f"| {label} | {q:.2f} | {a:.2f} | {ratio} | {g.get('stock attention', 0.0):.2f} | {g.get('everything else', 0.0):.2f} |")
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
