@@ -1,0 +1,228 @@
+"""The team's attention benchmark: one table per run, TOPS and error per shape and method.
+
+    python bench/bench_attention.py [--shapes 1x24x4096x128,1x32x8192x128c] [--quick] [--out F]
+
+Inputs follow ../shared/docs/h100-baseline.md: bf16 (B, H, N, D) randn with
+k += 3 * randn(1, H, 1, D), non-causal unless the shape ends in "c". TOPS = 4*B*H*N^2*D / t
+(halved for causal), t = median of triton.testing.do_bench (warm-up 100 ms, 400 ms of repeats;
+calls longer than 50 ms are timed as the median of 3, longer than 0.5 s once, after a warm-up). Error = cosine /
+relative L1 against fp32 SDPA for N <= 8192. Our levels are timed kernel-only (operands
+already quantized) and end to end (quantization included, in parentheses).
+The markdown table also goes to --out (default $OUT/bench_attention.md when $OUT is set).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sageattn2.config import AttnConfig, Family, PVDType  # noqa: E402
+
+TARGET_SHAPES = [
+    "1x24x4096x128", "1x24x8192x128", "1x24x16384x128", "1x40x32760x128",
+    "1x24x8192x64", "1x24x16384x64",
+]
+EXTRA_SHAPES = ["2x40x32760x128", "1x24x119056x128", "1x32x8192x128c", "1x24x4608x128"]
+QUICK_SHAPES = ["1x24x4096x128", "1x24x8192x128", "1x24x8192x64", "1x32x8192x128c"]
+ERROR_MAX_N = 8192
+
+
+def parse_shape(s):
+    causal = s.endswith("c")
+    b, h, n, d = (int(x) for x in s.rstrip("c").split("x"))
+    return b, h, n, d, causal
+
+
+def bench_seconds(fn):
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    once = start.elapsed_time(end) / 1e3
+    if once > 0.5:  # seconds per call: a second sample adds nothing but device time
+        return once
+    if once > 0.05:
+        times = []
+        for _ in range(3):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[1]
+    return triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median") / 1e3
+
+
+def errors(out, ref):
+    if ref is None:
+        return None
+    o, r = out.float().flatten(), ref.flatten()
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=0).item()
+    return cos, ((o - r).abs().sum() / r.abs().sum()).item()
+
+
+def methods(q, k, v, causal, all_schedules):
+    """(name, kernel-only fn, end-to-end fn or None) for everything available here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    out = []
+    for name, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                          ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        def run_sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(q, k, v, is_causal=causal)
+        out.append((name, run_sdpa, None))
+
+    try:
+        from sageattn2.backends import wgmma
+    except ImportError:
+        wgmma = None
+    if wgmma is not None:
+        variants = [(level, pv, schedule)
+                    for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16))
+                    for schedule in (wgmma.default_schedule(pv, q.shape[-1]),)]
+        if all_schedules:
+            variants += [(f"{level} {schedule}", pv, schedule)
+                         for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16))
+                         for schedule in wgmma.SCHEDULES
+                         if schedule != wgmma.default_schedule(pv, q.shape[-1])]
+        for level, pv, schedule in variants:
+            cfg = AttnConfig(pv_dtype=pv, family=Family.WGMMA)
+            if wgmma.unsupported_reason(q, k, v, layout="HND", cfg=cfg, is_causal=causal):
+                continue
+            prep = wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+
+            def kernel_only(prep=prep, schedule=schedule):
+                return wgmma.run(prep, schedule=schedule)[0]
+
+            def end_to_end(cfg=cfg, schedule=schedule):
+                p = wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+                return wgmma.run(p, schedule=schedule)[0]
+
+            e2e = end_to_end if schedule == wgmma.default_schedule(pv, q.shape[-1]) else None
+            out.append((f"wgmma {level}", kernel_only, e2e))
+
+    try:
+        from sageattn2.backends import mma
+    except ImportError:
+        mma = None
+    if mma is not None:
+        for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16)):
+            cfg = AttnConfig(pv_dtype=pv, family=Family.MMA)
+            try:
+                if mma.unsupported_reason(q, k, v, layout="HND", cfg=cfg, is_causal=causal):
+                    continue
+            except Exception:  # a backend still in progress must not break the table
+                continue
+
+            def run_mma(cfg=cfg):
+                return mma.attention(q, k, v, layout="HND", cfg=cfg, is_causal=causal,
+                                     sm_scale=None, return_lse=False)[0]
+            out.append((f"mma {level} (e2e)", run_mma, None))
+
+    try:
+        from sageattention import sageattn
+    except ImportError:
+        sageattn = None
+    if sageattn is not None:
+        out.append(("thu-ml sageattn",
+                    lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=causal), None))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", help="comma-separated BxHxNxD[c] (c = causal)")
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_SHAPES)}")
+    ap.add_argument("--out", help="markdown output file")
+    ap.add_argument("--all-schedules", action="store_true",
+                    help="also time the wgmma schedules that are not the default")
+    args = ap.parse_args()
+    shapes = (args.shapes.split(",") if args.shapes else
+              QUICK_SHAPES if args.quick else TARGET_SHAPES + EXTRA_SHAPES)
+
+    dev = torch.cuda.get_device_name()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = ""
+    header = (f"{dev}, torch {torch.__version__}, "
+              f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {commit or 'uncommitted'}")
+
+    rows, columns = [], []
+    for spec in shapes:
+        b, h, n, d, causal = parse_shape(spec)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+                   for _ in range(3))
+        k = (k + 3 * torch.randn(1, h, 1, d, device="cuda", generator=g, dtype=torch.bfloat16))
+        ref = None
+        if n <= ERROR_MAX_N:
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), is_causal=causal)
+        work = 4 * b * h * n * n * d / (2 if causal else 1)
+        cells = {}
+        for name, fn, e2e in methods(q, k, v, causal, args.all_schedules):
+            try:
+                err = errors(fn(), ref)
+                t = bench_seconds(fn)
+                t_e2e = bench_seconds(e2e) if e2e is not None else None
+            except Exception as e:  # report, keep going
+                cells[name] = (None, None, None, f"{type(e).__name__}: {e}"[:80])
+                continue
+            cells[name] = (work / t / 1e12, None if t_e2e is None else work / t_e2e / 1e12, err,
+                           None)
+            if name not in columns:
+                columns.append(name)
+        rows.append((spec, cells))
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
+    def cell(c, base):
+        if c is None:
+            return "-"
+        tops, tops_e2e, err, fail = c
+        if fail:
+            return f"error: {fail}"
+        s = f"{tops:.0f}"
+        if tops_e2e is not None:
+            s += f" ({tops_e2e:.0f})"
+        if base:
+            s += f" {tops / base:.2f}x"
+        if err is not None:
+            s += f" [{err[0]:.5f} / {err[1]:.4f}]"
+        return s
+
+    lines = [f"Attention TOPS, {header}", "",
+             "TOPS kernel-only (end to end), ratio to SDPA cuDNN, [cosine / rel. L1 vs fp32 SDPA]",
+             "", "| B×H×N×D | " + " | ".join(columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for spec, cells in rows:
+        base = cells.get("SDPA cuDNN", (None,))[0]
+        lines.append(f"| {spec} | " + " | ".join(
+            cell(cells.get(c), base if c.startswith(("wgmma", "mma", "thu-ml")) else None)
+            for c in columns) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_attention.md") if "OUT" in os.environ
+                       else None)
+    if out:
+        Path(out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

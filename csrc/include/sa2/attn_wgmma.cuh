@@ -1,0 +1,578 @@
+// Hopper (sm_90a) SageAttention2 forward kernel: INT8 QK^T and FP8 (or fp16/bf16) PV on wgmma.
+//
+// One CTA = 128 query rows of one (batch, head): warpgroup 0 is the producer (one thread issues
+// TMA loads of Q once and of K / V tiles into a multi-stage mbarrier ring), warpgroups 1 and 2
+// are consumers that own 64 rows each. Numerics follow docs/numerics.md; the tile shape and the
+// per-thread quantization groups mirror sageattn2.config.tile_shape(Family.WGMMA, D):
+// cta_q 128, warp_q 16, k_tile 128.
+//   Q scale of a thread: rows {g, g+8} of its warp's 16-row slice -> index (row/16)*8 + g.
+//   K scale of a thread: keys {8n+2t, 8n+2t+1} of a 128-key tile   -> index tile*4 + t.
+// Inputs (all prepared by the quantizer):
+//   Q, K  int8, row-major (B, H, N, D) with any 16-byte-multiple strides (TMA tensor maps);
+//   V     fp8 PV: e4m3 V^T (B, Hkv, D, Nk_pad) with tokens of every 16 stored in the order
+//         0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15 (so P packs straight from the S accumulator);
+//         fp16/bf16 PV: the caller's V (B, Hkv, Nk, d) read through the wgmma transpose bit.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "sa2/common.cuh"
+#include "sa2/wgmma.cuh"
+
+namespace sa2::wgmma_attn {
+
+enum class PVMode : int { kFp8 = 0, kF16 = 1, kBf16 = 2 };
+
+// How a consumer warpgroup orders its GEMMs and softmax (the C entry point's `schedule`).
+//   kSequential: QK(j), wait, softmax(j), PV(j), wait; the two warpgroups interleave freely.
+//   kPingPong:   PV(j-1) and QK(j) issued back to back, waited at once, then softmax(j); a
+//                named-barrier ping-pong makes the warpgroups alternate GEMM phases, so one
+//                warpgroup's softmax runs under the other's GEMMs.
+//   kOverlap:    as kPingPong, but softmax(j) also runs while this warpgroup's own PV(j-1) is
+//                in flight (intra-warpgroup overlap; needs S, R, P and O live at once).
+//   kIntraOnly:  intra-warpgroup overlap without the ping-pong barrier: both warpgroups' softmax
+//                can run at once (two warps per scheduler hide each other's latency).
+enum class Schedule : int { kSequential = 0, kPingPong = 1, kOverlap = 2, kIntraOnly = 3 };
+
+struct Params {
+  const float* q_scale;  // (B, Hq, num_q_groups)
+  const float* k_scale;  // (B, Hkv, num_k_groups)
+  const float* v_scale;  // (B, Hkv, D) fp8 PV only
+  void* out;             // fp16/bf16, element strides below
+  float* lse;            // (B, Hq, Nq) or null
+  int64_t q_scale_stride_b, q_scale_stride_h;
+  int64_t k_scale_stride_b, k_scale_stride_h;
+  int64_t v_scale_stride_b, v_scale_stride_h;
+  int64_t o_stride_b, o_stride_h, o_stride_n;
+  int64_t lse_stride_b, lse_stride_h;
+  int num_q, num_k, group_size, head_dim;  // head_dim: true d (<= padded D)
+  int causal, out_bf16, out_vec2;          // out_vec2: 4-byte aligned pair stores are legal
+  float scale_log2;                        // sm_scale * log2(e)
+};
+
+template <int kHeadDim_, PVMode kPV_, Schedule kSchedule_>
+struct Traits {
+  static constexpr int kHeadDim = kHeadDim_;  // padded D
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma family serves head dims 64 and 128");
+  static constexpr PVMode kPV = kPV_;
+  static constexpr bool kFp8PV = kPV == PVMode::kFp8;
+  static constexpr bool kBf16PV = kPV == PVMode::kBf16;
+  static constexpr Schedule kSchedule = kSchedule_;
+  static constexpr bool kPingPong =
+      kSchedule == Schedule::kPingPong || kSchedule == Schedule::kOverlap;
+  static constexpr bool kIntraOverlap =
+      kSchedule == Schedule::kOverlap || kSchedule == Schedule::kIntraOnly;
+  static constexpr bool kIssueAhead = kSchedule != Schedule::kSequential;
+
+  static constexpr int kConsumerWGs = 2;
+  static constexpr int kBlockM = 64 * kConsumerWGs;  // == tile_shape().cta_q
+  static constexpr int kBlockN = 128;                // == tile_shape().k_tile
+  static constexpr int kThreads = 128 * (kConsumerWGs + 1);
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(128 * kProducerRegs + 128 * kConsumerWGs * kConsumerRegs <= 65536,
+                "register reallocation exceeds the register file");
+
+  // Q/K tiles: one swizzle atom per row (128 B rows at D 128, 64 B rows at D 64).
+  static constexpr int kQKSwizzle = kHeadDim;
+  static constexpr int kQBytes = kBlockM * kHeadDim;
+  static constexpr int kKBytes = kBlockN * kHeadDim;
+  // V tile: fp8 V^T is D rows of 128 keys (128 B); 16-bit V is 128 key rows of D channels,
+  // loaded as D/64 column blocks of 128 B rows.
+  static constexpr int kVBytes = kBlockN * kHeadDim * (kFp8PV ? 1 : 2);
+  static constexpr int kVColumnBlockBytes = kBlockN * 128;
+  static constexpr int kStages = kFp8PV ? (kHeadDim == 128 ? 4 : 8) : (kHeadDim == 128 ? 4 : 6);
+  static constexpr int kNumBarriers = 1 + 4 * kStages;
+  static constexpr int kSmemBytes =
+      1024 + kQBytes + kStages * (kKBytes + kVBytes) + kNumBarriers * 8;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-CTA limit");
+  static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0,
+                "tiles must keep 1024-byte swizzle-atom alignment");
+};
+
+// ---------------------------------------------------------------------------------------------
+// GEMM issue helpers (one warpgroup, no waiting)
+
+template <class T>
+__device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
+#pragma unroll
+  for (int kk = 0; kk < T::kHeadDim / 32; ++kk)
+    sm90::wgmma_s8_ss_n128(s, sm90::desc_advance(desc_q, kk * 32),
+                           sm90::desc_advance(desc_k, kk * 32), kk > 0);
+}
+
+// fp8: R = P . V over one 128-key tile, starting from zero (the first level of two).
+template <class T>
+__device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kHeadDim / 2], const uint32_t (&p)[16],
+                                             uint64_t desc_v) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t d = sm90::desc_advance(desc_v, kk * 32);
+    if constexpr (T::kHeadDim == 128)
+      sm90::wgmma_e4m3_rs_n128(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, kk > 0);
+    else
+      sm90::wgmma_e4m3_rs_n64(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, kk > 0);
+  }
+}
+
+// fp16/bf16: O += P . V (fp32 accumulator, no truncation: single level). B is N-major.
+template <class T>
+__device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], const uint32_t (&p)[32],
+                                            uint64_t desc_v) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const uint64_t d = sm90::desc_advance(desc_v, kk * 16 * 128);  // 16 key rows of 128 B
+    const uint32_t a0 = p[4 * kk], a1 = p[4 * kk + 1], a2 = p[4 * kk + 2], a3 = p[4 * kk + 3];
+    if constexpr (T::kHeadDim == 128) {
+      if constexpr (T::kBf16PV) sm90::wgmma_bf16_rs_n128_tb(o, a0, a1, a2, a3, d, 1);
+      else sm90::wgmma_f16_rs_n128_tb(o, a0, a1, a2, a3, d, 1);
+    } else {
+      if constexpr (T::kBf16PV) sm90::wgmma_bf16_rs_n64_tb(o, a0, a1, a2, a3, d, 1);
+      else sm90::wgmma_f16_rs_n64_tb(o, a0, a1, a2, a3, d, 1);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Online softmax on one 64x128 score tile held as the wgmma accumulator (int32 bits in s).
+// Leaves p = exp2(x - m_new) (times 448 for fp8) in s as floats; updates m and the per-thread
+// partial row sums l; returns alpha = exp2(m_old - m_new) per row (2 rows per thread).
+
+struct RowState {
+  float m[2];
+  float l[2];
+};
+
+template <class T, bool kMask>
+__device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, float (&alpha)[2],
+                                             float dequant, int key0, int row0, int num_k,
+                                             bool causal, int t) {
+  // log2(448): p is produced in [0, 448] so the e4m3 conversion uses the full range.
+  constexpr float kFp8Offset = T::kFp8PV ? 8.807354922057604f : 0.0f;
+  // The tile is processed as two 64-key halves (registers 0-31 and 32-63) so that the max of
+  // half 1 (ALU pipe) and the exponentials of half 0 (MUFU) are independent and issue
+  // interleaved; half 0 is brought to the final max by one multiply per value at the end.
+  // Within a half, the 16 values of a row are reduced in 4 independent chains.
+  constexpr int kChains = 4;
+  auto convert_and_max = [&](int i, float (&chain)[2][kChains]) {
+    float x = static_cast<float>(static_cast<int32_t>(s[i]));
+    if constexpr (kMask) {
+      const int key = key0 + 8 * (i / 4) + 2 * t + (i % 2);
+      const int row = row0 + 8 * ((i / 2) % 2);
+      if (key >= num_k || (causal && key > row)) x = -INFINITY;
+    }
+    s[i] = __float_as_uint(x);
+    float& m = chain[(i / 2) % 2][(i / 4) % kChains];
+    m = fmaxf(m, x);
+  };
+  // Row max of a half: chains, then the quad (lanes of a quad have different K scales, so
+  // the values are scaled before reducing).
+  auto reduce_max = [&](float (&chain)[2][kChains], float (&mx)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float m = fmaxf(fmaxf(chain[r][0], chain[r][1]), fmaxf(chain[r][2], chain[r][3])) * dequant;
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    }
+  };
+  auto exp_one = [&](int i, const float (&shift)[2], float (&chain)[2][kChains]) {
+    const int r = (i / 2) % 2;
+    const float p = sm90::fast_exp2(fmaf(__uint_as_float(s[i]), dequant, -shift[r]));
+    s[i] = __float_as_uint(p);
+    chain[r][(i / 4) % kChains] += p;
+  };
+  auto sum_chains = [](const float (&c)[kChains]) { return (c[0] + c[1]) + (c[2] + c[3]); };
+
+  float max0[2][kChains], max1[2][kChains];
+  float sum0[2][kChains] = {}, sum1[2][kChains] = {};
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) max0[r][c] = max1[r][c] = -INFINITY;
+
+#pragma unroll
+  for (int i = 0; i < 32; ++i) convert_and_max(i, max0);
+  float mx[2], m_half[2], shift[2];
+  reduce_max(max0, mx);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    m_half[r] = fmaxf(st.m[r], mx[r]);
+    shift[r] = m_half[r] == -INFINITY ? 0.0f : m_half[r] - kFp8Offset;
+  }
+  // exp of half 0 and max of half 1: independent, one basic block.
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    exp_one(i, shift, sum0);
+    convert_and_max(32 + i, max1);
+  }
+  reduce_max(max1, mx);
+  float beta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m_half[r], mx[r]);
+    const bool empty = m_new == -INFINITY;  // no visible key yet in this row
+    alpha[r] = empty ? 1.0f : sm90::fast_exp2(st.m[r] - m_new);
+    beta[r] = empty ? 1.0f : sm90::fast_exp2(m_half[r] - m_new);
+    shift[r] = empty ? 0.0f : m_new - kFp8Offset;
+    st.m[r] = m_new;
+  }
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    exp_one(32 + i, shift, sum1);
+    s[i] = __float_as_uint(__uint_as_float(s[i]) * beta[(i / 2) % 2]);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    st.l[r] = fmaf(st.l[r], alpha[r], fmaf(sum_chains(sum0[r]), beta[r], sum_chains(sum1[r])));
+}
+
+// P as the A operand of the PV wgmma, straight from the S accumulator registers.
+// fp8 (k32 steps): slot 4t+j of each 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[j], which is
+// the order V^T's tokens are stored in.
+__device__ __forceinline__ void pack_p_fp8(const uint32_t (&s)[64], uint32_t (&p)[16]) {
+  const auto f = [](uint32_t bits) { return __uint_as_float(bits); };
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = 8 * (2 * kk + h);  // 16-key chunk
+      p[4 * kk + 2 * h] = sm90::pack_e4m3x4(f(s[c + 0]), f(s[c + 1]), f(s[c + 4]), f(s[c + 5]));
+      p[4 * kk + 2 * h + 1] = sm90::pack_e4m3x4(f(s[c + 2]), f(s[c + 3]), f(s[c + 6]), f(s[c + 7]));
+    }
+  }
+}
+
+// 16-bit (k16 steps): the accumulator layout of 16 columns is the A layout of one k16 step.
+template <bool kBf16>
+__device__ __forceinline__ void pack_p_16(const uint32_t (&s)[64], uint32_t (&p)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) p[i] = sm90::pack_half2<kBf16>(__uint_as_float(s[2 * i]), __uint_as_float(s[2 * i + 1]));
+}
+
+// ---------------------------------------------------------------------------------------------
+
+template <class T>
+__global__ void __launch_bounds__(T::kThreads, 1)
+    attention_kernel(const __grid_constant__ CUtensorMap tm_q,
+                     const __grid_constant__ CUtensorMap tm_k,
+                     const __grid_constant__ CUtensorMap tm_v, const Params p) {
+  constexpr int D = T::kHeadDim;
+  constexpr int S = T::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  uint8_t* s_q = smem;
+  uint8_t* s_k = s_q + T::kQBytes;
+  uint8_t* s_v = s_k + S * T::kKBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + S * T::kVBytes);
+  uint64_t* q_full = bars;
+  uint64_t* k_full = bars + 1;
+  uint64_t* k_empty = k_full + S;
+  uint64_t* v_full = k_empty + S;
+  uint64_t* v_empty = v_full + S;
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  // Causal: heaviest query tiles first so the last wave is made of short ones.
+  const int q_tile = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int kv_head = head / p.group_size;
+  int num_tiles = (p.num_k + T::kBlockN - 1) / T::kBlockN;
+  if (p.causal) num_tiles = min(num_tiles, (q_tile * T::kBlockM + T::kBlockM - 1) / T::kBlockN + 1);
+
+  if (tid == 0) {
+    sm90::mbar_init(q_full, 1);
+    for (int s = 0; s < S; ++s) {
+      sm90::mbar_init(&k_full[s], 1);
+      sm90::mbar_init(&v_full[s], 1);
+      // one arrival per consumer warp, after its own wgmma.wait_group
+      sm90::mbar_init(&k_empty[s], 4 * T::kConsumerWGs);
+      sm90::mbar_init(&v_empty[s], 4 * T::kConsumerWGs);
+    }
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    // ---------------- producer ----------------
+    sm90::setmaxnreg_dec<T::kProducerRegs>();
+    if (tid == 0) {
+      sm90::tma_prefetch_desc(&tm_q);
+      sm90::tma_prefetch_desc(&tm_k);
+      sm90::tma_prefetch_desc(&tm_v);
+      sm90::mbar_arrive_expect_tx(q_full, T::kQBytes);
+      sm90::tma_load_4d(s_q, &tm_q, q_full, 0, q_tile * T::kBlockM, head, batch);
+      for (int j = 0; j < num_tiles; ++j) {
+        const int stage = j % S;
+        const uint32_t phase = (j / S) & 1;
+        sm90::mbar_wait(&k_empty[stage], phase ^ 1);
+        sm90::mbar_arrive_expect_tx(&k_full[stage], T::kKBytes);
+        sm90::tma_load_4d(s_k + stage * T::kKBytes, &tm_k, &k_full[stage], 0, j * T::kBlockN,
+                          kv_head, batch);
+        sm90::mbar_wait(&v_empty[stage], phase ^ 1);
+        sm90::mbar_arrive_expect_tx(&v_full[stage], T::kVBytes);
+        uint8_t* dst = s_v + stage * T::kVBytes;
+        if constexpr (T::kFp8PV) {
+          sm90::tma_load_4d(dst, &tm_v, &v_full[stage], j * T::kBlockN, 0, kv_head, batch);
+        } else {
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb)
+            sm90::tma_load_4d(dst + cb * T::kVColumnBlockBytes, &tm_v, &v_full[stage], cb * 64,
+                              j * T::kBlockN, kv_head, batch);
+        }
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  sm90::setmaxnreg_inc<T::kConsumerRegs>();
+  const int wg = warpgroup - 1;
+  const int ltid = tid % 128;
+  const int warp = ltid / 32;
+  const int lane = ltid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const int slice = q_tile * (T::kBlockM / 16) + wg * 4 + warp;  // 16-row slice index
+  const int row0 = slice * 16 + g;                                // rows row0 and row0 + 8
+
+  const float q_dequant =
+      p.q_scale[batch * p.q_scale_stride_b + head * p.q_scale_stride_h + slice * 8 + g] *
+      p.scale_log2;
+  const float* k_scale = p.k_scale + batch * p.k_scale_stride_b + kv_head * p.k_scale_stride_h + t;
+
+  const uint64_t desc_q =
+      sm90::make_smem_desc<T::kQKSwizzle>(s_q + wg * 64 * D, 16, 8 * T::kQKSwizzle);
+  auto desc_k = [&](int stage) {
+    return sm90::make_smem_desc<T::kQKSwizzle>(s_k + stage * T::kKBytes, 16, 8 * T::kQKSwizzle);
+  };
+  auto desc_v = [&](int stage) {
+    if constexpr (T::kFp8PV)  // K-major V^T: D rows of 128 B
+      return sm90::make_smem_desc<128>(s_v + stage * T::kVBytes, 16, 1024);
+    else  // N-major V: 64-channel column blocks kVColumnBlockBytes apart, 8 key rows = 1024 B
+      return sm90::make_smem_desc<128>(s_v + stage * T::kVBytes, T::kVColumnBlockBytes, 1024);
+  };
+  // One arrival per warp once this warp's wgmmas reading the stage have retired.
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(bar);
+  };
+  // Tiles needing a mask: the key tail, and for causal the tiles reaching past this WG's first row.
+  const int wg_first_row = q_tile * T::kBlockM + wg * 64;
+  auto needs_mask = [&](int j) {
+    return (j + 1) * T::kBlockN > p.num_k ||
+           (p.causal && (j + 1) * T::kBlockN - 1 > wg_first_row);
+  };
+  // Ping-pong: named barriers 1 and 2, one per consumer warpgroup.
+  auto pingpong_wait = [&]() {
+    if constexpr (T::kPingPong) sm90::named_bar_sync<256>(1 + wg);
+  };
+  auto pingpong_pass = [&]() {
+    if constexpr (T::kPingPong) sm90::named_bar_arrive<256>(1 + (wg ^ 1));
+  };
+
+  uint32_t s[64];  // QK accumulator (int32 bits), then scores, then p (fp32 bits)
+  float o[D / 2];
+  float r[T::kFp8PV ? D / 2 : 1];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < (T::kFp8PV ? D / 2 : 1); ++i) r[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s[i] = 0;
+  uint32_t pk[T::kFp8PV ? 16 : 32];
+  RowState st;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.0f;
+  float alpha[2];
+  // The mask costs several instructions per score: only boundary tiles take that path.
+  auto softmax = [&](int j, float dequant) {
+    if (needs_mask(j))
+      softmax_tile<T, true>(s, st, alpha, dequant, j * T::kBlockN, row0, p.num_k, p.causal, t);
+    else
+      softmax_tile<T, false>(s, st, alpha, dequant, j * T::kBlockN, row0, p.num_k, p.causal, t);
+  };
+
+  auto pack = [&]() {
+    if constexpr (T::kFp8PV) pack_p_fp8(s, pk);
+    else pack_p_16<T::kBf16PV>(s, pk);
+  };
+  auto issue_pv = [&](int stage) {
+    if constexpr (T::kFp8PV) issue_pv_fp8<T>(r, pk, desc_v(stage));
+    else issue_pv_16<T>(o, pk, desc_v(stage));
+  };
+  // After a PV tile retired: fp8 adds the tile partial into fp32 O (second level).
+  auto fold_pv = [&](const float (&a)[2]) {
+    if constexpr (T::kFp8PV) {
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] = fmaf(o[i], a[(i / 2) % 2], r[i]);
+    }
+  };
+  // 16-bit PV accumulates in O: O is rescaled before the next PV is issued.
+  auto rescale_o = [&](const float (&a)[2]) {
+    if constexpr (!T::kFp8PV) {
+#pragma unroll
+      for (int i = 0; i < D / 2; ++i) o[i] *= a[(i / 2) % 2];
+    }
+  };
+
+  if (wg == 1 && T::kPingPong) sm90::named_bar_arrive<256>(1);  // consumer 0 goes first
+  sm90::mbar_wait(q_full, 0);
+
+  if constexpr (!T::kIssueAhead) {
+    for (int j = 0; j < num_tiles; ++j) {
+      const int stage = j % S;
+      const uint32_t phase = (j / S) & 1;
+      const float dequant = q_dequant * k_scale[j * 4];
+      sm90::mbar_wait(&k_full[stage], phase);
+      sm90::wgmma_fence();
+      issue_qk<T>(s, desc_q, desc_k(stage));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(s);
+      release(&k_empty[stage]);
+      softmax(j, dequant);
+      rescale_o(alpha);
+      pack();
+      sm90::mbar_wait(&v_full[stage], phase);
+      sm90::wgmma_fence();
+      issue_pv(stage);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+      sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+      if constexpr (T::kFp8PV) sm90::fence_operands(r);
+      release(&v_empty[stage]);
+      fold_pv(alpha);
+    }
+  } else {
+    // Prologue: S(0) and its softmax.
+    {
+      const float dequant = q_dequant * k_scale[0];
+      sm90::mbar_wait(&k_full[0], 0);
+      pingpong_wait();
+      sm90::wgmma_fence();
+      issue_qk<T>(s, desc_q, desc_k(0));
+      sm90::wgmma_commit();
+      pingpong_pass();
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(s);
+      release(&k_empty[0]);
+      softmax(0, dequant);
+      pack();
+    }
+    float alpha_pending[2] = {alpha[0], alpha[1]};  // alpha of the tile whose PV is in flight
+    for (int j = 1; j < num_tiles; ++j) {
+      const int stage = j % S;
+      const uint32_t phase = (j / S) & 1;
+      const int prev = (j - 1) % S;
+      const uint32_t prev_phase = ((j - 1) / S) & 1;
+      const float dequant = q_dequant * k_scale[j * 4];
+      sm90::mbar_wait(&k_full[stage], phase);
+      sm90::mbar_wait(&v_full[prev], prev_phase);
+      pingpong_wait();
+      sm90::wgmma_fence();
+      issue_qk<T>(s, desc_q, desc_k(stage));
+      sm90::wgmma_commit();
+      issue_pv(prev);
+      sm90::wgmma_commit();
+      pingpong_pass();
+      auto retire_pv = [&]() {
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+        if constexpr (T::kFp8PV) sm90::fence_operands(r);
+        release(&v_empty[prev]);
+        fold_pv(alpha_pending);
+      };
+      if constexpr (T::kIntraOverlap) {
+        sm90::wgmma_wait<1>();
+      } else {
+        retire_pv();
+      }
+      sm90::fence_operands(s);
+      release(&k_empty[stage]);
+      softmax(j, dequant);
+      if constexpr (T::kIntraOverlap) retire_pv();
+      rescale_o(alpha);
+      alpha_pending[0] = alpha[0];
+      alpha_pending[1] = alpha[1];
+      pack();
+    }
+    // Epilogue: PV of the last tile.
+    {
+      const int last = (num_tiles - 1) % S;
+      sm90::mbar_wait(&v_full[last], ((num_tiles - 1) / S) & 1);
+      pingpong_wait();
+      sm90::wgmma_fence();
+      issue_pv(last);
+      sm90::wgmma_commit();
+      if (wg == 0) pingpong_pass();  // consumer 1's last pass would have no matching wait
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+      sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+      if constexpr (T::kFp8PV) sm90::fence_operands(r);
+      release(&v_empty[last]);
+      fold_pv(alpha_pending);
+    }
+  }
+  // ---------------- epilogue: O / l (* vscale), stores straight from registers ----------------
+  float inv_l[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = st.l[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv_l[rr] = 1.0f / l;
+    const int row = row0 + 8 * rr;
+    if (p.lse != nullptr && t == 0 && row < p.num_q) {
+      constexpr float kOffset = T::kFp8PV ? 8.807354922057604f : 0.0f;  // log2(448)
+      p.lse[batch * p.lse_stride_b + head * p.lse_stride_h + row] =
+          (st.m[rr] + __log2f(l) - kOffset) * 0.69314718055994531f;
+    }
+  }
+  const float* v_scale = T::kFp8PV ? p.v_scale + batch * p.v_scale_stride_b +
+                                         kv_head * p.v_scale_stride_h
+                                   : nullptr;
+  const bool out_bf16 = T::kFp8PV ? p.out_bf16 != 0 : T::kBf16PV;
+  const int64_t head_offset = batch * p.o_stride_b + head * p.o_stride_h;
+#pragma unroll
+  for (int cb = 0; cb < D / 8; ++cb) {
+    const int col = cb * 8 + 2 * t;
+    if (col >= p.head_dim) continue;
+    float vs0 = 1.0f, vs1 = 1.0f;
+    if constexpr (T::kFp8PV) {
+      vs0 = v_scale[col];
+      vs1 = v_scale[col + 1];
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = row0 + 8 * rr;
+      if (row >= p.num_q) continue;
+      const float y0 = o[4 * cb + 2 * rr] * inv_l[rr] * vs0;
+      const float y1 = o[4 * cb + 2 * rr + 1] * inv_l[rr] * vs1;
+      const int64_t off = head_offset + static_cast<int64_t>(row) * p.o_stride_n + col;
+      const bool both = col + 1 < p.head_dim;
+      if (out_bf16) {
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + off;
+        if (both && p.out_vec2) {
+          *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(y0, y1);
+        } else {
+          out[0] = __float2bfloat16_rn(y0);
+          if (both) out[1] = __float2bfloat16_rn(y1);
+        }
+      } else {
+        __half* out = static_cast<__half*>(p.out) + off;
+        if (both && p.out_vec2) {
+          *reinterpret_cast<__half2*>(out) = __floats2half2_rn(y0, y1);
+        } else {
+          out[0] = __float2half_rn(y0);
+          if (both) out[1] = __float2half_rn(y1);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace sa2::wgmma_attn

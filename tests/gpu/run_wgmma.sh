@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Device script for the Hopper wgmma kernels: build the sm_90a library, check ptxas output,
+# run the GPU tests, run the benchmark. Everything is logged under $OUT (default ./wgmma_out).
+#   tests/gpu/run_wgmma.sh [quick|full|tests|bench|profile] [extra pytest args...]
+#   quick: tests + benchmark of 4 shapes with every schedule; full: tests + all shapes;
+#   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+MODE=${1:-quick}
+shift || true
+OUT=${OUT:-$PWD/wgmma_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG=$OUT/run.log
+exec > >(tee -a "$LOG") 2>&1
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+nvcc --version | tail -1
+
+echo "== build"
+BUILD_ROOT=${SAGEATTN2_BUILD_DIR:-sageattn2/_build}
+BUILD=$BUILD_ROOT/sm_90a
+OBJ=/tmp/sa2_obj
+rm -rf "$OBJ"; mkdir -p "$OBJ" "$BUILD"
+FLAGS="-O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC -gencode arch=compute_90a,code=sm_90a -Icsrc/include -DSA2_ARCH=90 -DSA2_HAS_FP8_MMA=1 -DSA2_FAMILY_WGMMA=1 -Xptxas -v"
+jobs=()
+for src in csrc/common.cu csrc/attn_wgmma.cu csrc/quant.cu csrc/attn_mma.cu; do
+  [ -f "$src" ] || continue
+  name=$(basename "$src" .cu)
+  shards=$(grep -m1 -oP '^// SA2_SHARDS:\s*\K[0-9]+' "$src" || echo 1)
+  for ((i = 0; i < shards; i++)); do
+    jobs+=("$src $name.$i.o -DSA2_SHARD=$i -DSA2_NUM_SHARDS=$shards")
+  done
+done
+printf '%s\n' "${jobs[@]}" | xargs -P 16 -I{} sh -c 'set -- {}; timeout 300 nvcc '"$FLAGS"' -c "$1" -o '"$OBJ"'/"$2" $3 $4 > '"$OBJ"'/"$2".log 2>&1 || echo "FAILED $1 $3"'
+cat "$OBJ"/*.log > "$OUT/ptxas.log"
+families='"wgmma"'
+objs="$OBJ/common.0.o"
+for name in attn_wgmma quant attn_mma; do
+  ls "$OBJ"/$name.*.o >/dev/null 2>&1 || continue
+  n_src=$(ls "$OBJ"/$name.*.log | wc -l); n_obj=$(ls "$OBJ"/$name.*.o | wc -l)
+  if [ "$n_src" = "$n_obj" ]; then objs="$objs $(ls "$OBJ"/$name.*.o | tr '\n' ' ')"
+    [ $name = attn_mma ] && families="$families, \"mma\""
+  else echo "skipping $name: some shards failed"; fi
+done
+nvcc -shared -Xcompiler -fPIC -o "$BUILD/libsageattn2.so" $objs || { echo "LINK FAILED"; exit 1; }
+cat > "$BUILD_ROOT/manifest.json" <<JSON
+{"archs": {"sm_90a": {"path": "sm_90a/libsageattn2.so", "families": [$families], "fp8_mma": true}}}
+JSON
+cat "$BUILD_ROOT/manifest.json"
+echo "-- ptxas (wgmma kernels): registers / spills / warnings"
+grep -A3 "attention_kernel" "$OBJ"/attn_wgmma.*.log | grep -E "spill|Used" | sort | uniq -c
+grep -hE "C7515|C7511|C7508|warning|error" "$OBJ"/*.log | sort | uniq -c | head -20
+cuobjdump -sass "$BUILD/libsageattn2.so" > /tmp/sass.txt 2>/dev/null
+for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0" "128ELNS0_6PVModeE0ELNS0_8ScheduleE1"; do
+  awk -v k="$k" '/Function :/{f = index($0, k) > 0} f' /tmp/sass.txt > "/tmp/sass_$k.txt"
+  echo "-- SASS opcode histogram $k (whole kernel)"
+  grep -oP '^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?\K[A-Z0-9_.]+' "/tmp/sass_$k.txt" | sort | uniq -c | sort -rn | head -40 | tr '\n' ';'; echo
+done
+awk '/Function :/{f=$3} /GMMA|STL|LDL/{split($0,a,/[ ;]+/); for(i in a) if(a[i] ~ /GMMA|^STL|^LDL/) c[f" "a[i]]++} END{for(k in c) print c[k], k}' /tmp/sass.txt | grep attention | sed -E 's/_ZN3sa210wgmma_attn16attention_kernelINS0_6TraitsIL//; s/EEEEEv14CUtensorMap.*NS0_6ParamsE//' | sort -k2 | head -60
+
+if [ "$MODE" != bench ]; then
+  echo "== tests"
+  rm -f "$OUT/test_metrics.jsonl"
+  export SA2_TEST_LOG=$OUT/test_metrics.jsonl
+  T=tests/gpu/test_wgmma_kernels.py::test_lengths_and_head_dims
+  echo "-- smoke (one case per kernel family at hd128)"
+  timeout 90 python3 -m pytest -q "$T[128-4173-full-fp8-sequential]" "$T[128-4173-full-fp8-overlap]" \
+    "$T[128-4173-full-fp16-sequential]" "$T[128-4173-full-fp16-overlap]" 2>&1 | tail -15
+  echo "-- full suite"
+  timeout 360 python3 -m pytest tests/gpu/test_wgmma_kernels.py -q "$@" 2>&1 | tail -40 | tee "$OUT/pytest_tail.txt"
+  python3 - <<'PY'
+import json, os
+path = os.environ["SA2_TEST_LOG"]
+rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+print(f"{len(rows)} cases logged")
+for key in ("fp8", "fp16"):
+    r = [x for x in rows if x.get("pv") == key and "lse_ref" in x]
+    if r:
+        print(key, "; ".join(f"worst vs {n}: cos {min(x['cos_' + n] for x in r):.6f} relL1 {max(x['rel_l1_' + n] for x in r):.5f} lse {max(x['lse_' + n] for x in r):.2e}" for n in ("ref", "deq", "exact")))
+for x in rows:
+    if x.get("case") == "long":
+        print("long", x)
+PY
+fi
+
+if [ "$MODE" = profile ]; then
+  echo "== ncu (fp8/fp16 schedules, 1x24x8192 hd128 and hd64)"
+  cat > /tmp/prof_wgmma.py <<'PY'
+import torch
+from sageattn2.backends import wgmma
+from sageattn2.config import AttnConfig, Family, PVDType
+for d, pv, schedules in ((128, PVDType.FP8, ("sequential", "pingpong", "overlap")),
+                         (128, PVDType.FP16, ("pingpong",)), (64, PVDType.FP8, ("pingpong",))):
+    q, k, v = (torch.randn(1, 24, 8192, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    prep = wgmma.prepare(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype=pv, family=Family.WGMMA), is_causal=False)
+    for schedule in schedules:
+        wgmma.run(prep, schedule=schedule)
+torch.cuda.synchronize()
+PY
+  PYTHONPATH=$PWD timeout 240 ncu -k regex:attention_kernel --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    --section WarpStateStats --section SchedulerStats --section InstructionStats python3 /tmp/prof_wgmma.py > "$OUT/ncu.txt" 2>&1
+  grep -E "attention_kernel|Duration|SM Frequency|Issue Slots Busy|Compute \(SM\) Throughput|Executed Ipc A|Warp Cycles Per Issued|No Eligible|Active Warps Per" "$OUT/ncu.txt" | cut -c1-150 | head -80
+fi
+
+if [ "$MODE" != tests ] && [ "$MODE" != profile ]; then
+  echo "== bench"
+  if [ "$MODE" = full ] || [ "$MODE" = bench ]; then BARGS=""; else BARGS="--quick"; fi
+  [ "$MODE" = quick ] && BARGS="$BARGS --all-schedules"
+  timeout 540 python3 bench/bench_attention.py $BARGS --out "$OUT/bench_attention.md" > "$OUT/bench.log" 2>&1
+  cat "$OUT/bench_attention.md" 2>/dev/null || tail -30 "$OUT/bench.log"
+fi
