@@ -1,0 +1,9 @@
+"""ComfyUI entry point of the SageAttention2 pack (V1 node mappings).
+
+ComfyUI imports this file as a package from custom_nodes/; everything below it is reached
+through relative imports. Importing needs neither a GPU nor built kernels (the nodes then
+pass every attention call to stock attention, with one log line saying why).
+"""
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,295 @@
+"""The ComfyUI nodes (V1 API: NODE_CLASS_MAPPINGS). Thin: the logic lives in override.py,
+schedule.py, calibration.py and recording.py. ComfyUI modules are imported lazily, so the
+pack imports (and its tests run) without a ComfyUI tree.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from . import calibration as calibration_module
+from .levels import LEVELS
+from .override import GRANULARITIES, PatchSettings, PatchState, install
+from .recording import CalibrationState
+from .schedule import Schedule, ScheduleError, parse
+
+CATEGORY = "model/patch"
+SCHEDULE_TYPE = "SAGE_SCHEDULE"
+CALIBRATION_TYPE = "SAGE_CALIBRATION"
+CALIBRATION_DIR = "sageattn2"
+NO_FILE = "none"
+# Debugging aid: SAGEATTN2_NODE_BACKEND=reference runs the pure-PyTorch emulation of the
+# kernels (any device, slow) instead of the CUDA kernels.
+BACKEND_ENV = "SAGEATTN2_NODE_BACKEND"
+
+EXAMPLE_SCHEDULE = """# later rules override earlier ones; unmatched cells use the patch node's precision
+0-20%: int8+fp16
+20-90%: int4+fp8
+90-100%: int8+fp8
+blocks first 2, last 2: int8+fp16"""
+
+
+def _backend() -> str:
+    backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend not in ("auto", "cuda", "reference"):
+        raise ValueError(f"{BACKEND_ENV} must be auto, cuda or reference, got {backend!r}")
+    return backend
+
+
+def output_directory() -> str:
+    try:
+        import folder_paths
+    except ImportError:
+        return os.path.join(os.getcwd(), "output")
+    return folder_paths.get_output_directory()
+
+
+def calibration_files() -> list[str]:
+    root = os.path.join(output_directory(), CALIBRATION_DIR)
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".json"):
+                found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _smooth_q(choice: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[choice]
+
+
+def _kernel_inputs(precision: bool) -> dict:
+    inputs = {}
+    if precision:
+        inputs["precision"] = (list(LEVELS), {
+            "default": "auto",
+            "tooltip": "Precision level for every attention call (cells a schedule sets differently excepted). "
+                       "auto: fastest accurate level for this GPU (stock attention where quantizing does not pay). "
+                       "int8+fp8 is SageAttention2-8b, int4+fp8 the fastest and least accurate, int8+fp16 "
+                       "near-lossless, exact = stock attention.",
+        })
+    inputs["qk_granularity"] = (list(GRANULARITIES), {
+        "default": "per_thread",
+        "tooltip": "How many query/key rows share one quantization scale: per_thread (finest, most accurate, "
+                   "the default), per_warp, per_block (coarsest).",
+    })
+    inputs["smooth_k"] = ("BOOLEAN", {
+        "default": True,
+        "tooltip": "Subtract the mean of K before quantizing (removes the channel bias diffusion models have; "
+                   "costs nothing at the output). Keep on.",
+    })
+    inputs["smooth_q"] = (["auto", "on", "off"], {
+        "default": "auto",
+        "tooltip": "Subtract per-block means of Q before quantizing. auto: on for INT4 Q.K, off for INT8.",
+    })
+    inputs["smooth_v"] = ("BOOLEAN", {
+        "default": False,
+        "tooltip": "Subtract the mean of V before the FP8 P.V product (helps when V has a large common offset).",
+    })
+    return inputs
+
+
+class SageAttn2Patch:
+    DESCRIPTION = (
+        "Routes this model's attention to SageAttention2 (INT8/INT4 Q.K, FP8/FP16 P.V) through ComfyUI's "
+        "per-model attention override. Returns a patched copy: other models, and this one with the node "
+        "bypassed, keep stock attention. Calls it cannot serve (masks, unsupported head dims/dtypes/GPUs, "
+        "short sequences, exact cells of a schedule) run stock attention or the override that was there "
+        "before, with one log line per reason."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with Sage Attention; connect it to the sampler.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to patch (the input model is not changed)."}),
+                **_kernel_inputs(precision=True),
+                "min_seq_len": ("INT", {
+                    "default": 1024, "min": 0, "max": 1 << 20, "step": 64,
+                    "tooltip": "Attention calls with fewer query tokens than this run stock attention "
+                               "(quantization does not pay on short sequences). 0 = quantize everything.",
+                }),
+            },
+            "optional": {
+                "schedule": (SCHEDULE_TYPE, {
+                    "tooltip": "Optional Sage Attention Schedule: a precision level per sampling time and layer. "
+                               "Where no rule of it applies, 'precision' above runs.",
+                }),
+            },
+        }
+
+    def patch(self, model, precision, qk_granularity, smooth_k, smooth_q, smooth_v, min_seq_len, schedule=None):
+        settings = PatchSettings(precision=precision, granularity=qk_granularity, smooth_k=smooth_k,
+                                 smooth_q=_smooth_q(smooth_q), smooth_v=smooth_v, min_seq_len=min_seq_len,
+                                 backend=_backend())
+        return (install(model, PatchState(settings, schedule)),)
+
+
+class SageAttn2Schedule:
+    DESCRIPTION = (
+        "A precision level per sampling time (percent of the schedule, mapped to the model's sigmas) and per "
+        "layer, for Patch Sage Attention. One rule per line or ';'-separated: 'selector: level'. Later rules "
+        "override earlier ones. Selectors: time windows '0-20%', layers 'double 0-3', 'single 10-37', "
+        "'blocks first 2, last 2', 'input 0-3' (UNet), both ('0-10% double 0-3'), or 'all'."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (SCHEDULE_TYPE,)
+    OUTPUT_TOOLTIPS = ("The parsed schedule; connect it to Patch Sage Attention's 'schedule' input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "schedule": ("STRING", {
+                    "multiline": True, "default": EXAMPLE_SCHEDULE,
+                    "tooltip": "Rules 'selector: level', one per line or separated by ';'; '#' starts a comment. "
+                               "Windows 'A-B%' (A <= p < B of the sampling schedule), layers 'double N', "
+                               "'single N-M', 'blocks first N, last N', 'input/middle/output N'. Levels: "
+                               + ", ".join(LEVELS) + ".",
+                }),
+                "calibration_file": ([NO_FILE] + calibration_files(), {
+                    "default": NO_FILE,
+                    "tooltip": "A file written by 'Sage Attention Calibration to Schedule' (output/sageattn2/). "
+                               "Its rules come first; the text above is applied after them.",
+                }),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, schedule=None):
+        if schedule is None:  # linked from another node: checked when the node runs
+            return True
+        try:
+            parse(schedule)
+        except ScheduleError as e:
+            return str(e)
+        return True
+
+    def build(self, schedule, calibration_file):
+        rules = Schedule(())
+        if calibration_file != NO_FILE:
+            path = os.path.join(output_directory(), CALIBRATION_DIR, calibration_file)
+            try:
+                rules = parse(calibration_module.load_schedule_text(path))
+            except ScheduleError as e:
+                raise ValueError(f"in {calibration_file}: {e}") from None
+        return (rules + parse(schedule),)
+
+
+class SageAttn2Calibrate:
+    DESCRIPTION = (
+        "Calibration mode. Sample with the MODEL this returns: every attention call runs stock attention (the "
+        "result looks like the unpatched model's), and each precision level also runs on the same tensors to "
+        "measure its error per layer and step. Then connect the SAGE_CALIBRATION output and the sampler's "
+        "LATENT to 'Sage Attention Calibration to Schedule'. Slow (every level runs once per call)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL", CALIBRATION_TYPE)
+    RETURN_NAMES = ("model", "calibration")
+    OUTPUT_TOOLTIPS = (
+        "The model in calibration mode; sample with it once (any sampler, steps and resolution you will use).",
+        "The recording; connect to 'Sage Attention Calibration to Schedule'.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to calibrate (not changed)."}),
+                **_kernel_inputs(precision=False),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def patch(self, model, qk_granularity, smooth_k, smooth_q, smooth_v, unique_id=None):
+        settings = PatchSettings(precision="auto", granularity=qk_granularity, smooth_k=smooth_k,
+                                 smooth_q=_smooth_q(smooth_q), smooth_v=smooth_v, min_seq_len=0,
+                                 backend=_backend())
+        state = CalibrationState(settings, node_id=unique_id)
+        return (install(model, state), state)
+
+
+class SageAttn2CalibrationSchedule:
+    DESCRIPTION = (
+        "Turns a calibration recording into a schedule: per layer and step, the cheapest precision level whose "
+        "measured error meets the targets (cost order on this GPU, cheapest first: int4+fp8, int8+fp8, "
+        "int4+fp16, int8+fp16, exact; levels the GPU does not have natively are skipped). Saves the result "
+        "under output/sageattn2/ for the Schedule node's calibration_file, and draws a heatmap."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    OUTPUT_NODE = True
+    RETURN_TYPES = (SCHEDULE_TYPE, "IMAGE", "STRING")
+    RETURN_NAMES = ("schedule", "heatmap", "schedule_text")
+    OUTPUT_TOOLTIPS = (
+        "The calibrated schedule; connect to Patch Sage Attention's 'schedule' input.",
+        "Layers x steps coloured by the chosen level, annotated with 1 - cosine.",
+        "The schedule as text (the same rules the saved file holds).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "calibration": (CALIBRATION_TYPE, {"tooltip": "From 'Sage Attention Calibrate'."}),
+                "samples": ("LATENT", {
+                    "tooltip": "The LATENT output of the sampler that used the calibration model; it only makes "
+                               "this node run after that sampling.",
+                }),
+                "min_cosine": ("FLOAT", {
+                    "default": 0.999, "min": 0.9, "max": 1.0, "step": 0.0001,
+                    "tooltip": "Target: cosine similarity to stock attention each chosen level must reach, in "
+                               "its worst call of the cell.",
+                }),
+                "max_rel_l1": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
+                    "tooltip": "Optional second target: relative L1 error (sum|o - ref| / sum|ref|) at most this. "
+                               "0 = not used.",
+                }),
+                "filename_prefix": ("STRING", {
+                    "default": "calibration",
+                    "tooltip": "File name under output/sageattn2/ (a number is appended).",
+                }),
+            },
+        }
+
+    def build(self, calibration: CalibrationState, samples, min_cosine, max_rel_l1, filename_prefix):
+        if calibration.recorder.calls == 0:
+            raise ValueError(
+                "Sage Attention calibration recorded nothing: sample with the MODEL output of 'Sage Attention "
+                "Calibrate' and connect that sampler's LATENT to 'samples'. If it did sample, no attention call "
+                "could be measured (the log says why, e.g. no kernels for this GPU)."
+            )
+        s = calibration.settings
+        result = calibration_module.calibrate(
+            calibration.recorder, calibration.percent_to_sigma, min_cosine, max_rel_l1 or None,
+            extra={"settings": {"qk_granularity": s.granularity, "smooth_k": s.smooth_k,
+                                "smooth_q": s.smooth_q, "smooth_v": s.smooth_v, "backend": s.backend}},
+        )
+        path = calibration_module.next_path(os.path.join(output_directory(), CALIBRATION_DIR), filename_prefix)
+        calibration_module.save(result, path)
+        heatmap = torch.from_numpy(calibration_module.render_heatmap(result).astype(np.float32) / 255.0)[None]
+        return {"ui": {"text": [f"saved {path}\n{result.schedule}"]},
+                "result": (parse(result.schedule), heatmap, result.schedule)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "SageAttn2Patch": SageAttn2Patch,
+    "SageAttn2Schedule": SageAttn2Schedule,
+    "SageAttn2Calibrate": SageAttn2Calibrate,
+    "SageAttn2CalibrationSchedule": SageAttn2CalibrationSchedule,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SageAttn2Patch": "Patch Sage Attention (SA2)",
+    "SageAttn2Schedule": "Sage Attention Schedule (SA2)",
+    "SageAttn2Calibrate": "Sage Attention Calibrate (SA2)",
+    "SageAttn2CalibrationSchedule": "Sage Attention Calibration to Schedule (SA2)",
+}

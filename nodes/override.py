@@ -1,0 +1,313 @@
+"""The per-model attention override and its installation on a ModelPatcher.
+
+What gets installed on a clone of the model (nothing global):
+- `transformer_options["optimized_attention_override"]`: a `SageOverride`, called by
+  ComfyUI's `wrap_attn` as `override(func, q, k, v, heads, ...)` for every attention call
+  of the diffusion model;
+- an APPLY_MODEL wrapper (once per model evaluation): puts a fresh `ForwardState` (sigma,
+  layer counter) into the per-call transformer_options, puts our override back on top if a
+  later node replaced it, and after the forward checks once whether any quantized output
+  was non-finite (then the evaluation is recomputed with stock attention);
+- ON_PRE_RUN / ON_CLEANUP callbacks: per-run start and reset.
+
+Calls we decline (masks, low_precision_attention=False, short sequences, `exact` cells,
+no kernel for this GPU/shape/dtype, any error of ours) go to the override that was there
+before us, else to `func`, with the arguments exactly as received; each reason is logged
+once per patched model.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from .. import sageattn2 as sa2
+from .adapter import Decline, from_kernel_layout, parse_call, query_length, structural_decline, to_kernel_layout
+from .layers import FORWARD_KEY, ForwardState, LayerMemory
+from .levels import EXACT, LEVELS
+from .schedule import Schedule
+
+log = logging.getLogger("sageattn2.nodes")
+
+OVERRIDE_KEY = "optimized_attention_override"
+HOOK_KEY = "sageattn2"
+# Values of comfy.patcher_extension.WrappersMP.APPLY_MODEL / CallbacksMP.ON_PRE_RUN /
+# ON_CLEANUP (stable since the hook system landed); literal so tests need no ComfyUI.
+APPLY_MODEL = "apply_model"
+ON_PRE_RUN = "on_pre_run"
+ON_CLEANUP = "on_cleanup"
+
+GRANULARITIES = ("per_thread", "per_warp", "per_block")
+_labels = itertools.count(1)
+_delegating = threading.local()
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    precision: str = "auto"
+    granularity: str = "per_thread"
+    smooth_k: bool = True
+    smooth_q: bool | None = None  # None: on for INT4 QK, off for INT8
+    smooth_v: bool = False
+    min_seq_len: int = 1024
+    backend: str = "auto"  # "reference": pure-PyTorch emulation of the kernels (tests, debugging)
+
+    def __post_init__(self):
+        if self.precision not in LEVELS:
+            raise ValueError(f"precision must be one of {LEVELS}, got {self.precision!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.min_seq_len < 0:
+            raise ValueError(f"min_seq_len must be >= 0, got {self.min_seq_len}")
+
+    def kernel_kwargs(self) -> dict:
+        return dict(granularity=self.granularity, smooth_k=self.smooth_k, smooth_q=self.smooth_q,
+                    smooth_v=self.smooth_v, backend=self.backend)
+
+
+def _sigma_value(t) -> float | None:
+    if isinstance(t, torch.Tensor):
+        return float(t.reshape(-1)[0]) if t.numel() else None
+    return float(t) if isinstance(t, (int, float)) else None
+
+
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+class SageOverride:
+    """The callable in transformer_options. Holds only its state and the override it
+    chains to; ComfyUI deep-copies model_options on every clone, and all clones of one
+    patched model must share one state, so deepcopy returns the object itself."""
+
+    def __init__(self, state: "PatchState", previous=None):
+        self.state = state
+        self.previous = previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, func, *args, **kwargs):
+        if getattr(_delegating, "depth", 0):
+            # A previous override we passed a declined call to has called us again (it chains
+            # to us too): serve nothing twice, finish the call with the stock function.
+            return func(*args, **kwargs)
+        return self.state.handle(self, func, args, kwargs)
+
+    def decline(self, func, args, kwargs):
+        if self.previous is None:
+            return func(*args, **kwargs)
+        _delegating.depth = getattr(_delegating, "depth", 0) + 1
+        try:
+            return self.previous(func, *args, **kwargs)
+        finally:
+            _delegating.depth -= 1
+
+
+class PatchState:
+    """One Patch Sage Attention node applied to one model: settings, schedule, log-once
+    set, learned layer counts, counters of what was served and declined."""
+
+    def __init__(self, settings: PatchSettings, schedule: Schedule | None = None):
+        self.settings = settings
+        self.schedule = schedule if schedule is not None and schedule.rules else None
+        self.label = f"model #{next(_labels)} ({settings.precision}{', scheduled' if self.schedule else ''})"
+        self.base: SageOverride | None = None
+        self.bound = None
+        self.bound_for = None
+        self.memory = LayerMemory()
+        self.stats: Counter = Counter()
+        self.exact_for_run = False
+        self.trace: list | None = None  # set to [] to record (sigma, layer, level) per call
+        self._logged: set[str] = set()
+        self._on_top: dict[int, tuple[object, SageOverride]] = {}
+
+    # -- logging and schedule binding ------------------------------------------------------
+
+    def note(self, message: str, level: int = logging.INFO) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            log.log(level, "[sageattn2] %s: %s", self.label, message)
+
+    def bind(self, model_sampling) -> None:
+        """Windows of the schedule in this model's sigmas; rebinds when a node such as
+        ModelSamplingSD3 swapped model_sampling after the patch."""
+        if self.schedule is None or (model_sampling is self.bound_for and self.bound is not None):
+            return
+        to_sigma = getattr(model_sampling, "percent_to_sigma", None)
+        if to_sigma is None:
+            self.note("the model has no percent_to_sigma; schedule time windows are treated as unknown "
+                      "(the most accurate candidate level runs)", logging.WARNING)
+        self.bound = self.schedule.bind(to_sigma)
+        self.bound_for = model_sampling
+
+    # -- per model evaluation --------------------------------------------------------------
+
+    def override_on_top_of(self, current) -> SageOverride:
+        if isinstance(current, SageOverride) and current.state is self:
+            return current
+        if current is None or current is self.base.previous:
+            return self.base
+        entry = self._on_top.get(id(current))
+        if entry is None or entry[0] is not current:
+            self.note(f"another attention override ({_name_of(current)}) was installed after this patch; "
+                      "Sage Attention stays in front and passes the calls it declines to it", logging.WARNING)
+            entry = (current, SageOverride(self, current))
+            self._on_top[id(current)] = entry
+        return entry[1]
+
+    def apply_model_wrapper(self, executor, *args, **kwargs):
+        args = list(args)
+        in_args = len(args) > 5
+        to = args[5] if in_args else kwargs.get("transformer_options")
+        if not isinstance(to, dict):
+            return executor(*args, **kwargs)
+        try:
+            self.bind(getattr(executor.class_obj, "model_sampling", None))
+            sigma = _sigma_value(args[1] if len(args) > 1 else kwargs.get("t"))
+            top = self.override_on_top_of(to.get(OVERRIDE_KEY))
+        except Exception as e:  # never stop sampling over bookkeeping: run the model as it is
+            self.note(f"model evaluation left unprepared ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+            return executor(*args, **kwargs)
+
+        def run(exact: bool):
+            forward = ForwardState(sigma, deferred_check=True)
+            forward.exact = exact
+            try:
+                self.start_forward(forward, to)
+            except Exception as e:
+                self.note(f"step bookkeeping failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+            # A copy: never write into a dict the caller may reuse (apply_model's default).
+            call_to = dict(to, **{FORWARD_KEY: forward, OVERRIDE_KEY: top})
+            if in_args:
+                args[5] = call_to
+            else:
+                kwargs["transformer_options"] = call_to
+            return executor(*args, **kwargs), forward
+
+        out, forward = run(self.exact_for_run)
+        self.memory.learn(forward)
+        if forward.nonfinite is not None and bool(forward.nonfinite):
+            self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
+                      "attention, and the rest of that sampling run uses stock attention", logging.WARNING)
+            self.stats["recomputed"] += 1
+            self.exact_for_run = True
+            out, _ = run(True)
+        return out
+
+    def start_forward(self, forward: ForwardState, to: dict) -> None:
+        """Hook for subclasses (calibration: step bookkeeping)."""
+
+    # ON_PRE_RUN / ON_CLEANUP callbacks get (patcher); `*_` takes whatever later ComfyUI adds.
+    def on_pre_run(self, patcher, *_) -> None:
+        self.exact_for_run = False
+
+    def on_cleanup(self, patcher, *_) -> None:
+        self.exact_for_run = False
+
+    # -- per attention call ----------------------------------------------------------------
+
+    def forward_state(self, to) -> ForwardState:
+        if not isinstance(to, dict):
+            return ForwardState(None)
+        forward = to.get(FORWARD_KEY)
+        sigmas = to.get("sigmas")
+        if forward is None or (not forward.deferred_check and forward.sigmas_ref is not sigmas):
+            # No APPLY_MODEL wrapper ran (the diffusion model was called some other way): keep
+            # the state in the per-call dict, check outputs call by call.
+            forward = ForwardState(_sigma_value(sigmas), sigmas_ref=sigmas)
+            to[FORWARD_KEY] = forward
+        return forward
+
+    def level_for(self, forward: ForwardState, key, pos) -> str:
+        level = forward.levels.get(key)
+        if level is None:
+            base = self.settings.precision
+            level = self.bound.level(forward.sigma, pos, base) if self.bound is not None else base
+            forward.levels[key] = level
+        return level
+
+    def handle(self, override: SageOverride, func, args, kwargs):
+        try:
+            call = parse_call(args, kwargs)
+            forward = self.forward_state(call.transformer_options)
+            key, pos = forward.position(call.transformer_options or {}, self.memory)
+            level = EXACT if forward.exact else self.level_for(forward, key, pos)
+            if self.trace is not None:
+                self.trace.append((forward.sigma, pos.name, level))
+            out = self.serve(call, forward, pos, level)
+        except Decline as why:
+            return self.declined(override, func, args, kwargs, str(why))
+        except Exception as e:  # never crash mid-sampling: stock attention finishes the call
+            self.note(f"sageattn2 failed ({type(e).__name__}: {str(e)[:200]}); such calls run stock attention",
+                      logging.WARNING)
+            return self.declined(override, func, args, kwargs, f"error: {type(e).__name__}", log_it=False)
+        self.stats[("sage", level)] += 1
+        return out
+
+    def declined(self, override, func, args, kwargs, reason: str, log_it: bool = True):
+        self.stats[("declined", reason)] += 1
+        if log_it and reason != EXACT:
+            self.note(f"calls go to stock attention: {reason}")
+        return override.decline(func, args, kwargs)
+
+    def kernel_inputs(self, call):
+        """(q, k, v, layout) for sageattn2, or Decline with the reason."""
+        reason = structural_decline(call)
+        if reason:
+            raise Decline(reason)
+        q4, k4, v4, layout = to_kernel_layout(call)
+        if query_length(q4, layout) < self.settings.min_seq_len:
+            raise Decline(f"sequences shorter than min_seq_len={self.settings.min_seq_len} tokens")
+        return q4, k4, v4, layout
+
+    def planned(self, q4, k4, v4, layout, level):
+        s = self.settings
+        p = sa2.plan(q4, k4, v4, layout=layout, precision=level, granularity=s.granularity,
+                     smooth_k=s.smooth_k, smooth_q=s.smooth_q, smooth_v=s.smooth_v, is_causal=False,
+                     backend=s.backend)
+        if p.backend == "exact":
+            raise Decline(p.note or "calls without a quantized kernel")
+        return p
+
+    def serve(self, call, forward, pos, level):
+        """Our output in ComfyUI's format, or Decline."""
+        q4, k4, v4, layout = self.kernel_inputs(call)
+        if level == EXACT:
+            raise Decline(EXACT)
+        self.planned(q4, k4, v4, layout, level)
+        out = sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale, precision=level,
+                           **self.settings.kernel_kwargs())
+        bad = ~torch.isfinite(out.sum(dtype=torch.float32))
+        if forward.deferred_check:
+            forward.nonfinite = bad if forward.nonfinite is None else forward.nonfinite | bad
+        elif bool(bad):
+            self.note(f"non-finite {level} output; such calls are recomputed with stock attention", logging.WARNING)
+            raise Decline("non-finite quantized output")
+        return from_kernel_layout(out, layout, call.skip_output_reshape)
+
+
+def install(model, state: PatchState):
+    """A clone of `model` with `state`'s override, wrapper and callbacks. Replaces an
+    earlier Sage Attention patch on the same model (keeping what that one chained to)."""
+    m = model.clone()
+    to = m.model_options.setdefault("transformer_options", {})
+    previous = to.get(OVERRIDE_KEY)
+    if isinstance(previous, SageOverride):
+        previous = previous.previous
+    state.base = SageOverride(state, previous)
+    to[OVERRIDE_KEY] = state.base
+    m.remove_wrappers_with_key(APPLY_MODEL, HOOK_KEY)
+    m.add_wrapper_with_key(APPLY_MODEL, HOOK_KEY, state.apply_model_wrapper)
+    for kind, fn in ((ON_PRE_RUN, state.on_pre_run), (ON_CLEANUP, state.on_cleanup)):
+        m.remove_callbacks_with_key(kind, HOOK_KEY)
+        m.add_callback_with_key(kind, HOOK_KEY, fn)
+    try:
+        state.bind(m.get_model_object("model_sampling"))
+    except AttributeError:
+        state.bind(None)
+    return m
