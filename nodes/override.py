@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import sageattn2 as sa2
+from ..sageattn2 import autotune
 from .adapter import Decline, from_kernel_layout, parse_call, query_length, structural_decline, to_kernel_layout
 from .layers import FORWARD_KEY, ForwardState, LayerMemory
-from .levels import EXACT, LEVELS
+from .levels import AUTO, EXACT, LEVELS
 from .schedule import Schedule
 
 log = logging.getLogger("sageattn2.nodes")
@@ -239,7 +240,7 @@ class PatchState:
             level = EXACT if forward.exact else self.level_for(forward, key, pos)
             if self.trace is not None:
                 self.trace.append((forward.sigma, pos.name, level))
-            out = self.serve(call, forward, pos, level)
+            out = self.serve(call, forward, pos, level, stock=lambda: func(*args, **kwargs))
         except Decline as why:
             return self.declined(override, func, args, kwargs, str(why))
         except Exception as e:  # never crash mid-sampling: stock attention finishes the call
@@ -274,14 +275,20 @@ class PatchState:
             raise Decline(p.note or "calls without a quantized kernel")
         return p
 
-    def serve(self, call, forward, pos, level):
-        """Our output in ComfyUI's format, or Decline."""
+    def serve(self, call, forward, pos, level, stock):
+        """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
         q4, k4, v4, layout = self.kernel_inputs(call)
         if level == EXACT:
             raise Decline(EXACT)
-        self.planned(q4, k4, v4, layout, level)
-        out = sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale, precision=level,
-                           **self.settings.kernel_kwargs())
+        plan = self.planned(q4, k4, v4, layout, level)
+        run = lambda: sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale,
+                                   precision=plan.cfg.precision, **self.settings.kernel_kwargs())
+        if level == AUTO and plan.backend != "reference" and not autotune.quantized_pays_off(
+            q4, k4, layout, False, run, stock
+        ):
+            # Timed once per shape against the function ComfyUI gave us, then cached.
+            raise Decline("auto: stock attention is faster for this shape")
+        out = run()
         bad = ~torch.isfinite(out.sum(dtype=torch.float32))
         if forward.deferred_check:
             forward.nonfinite = bad if forward.nonfinite is None else forward.nonfinite | bad

@@ -250,3 +250,28 @@ def test_non_finite_output_recomputes_the_evaluation_with_stock(dit, monkeypatch
     poison["on"] = False
     out = sample(patched, dit, FLOW_SIGMAS)
     assert state.stats[("sage", "int8+fp8")] == dit.attention_calls_per_forward() * (5 + 1)
+
+
+def test_auto_declines_to_stock_when_quantizing_does_not_pay(dit, monkeypatch):
+    """`auto` asks the per-shape timing cache; a 'stock is faster' verdict sends the call to
+    ComfyUI's own function (timed against it), an 'ours is faster' verdict serves it."""
+    from sageattn2_pack.sageattn2 import AttnConfig, Plan, autotune
+
+    # Pretend a GPU kernel serves int8+fp16 here; the quantized run itself is the reference.
+    monkeypatch.setattr(ov.sa2, "plan", lambda *a, **kw: Plan("mma", AttnConfig("int8", "fp16")))
+    real_sageattn = ov.sa2.sageattn
+    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
+    seen = []
+
+    def verdict(q, k, layout, is_causal, run_quantized, run_exact):
+        seen.append(run_exact)
+        return pays
+
+    monkeypatch.setattr(autotune, "quantized_pays_off", verdict)
+    for pays, want in ((False, ("declined", "auto: stock attention is faster for this shape")), (True, ("sage", "auto"))):
+        STOCK.calls.clear()
+        patched, state = patch(FakePatcher(), precision="auto", backend="auto")
+        sample(patched, dit, FLOW_SIGMAS[:2])
+        assert set(counts(state)) == {want}
+        assert bool(STOCK.calls) == (not pays)
+    assert seen and all(callable(f) for f in seen)
