@@ -209,7 +209,9 @@ def _qk_max(cfg: AttnConfig) -> float:
 
 
 def _round_half_away(x: Tensor) -> Tensor:
-    return torch.trunc(x + 0.5 * torch.sign(x))
+    # In float64 the + 0.5 is exact for every fp32 value, so 0.49999997 stays 0 (fp32 would
+    # round the sum up to 1.0): this matches roundf() in the kernels.
+    return torch.trunc(x.double() + 0.5 * torch.sign(x).double()).to(x.dtype)
 
 
 def _quantize_groups(x: Tensor, group_of_row: Tensor, n_groups: int, qmax: float):

@@ -460,3 +460,11 @@ def test_invalid_arguments_raise_value_error():
     q256 = torch.zeros(1, 1, 4, 256, dtype=torch.float16)
     with pytest.raises(ValueError):
         reference_attention(q256, q256, q256, cfg.with_(family="wgmma"))
+
+
+def test_rounding_matches_roundf_just_below_one_half():
+    """fp32 x + 0.5 rounds 0.49999997 up to 1.0; the kernels' roundf() gives 0."""
+    from sageattn2.reference import _round_half_away
+
+    x = torch.tensor([0.49999997, 0.5, -0.49999997, -0.5, 2.4999998, 126.5], dtype=torch.float32)
+    assert _round_half_away(x).tolist() == [0.0, 1.0, -0.0, -1.0, 2.0, 127.0]

@@ -1,0 +1,518 @@
+// The mma.sync attention kernel (sm80/86/89/120, and sm90 through emulation of INT4/FP8):
+// one template, specialised by AttnMmaTraits<head dim, QK type, PV type>.
+//
+// Inputs come from the fused quantizers (csrc/quant.cu), all zero-padded:
+//   Q_hat (B, Hq, Nq_pad, QB) and K_hat (B, Hkv, Nk_pad, QB) int8, QB = D (INT8) or D/2 (INT4,
+//   low nibble = even channel), with their per-group fp32 scales (config.py groups);
+//   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
+//   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
+// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
+// K/V tiles of kKTile keys stream through cp.async (K two stages; V two for FP8, one for
+// 16-bit V, see kVStages). Numerics follow
+// docs/numerics.md §2-3 step by step; the comments name the steps.
+#pragma once
+#include <stdint.h>
+
+#include "sa2/common.cuh"
+#include "sa2/mma.cuh"
+#include "sa2/quant.cuh"
+#include "sa2/softmax.cuh"
+
+namespace sa2 {
+
+// Everything the C entry point receives (every field 8 bytes, mirrored by a ctypes.Structure
+// in sageattn2/backends/mma.py: keep the two in the same order).
+struct AttnMmaArgs {
+  const void* q;            // int8 (B, Hq, nq_pad, QB)
+  const void* k;            // int8 (B, Hkv, nk_pad, QB)
+  const void* q_scale;      // f32 (B, Hq, q groups)
+  const void* k_scale;      // f32 (B, Hkv, k groups)
+  const void* qbar;         // int8 (B, Hq, nq_pad / q_mean_rows, D), Q smoothing only
+  const void* qbar_scale;   // f32 (B, Hq, nq_pad / q_mean_rows)
+  const void* q_dot_kbar;   // f32 (B, Hq, nq_pad): q_row . kbar, for the lse; may be null
+  const void* v;            // FP8 V^T or 16-bit V
+  const void* v_scale;      // f32 (B, Hkv, D), FP8 PV only
+  const void* v_mean;       // f32 (B, Hkv, D) vbar, or null
+  void* out;                // (B, Hq, Nq, d) in any strides, q's dtype
+  void* lse;                // f32 (B, Hq, Nq) or null
+  void* stream;             // cudaStream_t
+  int64_t batch, heads_q, heads_kv, nq, nk, head_dim, padded_head_dim;
+  int64_t nq_pad, nk_pad, v_pad;  // v_pad: row length of FP8 V^T
+  int64_t v_stride_b, v_stride_h, v_stride_n;  // 16-bit V, elements
+  int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
+  int64_t qk_int4, pv_type, out_bf16, granularity, smooth_q, q_mean_rows, causal;
+  double sm_scale;
+};
+
+enum Granularity : int { kPerThread = 0, kPerWarp = 1, kPerBlock = 2 };
+
+template <int kHeadDim_, QKType kQK_, PVType kPV_>
+struct AttnMmaTraits {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr QKType kQK = kQK_;
+  static constexpr PVType kPV = kPV_;
+  // config.tile_shape(Family.MMA, D): (128, 32, 64) up to 128, (64, 16, 64) at 256 where a
+  // 32-row warp's fp32 O fragment (256 registers) would not fit.
+  static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
+  static constexpr int kKTile = 64;
+  static constexpr int kWarps = kCtaQ / kWarpQ;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMTiles = kWarpQ / 16;
+  static constexpr int kSTiles = kKTile / 8;                             // n8 tiles of S
+  static constexpr int kOTiles = kHeadDim / 8;                           // n8 tiles of O
+  static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
+  static constexpr int kQKSteps = kQKBytes / 32;                         // MMAs along the head dim
+  static constexpr bool kFp8PV = kPV == PVType::kFp8;
+  // V tile in shared memory: V^T rows of kKTile bytes (FP8) or kKTile rows of 2*D bytes.
+  static constexpr int kVRowBytes = kFp8PV ? kKTile : 2 * kHeadDim;
+  static constexpr int kVRows = kFp8PV ? kHeadDim : kKTile;
+  static constexpr int kKTileBytes = kKTile * kQKBytes;
+  static constexpr int kVTileBytes = kVRows * kVRowBytes;
+  static constexpr int kQTileBytes = kCtaQ * kQKBytes;
+  // K is double-buffered. 16-bit V tiles are twice the size of FP8 ones: a single V stage
+  // keeps a D=128 CTA at 48 KB (two CTAs per SM on sm_86/89/120) and D=256 under 99 KB;
+  // its load still overlaps the next tile's QK and softmax.
+  static constexpr int kVStages = kFp8PV ? 2 : 1;
+  // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
+  // on top of O (128) and S (64) made ptxas spill at D=128.
+  static constexpr int kQOffset = 0;
+  static constexpr int kKOffset = kQTileBytes;
+  static constexpr int kVOffset = kKOffset + 2 * kKTileBytes;
+  static constexpr int kQbarOffset = kVOffset + kVStages * kVTileBytes;  // per-warp q-bar (INT8)
+  static constexpr int kDsOffset = kQbarOffset + kWarps * kHeadDim;      // per-warp Delta-S row
+  static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;
+
+  static_assert(kQKBytes % 32 == 0, "head dim must fill whole QK k-steps");
+  static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
+  static_assert(kOTiles % 2 == 0 && kSTiles % 4 == 0, "fragments are loaded in pairs");
+  static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB of sm_86/89/120");
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRowBytes-byte rows,
+// XOR-swizzled so that the 8 row addresses of one ldmatrix (same chunk, 8 consecutive rows)
+// fall in 8 different 16-byte bank groups.
+template <int kRowBytes>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  constexpr int kChunks = kRowBytes / 16;
+  static_assert(kChunks >= 2 && (kChunks & (kChunks - 1)) == 0, "row must be a power-of-two number of chunks");
+  if constexpr (kChunks >= 8) {
+    return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
+  } else {
+    constexpr int kRowsPerLine = 8 / kChunks;  // rows sharing one 128-byte line
+    return row * kRowBytes + ((chunk ^ ((row / kRowsPerLine) & (kChunks - 1))) << 4);
+  }
+}
+
+// Per-lane part of the swizzled ldmatrix addresses into one tile. A lane's row is
+// row_base + lane_row (row_base a compile-time multiple of 8, lane_row < 16) and its chunk is
+// an even compile-time chunk plus lane_chunk (0/1). Since row_base % 8 == 0 the XOR term
+// depends on the lane only: ((even | lane_chunk) ^ f(row)) == even ^ x with x = lane_chunk ^
+// f(lane_row), so every address is row offset + ((even ^ x) << 4) + an immediate.
+// The tile loop rebuilds these from %laneid (volatile, so the compiler cannot hoist them
+// out of the loop and hold them in registers across it; 2 instructions per tile).
+__device__ __forceinline__ int lane_id_in_loop() {
+  int lane;
+  asm volatile("mov.u32 %0, %%laneid;\n" : "=r"(lane));
+  return lane;
+}
+
+__device__ __forceinline__ int thread_id_in_loop() {
+  int tid;
+  asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(tid));
+  return tid;
+}
+
+template <int kRowBytes>
+struct FragOffsets {
+  uint32_t row_off;  // lane_row * kRowBytes
+  uint32_t x16;      // x << 4
+
+  __device__ __forceinline__ FragOffsets(int lane_row, int lane_chunk)
+      : row_off(lane_row * kRowBytes),
+        x16(static_cast<uint32_t>(swizzle<kRowBytes>(lane_row, lane_chunk) - lane_row * kRowBytes)) {}
+  // Byte offset of (row_base + lane_row, even_chunk + lane_chunk).
+  __device__ __forceinline__ uint32_t at(int row_base, int even_chunk) const {
+    return row_off + ((static_cast<uint32_t>(even_chunk & 7) << 4) ^ x16) + row_base * kRowBytes +
+           (even_chunk & ~7) * 16;
+  }
+};
+
+// Copies `rows` rows of kRowBytes bytes (global rows `src_stride` bytes apart) into a
+// swizzled shared tile; rows >= valid_rows and chunks >= valid_chunks are zero-filled.
+// Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of its source); the thread
+// index comes from thread_id_in_loop() so ptxas recomputes them per tile instead of keeping
+// one hoisted register per chunk alive through the main loop.
+template <int kRowBytes, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src, int64_t src_stride, int valid_rows,
+                                                int valid_chunks) {
+  constexpr int kChunks = kRowBytes / 16;
+  static_assert((kRows * kChunks) % kThreads == 0, "every thread copies the same number of chunks");
+  const int tid = thread_id_in_loop();
+  const uint32_t dst_addr = mma::smem_addr(dst);
+#pragma unroll
+  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
+    const int i = tid + it * kThreads;
+    const int row = i / kChunks, chunk = i % kChunks;
+    const bool valid = row < valid_rows && chunk < valid_chunks;
+    const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * static_cast<int>(src_stride) + chunk * 16) : 0u);
+    mma::cp_async_16(dst_addr + swizzle<kRowBytes>(row, chunk), p, valid);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs a) {
+  using namespace sa2::mma;
+  constexpr int M = T::kMTiles, NS = T::kSTiles, NO = T::kOTiles, QB = T::kQKBytes;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* q_smem = smem + T::kQOffset;
+  const uint32_t q_addr = smem_addr(q_smem);
+  uint8_t* k_smem = smem + T::kKOffset;  // stage s at + s * kKTileBytes
+  uint8_t* v_smem = smem + T::kVOffset;  // stage s at + s * kVTileBytes
+  int8_t* qbar_smem = reinterpret_cast<int8_t*>(smem + T::kQbarOffset);
+  float* ds_smem = reinterpret_cast<float*>(smem + T::kDsOffset);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const bool causal = a.causal != 0;
+  // Causal CTAs with more rows do more work: start them first.
+  const int q_block = causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int kv_head = head / static_cast<int>(a.heads_q / a.heads_kv);  // GQA: no K/V copies
+  const int64_t bh = static_cast<int64_t>(batch) * a.heads_q + head;
+  const int64_t bkv = static_cast<int64_t>(batch) * a.heads_kv + kv_head;
+  const int row0 = q_block * T::kCtaQ;          // first query row of the CTA
+  const int warp_row0 = row0 + warp * T::kWarpQ;  // first query row of this warp
+  const int nq = static_cast<int>(a.nq), nk = static_cast<int>(a.nk);
+
+  // ---- Q tile -> shared memory (its own commit group, completed with K0).
+  const uint8_t* q_src = static_cast<const uint8_t*>(a.q) + (bh * a.nq_pad + row0) * QB;
+  load_tile_async<QB, T::kCtaQ, T::kThreads>(q_smem, q_src, QB, T::kCtaQ, QB / 16);
+  cp_async_commit();
+
+  // Q smoothing: this warp's q-bar block (every warp lies inside one q_mean_rows block).
+  const bool smooth_q = a.smooth_q != 0;
+  float qbar_scale = 0.0f;
+  if (smooth_q) {
+    const int qbar_blocks = static_cast<int>(a.nq_pad / a.q_mean_rows);
+    const int64_t block = bh * qbar_blocks + warp_row0 / a.q_mean_rows;
+    const int8_t* src = static_cast<const int8_t*>(a.qbar) + block * T::kHeadDim;
+    int8_t* dst = qbar_smem + warp * T::kHeadDim;
+    for (int c = lane; c < T::kHeadDim; c += 32) {
+      // INT4 K is unpacked as even/odd channel halves: store q-bar split the same way.
+      const int pos = T::kQK == QKType::kInt4 ? (c & 1) * (T::kHeadDim / 2) + c / 2 : c;
+      dst[pos] = src[c];
+    }
+    qbar_scale = static_cast<const float*>(a.qbar_scale)[block];
+  }
+
+  // Scale groups (config.q_group_of_row / k_group_of_key): one Q scale per lane for any
+  // granularity, since a lane's rows {g, g+8, ...} of its warp slice share one group.
+  const int gran = static_cast<int>(a.granularity);
+  const int q_groups = static_cast<int>(a.nq_pad / T::kCtaQ) *
+                       (gran == kPerBlock ? 1 : (T::kCtaQ / T::kWarpQ) * (gran == kPerThread ? 8 : 1));
+  const int q_group = gran == kPerBlock ? q_block
+                      : gran == kPerWarp ? warp_row0 / T::kWarpQ
+                                         : (warp_row0 / T::kWarpQ) * 8 + g;
+  const float q_scale = static_cast<const float*>(a.q_scale)[bh * q_groups + q_group];
+  const int k_groups_per_tile = gran == kPerThread ? 4 : 1;
+  const int k_groups = static_cast<int>(a.nk_pad / T::kKTile) * k_groups_per_tile;
+  const float* k_scale = static_cast<const float*>(a.k_scale) + bkv * k_groups;
+  const float c_log2 = static_cast<float>(a.sm_scale) * quant::kLog2e;
+
+  // ---- K/V tile loaders.
+  const uint8_t* k_src = static_cast<const uint8_t*>(a.k) + bkv * a.nk_pad * QB;
+  auto load_k = [&](int tile, int stage) {
+    load_tile_async<QB, T::kKTile, T::kThreads>(k_smem + stage * T::kKTileBytes, k_src + static_cast<int64_t>(tile) * T::kKTile * QB,
+                                               QB, T::kKTile, QB / 16);
+  };
+  auto load_v = [&](int tile, int stage) {
+    if constexpr (T::kFp8PV) {
+      const uint8_t* src = static_cast<const uint8_t*>(a.v) + bkv * T::kHeadDim * a.v_pad +
+                           static_cast<int64_t>(tile) * T::kKTile;
+      load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads>(v_smem + stage * T::kVTileBytes, src, a.v_pad, T::kVRows,
+                                                            T::kVRowBytes / 16);
+    } else {
+      const int key0 = tile * T::kKTile;
+      const uint8_t* src = static_cast<const uint8_t*>(a.v) +
+                           2 * (batch * a.v_stride_b + kv_head * a.v_stride_h + key0 * a.v_stride_n);
+      load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads>(v_smem + stage * T::kVTileBytes, src, 2 * a.v_stride_n, nk - key0,
+                                                            static_cast<int>((a.head_dim + 7) / 8));
+    }
+  };
+
+  const int k_tiles_all = (nk + T::kKTile - 1) / T::kKTile;
+  // Causal (top-left): the CTA's last row sees keys up to row0 + kCtaQ - 1.
+  const int k_tiles = causal ? min(k_tiles_all, (row0 + T::kCtaQ + T::kKTile - 1) / T::kKTile) : k_tiles_all;
+
+  float o[M][NO][4];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[m][n][e] = 0.0f;
+  softmax::RowState<M> rows;
+  rows.init();
+  constexpr float kPOffset = T::kFp8PV ? quant::kLog2Fp8Max : 0.0f;
+
+  // Commit order K0, V0, K1, V1, ...: at the top of tile j wait_group 1 leaves only V_j in
+  // flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
+  load_k(0, 0);
+  cp_async_commit();
+  load_v(0, 0);
+  cp_async_commit();
+
+  for (int j = 0; j < k_tiles; ++j) {
+    const int stage = j & 1;
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint8_t* ks_tile = k_smem + stage * T::kKTileBytes;
+    const uint32_t ks_addr = smem_addr(ks_tile);
+    // ldmatrix lane offsets. Q (A operand): matrices = rows 0-7/8-15 x chunk 0/1. K and FP8
+    // V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows 8-15. 16-bit V
+    // (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
+    const int ln = lane_id_in_loop();
+    const FragOffsets<QB> q_offsets(ln & 15, ln >> 4);
+    const FragOffsets<QB> k_offsets((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1);
+    const FragOffsets<T::kVRowBytes> v_offsets =
+        T::kFp8PV ? FragOffsets<T::kVRowBytes>((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1)
+                  : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4);
+
+    // Step 2, Delta-S = q-bar_hat . K_hat^T on CUDA cores, per warp for its q-bar block,
+    // folded with its scales into one additive term per key.
+    if (smooth_q) {
+      const int8_t* qb = qbar_smem + warp * T::kHeadDim;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int key = lane + 32 * half;
+        int acc = 0;
+#pragma unroll
+        for (int ch = 0; ch < QB / 16; ++ch) {
+          const uint4 kv = *reinterpret_cast<const uint4*>(ks_tile + swizzle<QB>(key, ch));
+          const uint32_t kw[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            if constexpr (T::kQK == QKType::kInt8) {
+              acc = __dp4a(static_cast<int>(kw[w]), *reinterpret_cast<const int*>(qb + ch * 16 + w * 4), acc);
+            } else {
+              // 8 nibbles = channels 8i..8i+7, i = 4ch + w. Each nibble moved to the top of its
+              // byte reads as 16x its value: even channels from the low nibbles, odd from the high.
+              const int i = ch * 4 + w;
+              const int even = static_cast<int>((kw[w] << 4) & 0xF0F0F0F0u);
+              const int odd = static_cast<int>(kw[w] & 0xF0F0F0F0u);
+              acc = __dp4a(even, *reinterpret_cast<const int*>(qb + i * 4), acc);
+              acc = __dp4a(odd, *reinterpret_cast<const int*>(qb + T::kHeadDim / 2 + i * 4), acc);
+            }
+          }
+        }
+        if constexpr (T::kQK == QKType::kInt4) acc >>= 4;  // exact: every term was a multiple of 16
+        const float ks = k_scale[j * k_groups_per_tile + (gran == kPerThread ? (key % 8) / 2 : 0)];
+        ds_smem[warp * T::kKTile + key] = static_cast<float>(acc) * (qbar_scale * ks * c_log2);
+      }
+      __syncwarp();
+    }
+
+    // Steps 1-5, one m16 row tile at a time: S of all kWarpQ rows at once would need
+    // 16 * kMTiles registers per n8 tile next to O (ptxas spilled at D = 128); the cost is
+    // re-reading the K fragments from shared memory once per extra m tile.
+    const float kscale_lane = k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)];
+    const float s_to_x = q_scale * kscale_lane * c_log2;
+    const int key0 = j * T::kKTile;
+    const bool need_mask = key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0);
+    // P as A fragments of the PV MMA. FP8 (k32): a step covers S tiles 4kk..4kk+3, in the
+    // order V^T is stored in (quant::v_stored_position). 16-bit (k16): S tiles 2kk, 2kk+1.
+    constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;
+    uint32_t p_frag[M][kPSteps][4];
+    float alpha[M][2];
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      // Step 1: S = Q_hat . K_hat^T in int32.
+      int32_t s[NS][4];
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = 0;
+#pragma unroll
+      for (int ks = 0; ks < T::kQKSteps; ++ks) {
+        uint32_t q_frag[4];
+        ldmatrix_x4(q_frag, q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
+#pragma unroll
+        for (int np = 0; np < NS / 2; ++np) {
+          uint32_t b[4];
+          ldmatrix_x4(b, ks_addr + k_offsets.at(np * 16, ks * 2));
+          mma_qk<T::kQK>(s[2 * np], q_frag, b[0], b[1]);
+          mma_qk<T::kQK>(s[2 * np + 1], q_frag, b[2], b[3]);
+        }
+      }
+
+      // Step 2: x = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf.
+      float x[NS][4];
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key_in_tile = n * 8 + 2 * t + (e & 1);
+          const float ds = smooth_q ? ds_smem[warp * T::kKTile + key_in_tile] : 0.0f;
+          x[n][e] = fmaf(static_cast<float>(s[n][e]), s_to_x, ds);
+          if (need_mask) {
+            const int key = key0 + key_in_tile;
+            const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
+            if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
+          }
+        }
+
+      // Steps 3-5: online softmax in base 2.
+      softmax::online_softmax_tile<NS>(x, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
+
+#pragma unroll
+      for (int kk = 0; kk < kPSteps; ++kk) {
+        if constexpr (T::kFp8PV) {
+          const int n0 = 4 * kk;
+          p_frag[m][kk][0] = pack_e4m3x4(x[n0][0], x[n0][1], x[n0 + 1][0], x[n0 + 1][1]);
+          p_frag[m][kk][1] = pack_e4m3x4(x[n0][2], x[n0][3], x[n0 + 1][2], x[n0 + 1][3]);
+          p_frag[m][kk][2] = pack_e4m3x4(x[n0 + 2][0], x[n0 + 2][1], x[n0 + 3][0], x[n0 + 3][1]);
+          p_frag[m][kk][3] = pack_e4m3x4(x[n0 + 2][2], x[n0 + 2][3], x[n0 + 3][2], x[n0 + 3][3]);
+        } else {
+          // P rounded to the input dtype.
+          p_frag[m][kk][0] = pack_16bit<T::kPV>(x[2 * kk][0], x[2 * kk][1]);
+          p_frag[m][kk][1] = pack_16bit<T::kPV>(x[2 * kk][2], x[2 * kk][3]);
+          p_frag[m][kk][2] = pack_16bit<T::kPV>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
+          p_frag[m][kk][3] = pack_16bit<T::kPV>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+        }
+      }
+    }
+
+    // The next K tile streams in during P . V.
+    if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
+    cp_async_commit();
+
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[m][n][0] *= alpha[m][0];
+        o[m][n][1] *= alpha[m][0];
+        o[m][n][2] *= alpha[m][1];
+        o[m][n][3] *= alpha[m][1];
+      }
+
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t vs_addr = smem_addr(v_smem + (stage % T::kVStages) * T::kVTileBytes);
+
+    // Step 6: O += P . V.
+    if constexpr (T::kFp8PV) {
+#if SA2_HAS_FP8_MMA
+      // Two-level accumulation: R = P_hat . V_hat over this tile from zero, then O += R in fp32.
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        uint32_t b[NS / 4][4];
+#pragma unroll
+        for (int kk = 0; kk < NS / 4; ++kk) {
+          ldmatrix_x4(b[kk], vs_addr + v_offsets.at(np * 16, kk * 2));
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float r0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+          for (int kk = 0; kk < NS / 4; ++kk) {
+            mma_pv_e4m3(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
+            mma_pv_e4m3(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            o[m][2 * np][e] += r0[e];
+            o[m][2 * np + 1][e] += r1[e];
+          }
+        }
+      }
+#endif
+    } else {
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; ++kk) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vs_addr + v_offsets.at(kk * 16, np * 2));
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            mma_pv16<T::kPV>(o[m][2 * np], p_frag[m][kk], b[0], b[1]);
+            mma_pv16<T::kPV>(o[m][2 * np + 1], p_frag[m][kk], b[2], b[3]);
+          }
+        }
+      }
+    }
+
+    if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
+    if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  // ---- Epilogue (§3): O / l (* vscale) + vbar in the caller's dtype and layout; lse.
+  const int d = static_cast<int>(a.head_dim);
+  const float* v_scale = T::kFp8PV ? static_cast<const float*>(a.v_scale) + bkv * T::kHeadDim : nullptr;
+  const float* v_mean = a.v_mean ? static_cast<const float*>(a.v_mean) + bkv * T::kHeadDim : nullptr;
+  const bool out_bf16 = a.out_bf16 != 0;
+  const bool paired_store = (d % 2 == 0) && (a.o_stride_n % 2 == 0) && (a.o_stride_h % 2 == 0) &&
+                            (a.o_stride_b % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % 4 == 0);
+  uint16_t* out = static_cast<uint16_t*>(a.out) + batch * a.o_stride_b + head * a.o_stride_h;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float l = softmax::quad_sum(rows.sum_part[m][h]);
+      const int row = warp_row0 + m * 16 + g + 8 * h;
+      if (row >= nq) continue;
+      const float inv_l = 1.0f / l;
+      uint16_t* out_row = out + row * a.o_stride_n;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (c >= d) continue;
+        float v0 = o[m][n][2 * h] * inv_l, v1 = o[m][n][2 * h + 1] * inv_l;
+        if constexpr (T::kFp8PV) {
+          v0 *= v_scale[c];
+          v1 *= v_scale[c + 1];
+        }
+        if (v_mean) {
+          v0 += v_mean[c];
+          v1 += v_mean[c + 1];
+        }
+        const uint32_t packed = out_bf16 ? pack_16bit<PVType::kBf16>(v0, v1) : pack_16bit<PVType::kFp16>(v0, v1);
+        if (paired_store) {
+          *reinterpret_cast<uint32_t*>(out_row + c) = packed;
+        } else {
+          out_row[c] = static_cast<uint16_t>(packed & 0xFFFFu);
+          if (c + 1 < d) out_row[c + 1] = static_cast<uint16_t>(packed >> 16);
+        }
+      }
+      if (a.lse && t == 0) {
+        // lse = (m + log2 l') ln 2 + sm_scale (q . kbar), l' = l / 448 for FP8 PV.
+        float lse2 = rows.max[m][h] + log2f(l) - kPOffset;
+        float lse = lse2 * quant::kLn2;
+        if (a.q_dot_kbar)
+          lse += static_cast<float>(a.sm_scale) * static_cast<const float*>(a.q_dot_kbar)[bh * a.nq_pad + row];
+        static_cast<float*>(a.lse)[bh * nq + row] = lse;
+      }
+    }
+}
+
+// Host side: launch one instantiation (defined here, instantiated in csrc/attn_mma.cu).
+template <int kHeadDim, QKType kQK, PVType kPV>
+int launch_attn_mma(const AttnMmaArgs& a) {
+  using T = AttnMmaTraits<kHeadDim, kQK, kPV>;
+  auto kernel = attn_mma_kernel<T>;
+  SA2_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
+  SA2_REQUIRE(a.nq_pad % T::kCtaQ == 0 && a.nk_pad % T::kKTile == 0, "padded lengths must be whole tiles");
+  SA2_REQUIRE(!a.smooth_q || (a.q_mean_rows > 0 && a.q_mean_rows % T::kWarpQ == 0),
+              "q_mean_rows %lld must be a multiple of warp_q %d", (long long)a.q_mean_rows, T::kWarpQ);
+  const dim3 grid(static_cast<unsigned>(a.nq_pad / T::kCtaQ), static_cast<unsigned>(a.heads_q),
+                  static_cast<unsigned>(a.batch));
+  kernel<<<grid, T::kThreads, T::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(a);
+  SA2_LAUNCH_CHECK();
+  return 0;
+}
+
+}  // namespace sa2

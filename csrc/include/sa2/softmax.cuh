@@ -1,0 +1,73 @@
+// Online softmax in base 2 on mma.sync accumulator fragments (docs/numerics.md §2, steps 3-5).
+//
+// A warp's score tile is x[M][N][4]: M m16 tiles of rows, N n8 tiles of keys. Lane 4g+t owns
+// rows g (elements 0,1) and g+8 (elements 2,3) of each m16 tile, so it tracks 2*M rows; the
+// four lanes of a quad share a row and combine their row maxima with two shuffles. The row
+// sums stay per lane (they are linear in p, every lane rescales by the same alpha) and are
+// combined once in the epilogue.
+#pragma once
+#include <math.h>
+
+namespace sa2::softmax {
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// Running state of the 2*M rows one lane touches.
+template <int M>
+struct RowState {
+  float max[M][2];      // m: running max of x (base-2 logits), -inf before the first tile
+  float sum_part[M][2];  // this lane's share of l
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        max[m][h] = -INFINITY;
+        sum_part[m][h] = 0.0f;
+      }
+  }
+};
+
+// One key tile of one m16 row tile: x -> p = exp2(x - m_new + p_offset) in place (p_offset
+// = log2(448) for FP8 PV, 0 otherwise), l = alpha * l + sum(p), and alpha[h] returned for
+// rescaling O. The first tile processed must give every row a finite max (key 0 is always
+// visible), so alpha = exp2(-inf) = 0 there.
+template <int N>
+__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float (&row_max)[2], float (&row_sum)[2],
+                                                    float p_offset, float (&alpha)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < N; ++n) tile_max = fmaxf(tile_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
+    const float m_new = fmaxf(row_max[h], quad_max(tile_max));
+    alpha[h] = exp2_approx(row_max[h] - m_new);
+    row_max[h] = m_new;
+    const float shift = m_new - p_offset;
+    float sum = 0.0f;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      x[n][2 * h] = exp2_approx(x[n][2 * h] - shift);
+      x[n][2 * h + 1] = exp2_approx(x[n][2 * h + 1] - shift);
+      sum += x[n][2 * h] + x[n][2 * h + 1];
+    }
+    row_sum[h] = row_sum[h] * alpha[h] + sum;
+  }
+}
+
+}  // namespace sa2::softmax

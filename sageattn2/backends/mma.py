@@ -1,0 +1,390 @@
+"""mma.sync backend (sm80/86/89/120; Hopper runs it with INT4/FP8 emulated by the compiler).
+
+`attention()` = `quantize()` (the fused CUDA quantizers of csrc/quant.cu) + `launch()` (one
+kernel of csrc/attn_mma.cu). Both halves are public: the Hopper backend reuses `quantize()`
+with its own tile shape, and benchmarks can time the kernel alone.
+
+Everything runs on the current CUDA stream through ctypes; no torch C++ extension. Every
+library call returns 0 or an error code, turned into `KernelError(lib.last_error())`.
+
+Where the hardware lacks a precision:
+- FP8 PV needs e4m3 mma.sync (sm_89+). On sm80/86 `unsupported_reason` declines fp8 PV with
+  a reason saying so; the dispatcher then runs fp16 PV (docs/numerics.md §4).
+- INT4 QK is native on sm80-sm89/sm120 but emulated on Hopper (about 10x slower than INT8),
+  so there an int4 request runs the INT8 kernel (logged once) unless the caller passes
+  `force_int4_emulation=True`.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import (
+    NATIVE_HEAD_DIMS,
+    AttnConfig,
+    Family,
+    Granularity,
+    PVDType,
+    QKDType,
+    TileShape,
+    num_k_groups,
+    num_q_groups,
+    padded_head_dim,
+    tile_shape,
+)
+from ..loader import Library, library_for_device
+from . import KernelError
+
+SYMBOL = "sa2_mma_attention"
+QUANT_SYMBOLS = ("sa2_column_stats", "sa2_quantize_rows", "sa2_quantize_v_fp8", "sa2_smooth_v16")
+PV_CODES = {torch.float16: 0, torch.bfloat16: 1}  # AttnMmaArgs.pv_type for 16-bit PV; FP8 is 2
+PV_FP8 = 2
+GRANULARITY_CODES = {Granularity.PER_THREAD: 0, Granularity.PER_WARP: 1, Granularity.PER_BLOCK: 2}
+# V^T (FP8) token rows are padded to a multiple of this (one quantizer CTA = 64 tokens).
+V_TILE_TOKENS = 64
+
+# ---------------------------------------------------------------------------------------
+# C ABI mirrors (csrc/quant.cu, csrc/include/sa2/attn_mma.cuh): all fields 8 bytes, same order.
+
+_p = ctypes.c_void_p
+_i = ctypes.c_int64
+
+
+class _Input(ctypes.Structure):
+    _fields_ = [("ptr", _p), ("batch", _i), ("heads", _i), ("tokens", _i), ("head_dim", _i),
+                ("stride_b", _i), ("stride_h", _i), ("stride_n", _i), ("is_bf16", _i)]
+
+
+class _ColumnStatsArgs(ctypes.Structure):
+    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("workspace", _p), ("workspace_floats", _i),
+                ("mean", _p), ("fp8_scale", _p), ("fp8_inv", _p), ("stream", _p)]
+
+
+class _QuantizeRowsArgs(ctypes.Structure):
+    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("padded_tokens", _i), ("block_rows", _i),
+                ("slice_rows", _i), ("mod_groups", _i), ("mod_div", _i), ("int4", _i),
+                ("out", _p), ("scale", _p), ("mean_given", _p), ("mean_rows", _i),
+                ("mean_q", _p), ("mean_q_scale", _p), ("dot_vec", _p), ("dot_heads", _i),
+                ("dot_out", _p), ("stream", _p)]
+
+
+class _QuantizeVFp8Args(ctypes.Structure):
+    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("padded_tokens", _i), ("mean", _p),
+                ("inv", _p), ("out", _p), ("stream", _p)]
+
+
+class _SmoothV16Args(ctypes.Structure):
+    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("mean", _p), ("out", _p), ("stream", _p)]
+
+
+class _AttnMmaArgs(ctypes.Structure):
+    _fields_ = [("q", _p), ("k", _p), ("q_scale", _p), ("k_scale", _p), ("qbar", _p),
+                ("qbar_scale", _p), ("q_dot_kbar", _p), ("v", _p), ("v_scale", _p), ("v_mean", _p),
+                ("out", _p), ("lse", _p), ("stream", _p),
+                ("batch", _i), ("heads_q", _i), ("heads_kv", _i), ("nq", _i), ("nk", _i),
+                ("head_dim", _i), ("padded_head_dim", _i), ("nq_pad", _i), ("nk_pad", _i),
+                ("v_pad", _i), ("v_stride_b", _i), ("v_stride_h", _i), ("v_stride_n", _i),
+                ("o_stride_b", _i), ("o_stride_h", _i), ("o_stride_n", _i), ("qk_int4", _i),
+                ("pv_type", _i), ("out_bf16", _i), ("granularity", _i), ("smooth_q", _i),
+                ("q_mean_rows", _i), ("causal", _i), ("sm_scale", ctypes.c_double)]
+
+
+_configured: set[int] = set()
+
+
+def _functions(lib: Library):
+    """Declares argtypes/restype once per library (ctypes would otherwise guess int)."""
+    if id(lib) not in _configured:
+        c = lib.cdll
+        for name, args in (("sa2_column_stats", _ColumnStatsArgs), ("sa2_quantize_rows", _QuantizeRowsArgs),
+                           ("sa2_quantize_v_fp8", _QuantizeVFp8Args), ("sa2_smooth_v16", _SmoothV16Args),
+                           ("sa2_mma_attention", _AttnMmaArgs)):
+            fn = getattr(c, name)
+            fn.argtypes = [ctypes.POINTER(args)]
+            fn.restype = ctypes.c_int
+        c.sa2_column_stats_workspace_floats.argtypes = [_i, _i, _i, _i]
+        c.sa2_column_stats_workspace_floats.restype = _i
+        c.sa2_mma_has_fp8_pv.restype = ctypes.c_int
+        _configured.add(id(lib))
+    return lib.cdll
+
+
+def _call(lib: Library, name: str, args) -> None:
+    rc = getattr(_functions(lib), name)(ctypes.byref(args))
+    if rc != 0:
+        raise KernelError(f"{name} failed ({rc}): {lib.last_error()}")
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def _input(x_hnd: torch.Tensor) -> _Input:
+    b, h, n, d = x_hnd.shape
+    sb, sh, sn, _ = x_hnd.stride()
+    return _Input(x_hnd.data_ptr(), b, h, n, d, sb, sh, sn, int(x_hnd.dtype == torch.bfloat16))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _stream(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _group_rule(gran: Granularity, tile: TileShape, for_q: bool) -> tuple[int, int, int]:
+    """(slice_rows, mod_groups, mod_div) of quant::GroupRule for config.q_group_of_row /
+    k_group_of_key."""
+    if for_q:
+        if gran is Granularity.PER_THREAD:
+            return tile.warp_q, 8, 1
+        return (tile.warp_q if gran is Granularity.PER_WARP else tile.cta_q), 1, 8
+    return (tile.k_tile, 4, 2) if gran is Granularity.PER_THREAD else (tile.k_tile, 1, 8)
+
+
+def _v16_direct_ok(v_hnd: torch.Tensor) -> bool:
+    """The kernel reads 16-bit V in place with 16-byte cp.async: rows must be aligned."""
+    return (v_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in v_hnd.stride()[:3])
+            and v_hnd.data_ptr() % 16 == 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Quantization
+
+
+@dataclass
+class Quantized:
+    """Device buffers one attention launch reads (all HND, zero-padded, on q's device).
+
+    q, k          int8 (B, H, N_pad, D) or INT4-packed (B, H, N_pad, D/2), low nibble = even channel
+    q_scale       float32 (B, Hq, num_q_groups); k_scale float32 (B, Hkv, num_k_groups)
+    kbar          float32 (B, Hkv, D) key mean (K smoothing) or None
+    qbar, qbar_scale  int8 (B, Hq, Nq_pad / q_mean_rows, D) and float32 (B, Hq, blocks): Q
+                  smoothing's block means quantized to INT8, or None
+    q_dot_kbar    float32 (B, Hq, Nq_pad): q_row . kbar for the lse, or None
+    v             FP8 PV: uint8 E4M3 V^T (B, Hkv, D, v_pad), tokens in V_TOKEN_ORDER inside
+                  every 16; 16-bit PV: V as (B, Hkv, Nk, d or D) in the input dtype, possibly a
+                  strided view of the caller's tensor
+    v_scale       float32 (B, Hkv, D) FP8 dequant scale, or None
+    vbar          float32 (B, Hkv, D) V mean (V smoothing), or None
+    """
+
+    tile: TileShape
+    head_dim: int
+    padded_head_dim: int
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    kbar: torch.Tensor | None
+    qbar: torch.Tensor | None
+    qbar_scale: torch.Tensor | None
+    q_dot_kbar: torch.Tensor | None
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+    vbar: torch.Tensor | None
+
+
+def _column_stats(lib, x_hnd, dpad, *, mean, fp8, stream):
+    """Per (B, H, channel): mean (if `mean`) and FP8 scale/inverse of x - mean (if `fp8`)."""
+    b, h, n, _ = x_hnd.shape
+    floats = _functions(lib).sa2_column_stats_workspace_floats(b, h, n, dpad)
+    work = torch.empty(floats, dtype=torch.float32, device=x_hnd.device)
+    new = lambda: torch.empty((b, h, dpad), dtype=torch.float32, device=x_hnd.device)
+    out_mean = new() if mean else None
+    scale, inv = (new(), new()) if fp8 else (None, None)
+    _call(lib, "sa2_column_stats", _ColumnStatsArgs(
+        _input(x_hnd), dpad, work.data_ptr(), floats, _ptr(out_mean), _ptr(scale), _ptr(inv), stream))
+    return out_mean, scale, inv
+
+
+def _quantize_rows(lib, x_hnd, dpad, tile, gran, *, for_q, int4, mean_given=None, mean_rows=0,
+                   dot_vec=None, stream):
+    b, h, n, _ = x_hnd.shape
+    block = tile.cta_q if for_q else tile.k_tile
+    n_pad = _round_up(n, block)
+    dev = x_hnd.device
+    out = torch.empty((b, h, n_pad, dpad // 2 if int4 else dpad), dtype=torch.int8, device=dev)
+    groups = (num_q_groups if for_q else num_k_groups)(n, tile, gran)
+    scale = torch.empty((b, h, groups), dtype=torch.float32, device=dev)
+    mean_q = mean_q_scale = dot_out = None
+    if mean_rows:
+        mean_q = torch.empty((b, h, n_pad // mean_rows, dpad), dtype=torch.int8, device=dev)
+        mean_q_scale = torch.empty((b, h, n_pad // mean_rows), dtype=torch.float32, device=dev)
+    if dot_vec is not None:
+        dot_out = torch.empty((b, h, n_pad), dtype=torch.float32, device=dev)
+    slice_rows, mod_groups, mod_div = _group_rule(gran, tile, for_q)
+    _call(lib, "sa2_quantize_rows", _QuantizeRowsArgs(
+        _input(x_hnd), dpad, n_pad, block, slice_rows, mod_groups, mod_div, int(int4),
+        out.data_ptr(), scale.data_ptr(), _ptr(mean_given), mean_rows, _ptr(mean_q), _ptr(mean_q_scale),
+        _ptr(dot_vec), 0 if dot_vec is None else dot_vec.shape[1], _ptr(dot_out), stream))
+    return out, scale, mean_q, mean_q_scale, dot_out
+
+
+def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = None,
+             v_pad_multiple: int | None = None, with_q_dot_kbar: bool = False,
+             lib: Library | None = None) -> Quantized:
+    """Runs the fused quantizers on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with
+    a contiguous last dim) for `cfg`, on the current stream.
+
+    `tile` defaults to `tile_shape(cfg.family, D)` and sets the groups (the Hopper family passes
+    its own); `v_pad_multiple` the FP8 V^T token padding (default tile.k_tile, a multiple of
+    64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k).
+    """
+    if lib is None:
+        lib, why = library_for_device(q.device)
+        if lib is None:
+            raise KernelError(why)
+    d = q.shape[-1]
+    dpad = padded_head_dim(d, cfg.family)
+    tile = tile or tile_shape(cfg.family, dpad)
+    int4 = cfg.qk_dtype is QKDType.INT4
+    q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
+    nk = k_h.shape[2]
+    stream = _stream(q.device)
+
+    kbar = None
+    if cfg.smooth_k:
+        kbar, _, _ = _column_stats(lib, k_h, dpad, mean=True, fp8=False, stream=stream)
+    k_q, k_scale, _, _, _ = _quantize_rows(lib, k_h, dpad, tile, cfg.granularity, for_q=False, int4=int4,
+                                           mean_given=kbar, stream=stream)
+    q_q, q_scale, qbar, qbar_scale, q_dot_kbar = _quantize_rows(
+        lib, q_h, dpad, tile, cfg.granularity, for_q=True, int4=int4,
+        mean_rows=tile.q_mean_rows if cfg.smooth_q else 0,
+        dot_vec=kbar if (with_q_dot_kbar and kbar is not None) else None, stream=stream)
+
+    v_scale = vbar = None
+    if cfg.pv_dtype is PVDType.FP8:
+        vbar, v_scale, v_inv = _column_stats(lib, v_h, dpad, mean=cfg.smooth_v, fp8=True, stream=stream)
+        multiple = v_pad_multiple or tile.k_tile
+        if multiple % V_TILE_TOKENS:
+            raise ValueError(f"v_pad_multiple must be a multiple of {V_TILE_TOKENS}, got {multiple}")
+        v_pad = _round_up(nk, multiple)
+        v_op = torch.empty((v_h.shape[0], v_h.shape[1], dpad, v_pad), dtype=torch.uint8, device=q.device)
+        _call(lib, "sa2_quantize_v_fp8", _QuantizeVFp8Args(
+            _input(v_h), dpad, v_pad, _ptr(vbar), v_inv.data_ptr(), v_op.data_ptr(), stream))
+    elif cfg.smooth_v or not _v16_direct_ok(v_h):
+        if cfg.smooth_v:
+            vbar, _, _ = _column_stats(lib, v_h, dpad, mean=True, fp8=False, stream=stream)
+        v_op = torch.empty((v_h.shape[0], v_h.shape[1], nk, dpad), dtype=v.dtype, device=q.device)
+        _call(lib, "sa2_smooth_v16", _SmoothV16Args(_input(v_h), dpad, _ptr(vbar), v_op.data_ptr(), stream))
+    else:
+        v_op = v_h
+    return Quantized(tile, d, dpad, q_q, q_scale, k_q, k_scale, kbar, qbar, qbar_scale, q_dot_kbar,
+                     v_op, v_scale, vbar)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend interface
+
+
+def _shape_reason(q, k, v, layout) -> str | None:
+    if layout not in ("HND", "NHD"):
+        return f"unknown layout {layout!r}"
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "inputs are not on a CUDA device"
+    if q.dtype not in PV_CODES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "q, k, v must share dtype fp16 or bf16"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "last dim must be contiguous"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return "q, k, v head dims differ"
+    if d > NATIVE_HEAD_DIMS[Family.MMA][-1]:
+        return f"head dim {d} > {NATIVE_HEAD_DIMS[Family.MMA][-1]}"
+    q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
+    if k_h.shape != v_h.shape or q_h.shape[0] != k_h.shape[0]:
+        return "k/v shapes do not match q"
+    b, hq, nq, _ = q_h.shape
+    hk, nk = k_h.shape[1], k_h.shape[2]
+    if nq < 1 or nk < 1:
+        return "empty sequence"
+    if hq % hk:
+        return f"{hq} query heads are not a multiple of {hk} kv heads"
+    if b > 65535 or hq > 65535:
+        return "batch or head count above the CUDA grid limit"
+    if nq >= 2**31 - 128 or nk >= 2**31 - 128:
+        return "sequence longer than 2^31"
+    return None
+
+
+def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
+    why = _shape_reason(q, k, v, layout)
+    if why:
+        return why
+    if cfg.family is not Family.MMA:
+        return f"config is laid out for the {cfg.family.value} family"
+    lib, why = library_for_device(q.device)
+    if lib is None:
+        return why
+    if "mma" not in lib.families or not lib.has(SYMBOL) or not all(lib.has(s) for s in QUANT_SYMBOLS):
+        return f"kernel library for {lib.tag} was built without the mma family"
+    if cfg.pv_dtype is PVDType.FP8 and not _functions(lib).sa2_mma_has_fp8_pv():
+        return f"FP8 PV needs e4m3 mma.sync (sm_89+); {lib.tag} has none: use fp16 PV"
+    return None
+
+
+_int4_note_logged = False
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation=False):
+    global _int4_note_logged
+    why = unsupported_reason(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal)
+    if why:
+        raise ValueError(f"mma backend cannot run this call: {why}")
+    if cfg.qk_dtype is QKDType.INT4 and _capability(q.device.index) == (9, 0) and not force_int4_emulation:
+        if not _int4_note_logged:
+            logging.getLogger("sageattn2").info(
+                "[sageattn2] Hopper has no INT4 tensor cores: the mma backend runs int4 requests with INT8 QK")
+            _int4_note_logged = True
+        cfg = cfg.with_(qk_dtype=QKDType.INT8)
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    lib, _ = library_for_device(q.device)
+    with torch.cuda.device(q.device):
+        qz = quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
+        return launch(lib, qz, q, k, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
+                      return_lse=return_lse)
+
+
+def launch(lib: Library, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scale, return_lse):
+    """One attention kernel over `quantize()`'s buffers; allocates O (q's dtype and layout,
+    contiguous) and lse (B, Hq, Nq) float32."""
+    q_h, k_h = _hnd(q, layout), _hnd(k, layout)
+    b, hq, nq, d = q_h.shape
+    hk, nk = k_h.shape[1], k_h.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out_h = _hnd(out, layout)
+    lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device) if return_lse else None
+    fp8 = cfg.pv_dtype is PVDType.FP8
+    if fp8:
+        v_pad, v_strides = qz.v.shape[-1], (0, 0, 0)
+    else:
+        v_pad, v_strides = 0, qz.v.stride()[:3]
+    args = _AttnMmaArgs(
+        qz.q.data_ptr(), qz.k.data_ptr(), qz.q_scale.data_ptr(), qz.k_scale.data_ptr(), _ptr(qz.qbar),
+        _ptr(qz.qbar_scale), _ptr(qz.q_dot_kbar), qz.v.data_ptr(), _ptr(qz.v_scale), _ptr(qz.vbar),
+        out.data_ptr(), _ptr(lse), _stream(q.device),
+        b, hq, hk, nq, nk, d, qz.padded_head_dim, qz.q.shape[2], qz.k.shape[2], v_pad, *v_strides,
+        *out_h.stride()[:3], int(cfg.qk_dtype is QKDType.INT4), PV_FP8 if fp8 else PV_CODES[q.dtype],
+        int(q.dtype == torch.bfloat16), GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q),
+        qz.tile.q_mean_rows, int(is_causal), float(sm_scale))
+    _call(lib, SYMBOL, args)
+    return out, lse
