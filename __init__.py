@@ -4,6 +4,11 @@ ComfyUI imports this file as a package from custom_nodes/; everything below it i
 through relative imports. Importing needs neither a GPU nor built kernels (the nodes then
 pass every attention call to stock attention, with one log line saying why).
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:
+    # Loaded as a loose module, not as a package (pytest does this when the checkout's
+    # folder name is not a Python identifier): there are no nodes to offer then.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

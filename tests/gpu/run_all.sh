@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One device call for the whole pack: build with install.py (+ self-check table), the
+# real-ComfyUI integration tests with the real kernels, the end-to-end ComfyUI benchmark,
+# then the kernel suites. Logs and tables go to $OUT.
+#
+#   carry: .comfyui (a ComfyUI source tree) and .whl (torchsde, trampoline, einops wheels)
+#   STEPS="build comfy e2e mma wgmma" (default: all), E2E_MODELS=wan14b,wan1.3b,flux,sdxl,hunyuan
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu_out}
+STEPS=${STEPS:-build comfy e2e mma wgmma}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 COMFYUI_PATH=$PWD/.comfyui
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+summary=()
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/device.txt"
+
+if want build; then
+  start=$(date +%s)
+  TORCH_CUDA_ARCH_LIST=9.0 python3 install.py -j 16 2>&1 | tee "$OUT/install.log"
+  summary+=("install.py + selfcheck: rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s")
+  grep -E "C7515|C7511|C7508|spill" "$OUT/install.log" | sort | uniq -c | head -20 > "$OUT/ptxas_warnings.txt"
+fi
+if want comfy; then
+  OUT=$OUT/comfy BUILD=skip timeout 400 bash tests/comfy/run_device.sh > /dev/null 2>&1
+  summary+=("ComfyUI integration (H100, real kernels): rc=$? $(tail -1 "$OUT/comfy/pytest.txt" 2>/dev/null)")
+fi
+if want e2e; then
+  timeout 420 python3 bench/bench_e2e.py --models "${E2E_MODELS:-wan14b,wan1.3b,flux,sdxl,hunyuan}" \
+    --out "$OUT/e2e.md" > "$OUT/e2e.log" 2>&1
+  summary+=("e2e bench: rc=$?")
+fi
+if want mma; then
+  timeout 300 python3 -m pytest tests/gpu/test_mma_kernels.py -x -q -p no:cacheprovider > "$OUT/mma_tests.txt" 2>&1
+  summary+=("mma GPU tests: rc=$? $(tail -1 "$OUT/mma_tests.txt")")
+fi
+if want wgmma; then
+  timeout 300 python3 -m pytest tests/gpu/test_wgmma_kernels.py -x -q -p no:cacheprovider > "$OUT/wgmma_tests.txt" 2>&1
+  summary+=("wgmma GPU tests: rc=$? $(tail -1 "$OUT/wgmma_tests.txt")")
+fi
+
+echo "================ summary"
+cat "$OUT/device.txt"
+[ -f "$OUT/install.log" ] && sed -n '/selfcheck\]/,$p' "$OUT/install.log" | head -30
+[ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
+grep -hE "cosine to stock run" "$OUT/comfy/pytest.txt" 2>/dev/null
+printf '%s\n' "${summary[@]}"
