@@ -1,6 +1,7 @@
 """The team's attention benchmark: one table per run, TOPS and error per shape and method.
 
     python bench/bench_attention.py [--shapes 1x24x4096x128,1x32x8192x128c] [--quick] [--out F]
+                                    [--all-schedules] [--breakdown 1x24x4608x128,1x40x32760x128]
 
 Inputs follow ../shared/docs/h100-baseline.md: bf16 (B, H, N, D) randn with
 k += 3 * randn(1, H, 1, D), non-causal unless the shape ends in "c". TOPS = 4*B*H*N^2*D / t
@@ -8,6 +9,8 @@ k += 3 * randn(1, H, 1, D), non-causal unless the shape ends in "c". TOPS = 4*B*
 calls longer than 50 ms are timed as the median of 3, longer than 0.5 s once, after a warm-up). Error = cosine /
 relative L1 against fp32 SDPA for N <= 8192. Our levels are timed kernel-only (operands
 already quantized) and end to end (quantization included, in parentheses).
+--breakdown times the wgmma quantization (`prepare`) against the kernel per shape and lists
+the device time of each quantizer kernel (torch.profiler).
 The markdown table also goes to --out (default $OUT/bench_attention.md when $OUT is set).
 """
 from __future__ import annotations
@@ -97,7 +100,7 @@ def methods(q, k, v, causal, all_schedules):
         if all_schedules:
             variants += [(f"{level} {schedule}", pv, schedule)
                          for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16))
-                         for schedule in wgmma.SCHEDULES
+                         for schedule in wgmma.schedules_for(q.shape[-1])
                          if schedule != wgmma.default_schedule(pv, q.shape[-1])]
         for level, pv, schedule in variants:
             cfg = AttnConfig(pv_dtype=pv, family=Family.WGMMA)
@@ -112,8 +115,9 @@ def methods(q, k, v, causal, all_schedules):
                 p = wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
                 return wgmma.run(p, schedule=schedule)[0]
 
-            e2e = end_to_end if schedule == wgmma.default_schedule(pv, q.shape[-1]) else None
-            out.append((f"wgmma {level}", kernel_only, e2e))
+            # End to end for the default, and for every head-dim-64 schedule (defaults undecided).
+            timed_e2e = schedule == wgmma.default_schedule(pv, q.shape[-1]) or q.shape[-1] <= 64
+            out.append((f"wgmma {level}", kernel_only, end_to_end if timed_e2e else None))
 
     try:
         from sageattn2.backends import mma
@@ -143,6 +147,51 @@ def methods(q, k, v, causal, all_schedules):
     return out
 
 
+def quant_breakdown(specs):
+    """Markdown lines: prepare (quantization) vs kernel time per shape and PV type, and the
+    device time of each quantizer kernel in one prepare call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sageattn2.backends import wgmma
+
+    lines = ["", "Quantization (wgmma `prepare`) vs kernel, µs per call; HBM GB/s = (bf16 Q,K,V read "
+             "once + int8/fp8 written once) / prepare time", "",
+             "| shape | PV | prepare µs | kernel µs | prepare/kernel | HBM GB/s | per quantizer kernel, µs |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        b, h, n, d, causal = parse_shape(spec)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
+                   for _ in range(3))
+        k = k + 3 * torch.randn(1, h, 1, d, device="cuda", generator=g, dtype=torch.bfloat16)
+        for pv in (PVDType.FP8, PVDType.FP16):
+            cfg = AttnConfig(pv_dtype=pv, family=Family.WGMMA)
+            prep = wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+            t_prep = bench_seconds(lambda: wgmma.prepare(q, k, v, layout="HND", cfg=cfg,
+                                                         is_causal=causal))
+            t_kern = bench_seconds(lambda: wgmma.run(prep))
+            elems = b * h * n * d
+            moved = 3 * elems * 2 + 2 * elems + (elems if pv is PVDType.FP8 else 0)
+            reps = 5
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+                torch.cuda.synchronize()
+            parts = []
+            for e in prof.key_averages():
+                us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if us > 0:
+                    name = e.key.replace("void ", "").replace("(anonymous namespace)::", "")
+                    name = name.split("<")[0].split("(")[0]
+                    parts.append(f"{name} x{e.count // reps}: {us / reps:.1f}")
+            lines.append(f"| {spec} | {pv.value} | {t_prep * 1e6:.1f} | {t_kern * 1e6:.1f} | "
+                         f"{100 * t_prep / t_kern:.1f} % | {moved / t_prep / 1e9:.0f} | "
+                         f"{'; '.join(parts)} |")
+        q = k = v = prep = None  # free before the next shape
+        torch.cuda.empty_cache()
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shapes", help="comma-separated BxHxNxD[c] (c = causal)")
@@ -150,6 +199,7 @@ def main():
     ap.add_argument("--out", help="markdown output file")
     ap.add_argument("--all-schedules", action="store_true",
                     help="also time the wgmma schedules that are not the default")
+    ap.add_argument("--breakdown", help="comma-separated shapes: quantization vs kernel time")
     args = ap.parse_args()
     shapes = (args.shapes.split(",") if args.shapes else
               QUICK_SHAPES if args.quick else TARGET_SHAPES + EXTRA_SHAPES)
@@ -163,7 +213,43 @@ def main():
     header = (f"{dev}, torch {torch.__version__}, "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {commit or 'uncommitted'}")
 
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_attention.md") if "OUT" in os.environ
+                       else None)
+    # The breakdown runs first and the file is rewritten after every shape, so a run cut short
+    # still leaves its numbers.
+    breakdown = quant_breakdown(args.breakdown.split(",")) if args.breakdown else []
     rows, columns = [], []
+
+    def cell(c, base):
+        if c is None:
+            return "-"
+        tops, tops_e2e, err, fail = c
+        if fail:
+            return f"error: {fail}"
+        s = f"{tops:.0f}"
+        if tops_e2e is not None:
+            s += f" ({tops_e2e:.0f})"
+        if base:
+            s += f" {tops / base:.2f}x"
+        if err is not None:
+            s += f" [{err[0]:.5f} / {err[1]:.4f}]"
+        return s
+
+    def table():
+        lines = [f"Attention TOPS, {header}", "",
+                 "TOPS kernel-only (end to end), ratio to SDPA cuDNN, [cosine / rel. L1 vs fp32 SDPA]",
+                 "", "| B×H×N×D | " + " | ".join(columns) + " |",
+                 "|---|" + "---|" * len(columns)]
+        for spec, cells in rows:
+            base = cells.get("SDPA cuDNN", (None,))[0]
+            lines.append(f"| {spec} | " + " | ".join(
+                cell(cells.get(c), base if c.startswith(("wgmma", "mma", "thu-ml")) else None)
+                for c in columns) + " |")
+        text = "\n".join(lines + breakdown) + "\n"
+        if out:
+            Path(out).write_text(text)
+        return text
+
     for spec in shapes:
         b, h, n, d, causal = parse_shape(spec)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -189,39 +275,10 @@ def main():
             if name not in columns:
                 columns.append(name)
         rows.append((spec, cells))
+        table()
         del q, k, v, ref
         torch.cuda.empty_cache()
-
-    def cell(c, base):
-        if c is None:
-            return "-"
-        tops, tops_e2e, err, fail = c
-        if fail:
-            return f"error: {fail}"
-        s = f"{tops:.0f}"
-        if tops_e2e is not None:
-            s += f" ({tops_e2e:.0f})"
-        if base:
-            s += f" {tops / base:.2f}x"
-        if err is not None:
-            s += f" [{err[0]:.5f} / {err[1]:.4f}]"
-        return s
-
-    lines = [f"Attention TOPS, {header}", "",
-             "TOPS kernel-only (end to end), ratio to SDPA cuDNN, [cosine / rel. L1 vs fp32 SDPA]",
-             "", "| B×H×N×D | " + " | ".join(columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for spec, cells in rows:
-        base = cells.get("SDPA cuDNN", (None,))[0]
-        lines.append(f"| {spec} | " + " | ".join(
-            cell(cells.get(c), base if c.startswith(("wgmma", "mma", "thu-ml")) else None)
-            for c in columns) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = args.out or (os.path.join(os.environ["OUT"], "bench_attention.md") if "OUT" in os.environ
-                       else None)
-    if out:
-        Path(out).write_text(text)
+    print(table())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 // SA2_FAMILIES: wgmma
-// SA2_SHARDS: 8
+// SA2_SHARDS: 14
 // Hopper attention launchers: TMA tensor maps built on the host (cuTensorMapEncodeTiled taken
 // from the driver through the runtime, so libcuda is not linked), one kernel per
 // (padded head dim, PV operand type, schedule), and the C entry point sa2_wgmma_attention.
@@ -59,6 +59,9 @@ extern template int launch<Traits<64, PVMode::kF16, Schedule::kOverlap>>(const L
 extern template int launch<Traits<64, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
+extern template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
+extern template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
+extern template int launch<Traits<64, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
 
 #if 0 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<128, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
@@ -132,6 +135,15 @@ template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const Launc
 #if 23 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<64, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
 #endif
+#if 24 % SA2_NUM_SHARDS == SA2_SHARD
+template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
+#endif
+#if 25 % SA2_NUM_SHARDS == SA2_SHARD
+template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
+#endif
+#if 26 % SA2_NUM_SHARDS == SA2_SHARD
+template int launch<Traits<64, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
+#endif
 
 }  // namespace sa2::wgmma_attn
 
@@ -194,8 +206,13 @@ int dispatch_schedule(const LaunchArgs& a, int schedule) {
     case 0: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential>>(a);
     case 1: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kPingPong>>(a);
     case 2: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kOverlap>>(a);
-    default: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kIntraOnly>>(a);
+    case 3: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kIntraOnly>>(a);
+    default: break;
   }
+  if constexpr (D == 64) {
+    if (schedule == 4) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential, 3>>(a);
+  }
+  return sa2::set_error(-1, "schedule %d exists at head dim 64 only", schedule);
 }
 
 template <int D>
@@ -221,7 +238,8 @@ int dispatch_pv(const LaunchArgs& a, int pv_mode, int schedule) {
 //   out: fp16 (out_bf16 = 0) or bf16; for 16-bit PV it must match the PV dtype.
 //   lse: fp32 (B, Hq, Nq) natural log without the K-smoothing term, or null.
 //   schedule: 0 sequential, 1 ping-pong, 2 ping-pong + intra-warpgroup overlap, 3 intra-warpgroup
-//   overlap alone (Schedule in attn_wgmma.cuh).
+//   overlap alone (Schedule in attn_wgmma.cuh); 4 sequential with three consumer warpgroups
+//   (192-row CTAs, head dim 64 only).
 SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
                                    const float* q_scale, const float* k_scale,
                                    const float* v_scale, void* out, float* lse,
@@ -241,7 +259,8 @@ SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
                   num_k < (int64_t(1) << 31) - 128,
               "sequence lengths out of range");
   SA2_REQUIRE(pv_mode >= 0 && pv_mode <= 2, "pv_mode must be 0, 1 or 2");
-  SA2_REQUIRE(schedule >= 0 && schedule <= 3, "schedule must be 0..3");
+  SA2_REQUIRE(schedule >= 0 && schedule <= 4, "schedule must be 0..4");
+  SA2_REQUIRE(schedule <= 3 || dpad == 64, "schedule 4 exists at head dim 64 only");
   SA2_REQUIRE(pv_mode == 0 || out_bf16 == (pv_mode == 2), "16-bit PV writes its own dtype");
   SA2_REQUIRE(q && k && v && q_scale && k_scale && out && (pv_mode != 0 || v_scale),
               "null pointer argument");
@@ -253,9 +272,10 @@ SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
   const CUtensorMapSwizzle qk_swizzle =
       dpad == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   const uint64_t d = static_cast<uint64_t>(dpad);
+  const uint32_t q_rows = schedule == 4 ? 192 : 128;  // the kernel's kBlockM
   int rc = make_map(&a.tm_q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, q,
                     {d, (uint64_t)num_q, (uint64_t)heads_q, (uint64_t)batch},
-                    {qs[2], qs[1], qs[0]}, (uint32_t)dpad, 128, qk_swizzle, "q");
+                    {qs[2], qs[1], qs[0]}, (uint32_t)dpad, q_rows, qk_swizzle, "q");
   if (rc) return rc;
   rc = make_map(&a.tm_k, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, k,
                 {d, (uint64_t)num_k, (uint64_t)heads_kv, (uint64_t)batch}, {ks[2], ks[1], ks[0]},

@@ -1,18 +1,17 @@
 """Hopper (sm_90a) backend: INT8 QK^T with FP8 or fp16/bf16 PV on wgmma (csrc/attn_wgmma.cu).
 
-`attention()` = `prepare()` (quantize Q/K, and V for FP8 PV) + `run()` (one kernel launch).
-The two halves are public so benchmarks can time the kernel alone.
+`attention()` = `prepare()` (the fused CUDA quantizers of csrc/quant.cu, through
+`mma.quantize` with this family's tile) + `run()` (one kernel launch). The two halves are
+public so benchmarks can time the kernel alone.
 
-Quantization runs in PyTorch here (several passes over Q/K/V); it produces exactly the groups of
-`tile_shape(Family.WGMMA, D)` and the numerics of docs/numerics.md:
+Operands, exactly the groups of `tile_shape(Family.WGMMA, D)` (docs/numerics.md):
   Q  int8 (B, Hq, Nq_pad, D), one scale per rows {g, g+8} of each 16-row slice;
   K  int8 (B, Hkv, Nk_pad, D) of K - mean(K), one scale per keys {8n+2t, 8n+2t+1} of a tile;
   V  FP8 PV: e4m3 V^T (B, Hkv, D, Nk_pad) with each 16-token group stored in the order
      0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15, plus per-channel scales;
-     fp16/bf16 PV: the caller's V, read in place through TMA (base and strides must be
-     16-byte multiples; other V is declined and served by the mma family).
-The fused CUDA quantizers (csrc/quant.cu) have no Python entry point yet; when
-sageattn2/backends/mma.py exposes them, `prepare` should call them instead.
+     fp16/bf16 PV: the caller's V read in place through TMA when its rows are 16-byte
+     aligned, else the quantizer's zero-padded contiguous copy.
+The lse's K-smoothing term (sm_scale * q . kbar) comes from the Q quantizer's fused dot.
 """
 from __future__ import annotations
 
@@ -22,9 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from ..config import (
-    ABSMAX_EPS,
-    FP8_MAX,
-    INT8_MAX,
     NATIVE_HEAD_DIMS,
     Family,
     Granularity,
@@ -34,26 +30,33 @@ from ..config import (
     tile_shape,
 )
 from ..loader import library_for_device
-from . import KernelError
+from . import KernelError, mma
 
 SYMBOL = "sa2_wgmma_attention"
-SCHEDULES = {"overlap": 2, "pingpong": 1, "sequential": 0, "intra": 3}  # Schedule in attn_wgmma.cuh
+# Schedule codes of the C entry point (Schedule in attn_wgmma.cuh). "sequential3wg" runs three
+# consumer warpgroups (192-row CTAs) and exists at padded head dim 64 only.
+SCHEDULES = {"overlap": 2, "pingpong": 1, "sequential": 0, "intra": 3, "sequential3wg": 4}
+_THREE_WG = ("sequential3wg",)
 
 
-# Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v4).
+def schedules_for(head_dim: int) -> tuple[str, ...]:
+    """Schedules the kernel library has for this head dim."""
+    dpad = padded_head_dim(head_dim, Family.WGMMA)
+    return tuple(s for s in SCHEDULES if dpad == 64 or s not in _THREE_WG)
+
+
+# Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v5).
 _DEFAULT_SCHEDULES = {
     (PVDType.FP8, 128): "sequential",
-    (PVDType.FP8, 64): "intra",
+    (PVDType.FP8, 64): "sequential3wg",
     (PVDType.FP16, 128): "overlap",
-    (PVDType.FP16, 64): "sequential",
+    (PVDType.FP16, 64): "sequential3wg",
 }
 
 
 def default_schedule(pv_dtype: PVDType, head_dim: int) -> str:
     return _DEFAULT_SCHEDULES[(PVDType(pv_dtype), padded_head_dim(head_dim, Family.WGMMA))]
 
-# V^T token order inside every 16 keys (matches how P is packed from the S accumulator).
-V_TOKEN_ORDER = (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)
 
 
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
@@ -90,10 +93,6 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return "empty sequence"
     if hq % hk != 0:
         return f"{hq} query heads are not a multiple of {hk} kv heads"
-    if cfg.pv_dtype is PVDType.FP16 and (
-        v.data_ptr() % 16 or any(s * v.element_size() % 16 for s in v.stride()[:3])
-    ):
-        return "fp16 PV reads V in place through TMA: its base and strides must be 16-byte multiples"
     if q.shape[0] > 65535 or hq > 65535:
         return "batch or head count above the CUDA grid limit"
     if nq >= 2**31 or nk >= 2**31 - 128:
@@ -101,89 +100,24 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
     lib, reason = library_for_device(q.device)
     if lib is None:
         return reason
-    if "wgmma" not in lib.families or not lib.has(SYMBOL):
+    if "wgmma" not in lib.families or not lib.has(SYMBOL) or not all(lib.has(x) for x in mma.QUANT_SYMBOLS):
         return f"kernel library for {lib.tag} was built without the wgmma family"
     return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Quantization (PyTorch)
-
-
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.trunc(x + 0.5 * torch.sign(x))
-
-
-def _inverse(qmax: float, amax: torch.Tensor) -> torch.Tensor:
-    """qmax / amax as one fp32 division (`scalar / tensor` would round a reciprocal first)."""
-    return torch.div(torch.full_like(amax, qmax), amax)
+# Quantization and launch
 
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
 
 
-def _padded_fp32(x: torch.Tensor, rows: int, dpad: int, sub: torch.Tensor | None = None):
-    """(B, H, N, d) -> fp32 (B, H, rows, dpad), zeros outside, optionally minus `sub` (B, H, 1, d)."""
-    b, h, n, d = x.shape
-    out = torch.zeros(b, h, rows, dpad, dtype=torch.float32, device=x.device)
-    if sub is None:
-        out[:, :, :n, :d] = x
-    else:
-        torch.sub(x, sub, out=out[:, :, :n, :d])
-    return out
-
-
-def quantize_q(q_hnd: torch.Tensor, dpad: int):
-    """int8 Q (B, H, Nq_pad, D) and scales (B, H, Nq_pad/16*8): rows {g, g+8} of each 16-row slice."""
-    tile = tile_shape(Family.WGMMA, dpad)
-    b, h, n, _ = q_hnd.shape
-    rows = -(-n // tile.cta_q) * tile.cta_q
-    x = _padded_fp32(q_hnd, rows, dpad).view(b, h, rows // tile.warp_q, tile.warp_q // 8, 8, dpad)
-    amax = x.abs().amax(dim=(3, 5)).clamp_min(ABSMAX_EPS)  # (B, H, slices, 8)
-    inv = _inverse(INT8_MAX, amax)
-    qi = _round_half_away(x * inv[:, :, :, None, :, None]).to(torch.int8).view(b, h, rows, dpad)
-    return qi, (amax / INT8_MAX).reshape(b, h, -1)
-
-
-def quantize_k(k_hnd: torch.Tensor, dpad: int, smooth_k: bool):
-    """int8 K - kbar (B, H, Nk_pad, D), scales (B, H, tiles*4) and kbar (B, H, d) fp32 or None."""
-    tile = tile_shape(Family.WGMMA, dpad)
-    b, h, n, d = k_hnd.shape
-    kbar = k_hnd.float().mean(dim=2) if smooth_k else None
-    rows = -(-n // tile.k_tile) * tile.k_tile
-    x = _padded_fp32(k_hnd, rows, dpad, None if kbar is None else kbar[:, :, None, :])
-    # key = tile*k_tile + 8n + 2t + e: group (tile, t)
-    x = x.view(b, h, rows // tile.k_tile, tile.k_tile // 8, 4, 2, dpad)
-    amax = x.abs().amax(dim=(3, 5, 6)).clamp_min(ABSMAX_EPS)  # (B, H, tiles, 4)
-    inv = _inverse(INT8_MAX, amax)
-    ki = _round_half_away(x * inv[:, :, :, None, :, None, None]).to(torch.int8)
-    return ki.view(b, h, rows, dpad), (amax / INT8_MAX).reshape(b, h, -1), kbar
-
-
-def quantize_v_fp8(v_hnd: torch.Tensor, dpad: int):
-    """e4m3 V^T as uint8 (B, H, D, Nk_pad) with the 16-token permutation, scales (B, H, D)."""
-    tile = tile_shape(Family.WGMMA, dpad)
-    b, h, n, _ = v_hnd.shape
-    rows = -(-n // tile.k_tile) * tile.k_tile
-    x = _padded_fp32(v_hnd, rows, dpad)
-    amax = x.abs().amax(dim=2).clamp_min(ABSMAX_EPS)  # (B, H, D)
-    x.mul_(_inverse(FP8_MAX, amax)[:, :, None, :]).clamp_(-FP8_MAX, FP8_MAX)
-    order = torch.tensor(V_TOKEN_ORDER, device=x.device)
-    x = x.view(b, h, rows // 16, 16, dpad).index_select(3, order).view(b, h, rows, dpad)
-    vt = x.to(torch.float8_e4m3fn).view(torch.uint8).transpose(2, 3).contiguous()
-    return vt, amax / FP8_MAX
-
-
-# ---------------------------------------------------------------------------------------------
-# Launch
-
-
 @dataclass
 class Prepared:
     """Quantized operands and everything `run` needs (tensors kept alive until the launch)."""
 
-    q: torch.Tensor  # caller's q (for shapes, dtype, the lse correction)
+    q: torch.Tensor  # caller's q (for shapes, dtype and layout)
     layout: str
     is_causal: bool
     sm_scale: float
@@ -197,28 +131,33 @@ class Prepared:
     k_int8: torch.Tensor
     k_scale: torch.Tensor
     kbar: torch.Tensor | None
-    v_op: torch.Tensor  # (B, Hkv, D, Nk_pad) uint8 for fp8, (B, Hkv, Nk, d) view for 16-bit
+    q_dot_kbar: torch.Tensor | None  # (B, Hq, Nq_pad) q . kbar, when prepared for the lse
+    v_op: torch.Tensor  # (B, Hkv, D, Nk_pad) uint8 for fp8, (B, Hkv, Nk, d or D) for 16-bit
     v_scale: torch.Tensor | None
 
 
-def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None) -> Prepared:
+def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False) -> Prepared:
+    """Quantizes q, k, v on the current stream. `return_lse` also computes q . kbar, which
+    `run(..., return_lse=True)` needs when K is smoothed."""
     d = q.shape[-1]
     dpad = padded_head_dim(d, Family.WGMMA)
-    q_h, k_h, v_h = _hnd(q, layout), _hnd(k, layout), _hnd(v, layout)
-    q_int8, q_scale = quantize_q(q_h, dpad)
-    k_int8, k_scale, kbar = quantize_k(k_h, dpad, cfg.smooth_k)
+    lib, reason = library_for_device(q.device)
+    if lib is None:
+        raise KernelError(reason)
+    with torch.cuda.device(q.device):
+        qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, tile=tile_shape(Family.WGMMA, dpad),
+                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
     if cfg.pv_dtype is PVDType.FP8:
-        v_op, v_scale = quantize_v_fp8(v_h, dpad)
         pv_mode = 0
     else:
-        v_op, v_scale = v_h, None  # read in place (unsupported_reason checked the strides)
         pv_mode = 2 if q.dtype == torch.bfloat16 else 1
+    k_h = _hnd(k, layout)
     return Prepared(
         q=q, layout=layout, is_causal=bool(is_causal),
         sm_scale=float(sm_scale if sm_scale is not None else d**-0.5),
         head_dim=d, dpad=dpad, heads_kv=k_h.shape[1], num_k=k_h.shape[2], pv_mode=pv_mode,
-        q_int8=q_int8, q_scale=q_scale, k_int8=k_int8, k_scale=k_scale, kbar=kbar,
-        v_op=v_op, v_scale=v_scale,
+        q_int8=qz.q, q_scale=qz.q_scale, k_int8=qz.k, k_scale=qz.k_scale, kbar=qz.kbar,
+        q_dot_kbar=qz.q_dot_kbar, v_op=qz.v, v_scale=qz.v_scale,
     )
 
 
@@ -247,8 +186,12 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
     """Launches the kernel. `out` / `lse` may be given (tests poison them first); they must
     have the shapes and dtypes `run` would allocate, any element strides."""
     q = prep.q
+    if return_lse and prep.kbar is not None and prep.q_dot_kbar is None:
+        raise ValueError("the lse of a smoothed-K call needs prepare(..., return_lse=True)")
     if schedule is None:
         schedule = default_schedule(PVDType.FP8 if prep.pv_mode == 0 else PVDType.FP16, prep.dpad)
+    if schedule not in schedules_for(prep.dpad):
+        raise ValueError(f"schedule {schedule!r} does not exist at head dim {prep.head_dim}")
     b = q.shape[0]
     q_h = _hnd(q, prep.layout)
     hq, nq, d = q_h.shape[1], q_h.shape[2], prep.head_dim
@@ -285,11 +228,11 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
         raise KernelError(f"{SYMBOL} failed ({rc}): {lib.last_error()}")
     if lse is not None and prep.kbar is not None:
         # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
-        kbar = prep.kbar.repeat_interleave(hq // prep.heads_kv, dim=1)
-        lse += prep.sm_scale * torch.einsum("bhnd,bhd->bhn", q_h.float(), kbar)
+        lse.add_(prep.q_dot_kbar[:, :, :nq], alpha=prep.sm_scale)
     return out, lse
 
 
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
-    prep = prepare(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale)
+    prep = prepare(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
+                   return_lse=return_lse)
     return run(prep, return_lse=return_lse)

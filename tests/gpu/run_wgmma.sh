@@ -2,8 +2,11 @@
 # Device script for the Hopper wgmma kernels: build the sm_90a library, check ptxas output,
 # run the GPU tests, run the benchmark. Everything is logged under $OUT (default ./wgmma_out).
 #   tests/gpu/run_wgmma.sh [quick|full|tests|bench|profile] [extra pytest args...]
-#   quick: tests + benchmark of 4 shapes with every schedule; full: tests + all shapes;
+#   quick: tests + benchmark of 4 shapes with every schedule; full: tests + all shapes with
+#   every schedule (kernel-only and end to end) + quantization breakdown at 4.6K and 32K;
 #   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios).
+# Builds common.cu, quant.cu (the fused quantizers prepare() runs), attn_wgmma.cu and attn_mma.cu
+# (mma.py binds its symbols when it configures the quantizers).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-quick}
@@ -50,8 +53,8 @@ cat > "$BUILD_ROOT/manifest.json" <<JSON
 {"archs": {"sm_90a": {"path": "sm_90a/libsageattn2.so", "families": [$families], "fp8_mma": true}}}
 JSON
 cat "$BUILD_ROOT/manifest.json"
-echo "-- ptxas (wgmma kernels): registers / spills / warnings"
-grep -A3 "attention_kernel" "$OBJ"/attn_wgmma.*.log | grep -E "spill|Used" | sort | uniq -c
+echo "-- ptxas (wgmma kernels): spills per kernel <D, PV, Schedule, WGs>"
+cat "$OBJ"/attn_wgmma.*.log | awk '/Compiling entry/{k=$0; sub(/.*TraitsIL/, "", k); sub(/EEEEEv14.*/, "", k)} /spill stores/{print k": "$0}' | sed -E 's/ELNS0_6PVModeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
 grep -hE "C7515|C7511|C7508|warning|error" "$OBJ"/*.log | sort | uniq -c | head -20
 cuobjdump -sass "$BUILD/libsageattn2.so" > /tmp/sass.txt 2>/dev/null
 for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0" "128ELNS0_6PVModeE0ELNS0_8ScheduleE1"; do
@@ -67,10 +70,12 @@ if [ "$MODE" != bench ]; then
   export SA2_TEST_LOG=$OUT/test_metrics.jsonl
   T=tests/gpu/test_wgmma_kernels.py::test_lengths_and_head_dims
   echo "-- smoke (one case per kernel family at hd128)"
-  timeout 90 python3 -m pytest -q "$T[128-4173-full-fp8-sequential]" "$T[128-4173-full-fp8-overlap]" \
-    "$T[128-4173-full-fp16-sequential]" "$T[128-4173-full-fp16-overlap]" 2>&1 | tail -15
+  timeout 90 python3 -m pytest -q "$T[128-sequential-4173-full-fp8]" "$T[128-overlap-4173-full-fp8]" \
+    "$T[128-sequential-4173-full-fp16]" "$T[64-sequential3wg-4173-full-fp8]" \
+    tests/gpu/test_wgmma_kernels.py::test_fused_quantizers_match_torch_oracle 2>&1 | tail -15
   echo "-- full suite"
-  timeout 360 python3 -m pytest tests/gpu/test_wgmma_kernels.py -q "$@" 2>&1 | tail -40 | tee "$OUT/pytest_tail.txt"
+  timeout 150 python3 -m pytest tests/gpu/test_wgmma_kernels.py -q --tb=short "$@" > "$OUT/pytest.log" 2>&1
+  grep -E "^(FAILED|ERROR)|^E  " "$OUT/pytest.log" | head -30; tail -1 "$OUT/pytest.log"
   python3 - <<'PY'
 import json, os
 path = os.environ["SA2_TEST_LOG"]
@@ -107,8 +112,8 @@ fi
 
 if [ "$MODE" != tests ] && [ "$MODE" != profile ]; then
   echo "== bench"
-  if [ "$MODE" = full ] || [ "$MODE" = bench ]; then BARGS=""; else BARGS="--quick"; fi
-  [ "$MODE" = quick ] && BARGS="$BARGS --all-schedules"
-  timeout 540 python3 bench/bench_attention.py $BARGS --out "$OUT/bench_attention.md" > "$OUT/bench.log" 2>&1
+  if [ "$MODE" = full ] || [ "$MODE" = bench ]; then BARGS="--breakdown 1x24x4608x128,1x40x32760x128"; else BARGS="--quick"; fi
+  BARGS="$BARGS --all-schedules"
+  timeout 400 python3 bench/bench_attention.py $BARGS --out "$OUT/bench_attention.md" > "$OUT/bench.log" 2>&1
   cat "$OUT/bench_attention.md" 2>/dev/null || tail -30 "$OUT/bench.log"
 fi

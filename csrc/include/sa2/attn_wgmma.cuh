@@ -1,10 +1,11 @@
 // Hopper (sm_90a) SageAttention2 forward kernel: INT8 QK^T and FP8 (or fp16/bf16) PV on wgmma.
 //
-// One CTA = 128 query rows of one (batch, head): warpgroup 0 is the producer (one thread issues
-// TMA loads of Q once and of K / V tiles into a multi-stage mbarrier ring), warpgroups 1 and 2
-// are consumers that own 64 rows each. Numerics follow docs/numerics.md; the tile shape and the
-// per-thread quantization groups mirror sageattn2.config.tile_shape(Family.WGMMA, D):
-// cta_q 128, warp_q 16, k_tile 128.
+// One CTA = 64 * kWGs query rows of one (batch, head): warpgroup 0 is the producer (one thread
+// issues TMA loads of Q once and of K / V tiles into a multi-stage mbarrier ring), warpgroups
+// 1..kWGs are consumers that own 64 rows each (kWGs = 2, or 3 at head dim 64). Numerics follow
+// docs/numerics.md; the per-thread quantization groups mirror
+// sageattn2.config.tile_shape(Family.WGMMA, D): warp_q 16, k_tile 128. Its cta_q (128) only sets
+// the Q padding: a 192-row CTA reads Q scales for real rows only.
 //   Q scale of a thread: rows {g, g+8} of its warp's 16-row slice -> index (row/16)*8 + g.
 //   K scale of a thread: keys {8n+2t, 8n+2t+1} of a 128-key tile   -> index tile*4 + t.
 // Inputs (all prepared by the quantizer):
@@ -50,7 +51,7 @@ struct Params {
   float scale_log2;                        // sm_scale * log2(e)
 };
 
-template <int kHeadDim_, PVMode kPV_, Schedule kSchedule_>
+template <int kHeadDim_, PVMode kPV_, Schedule kSchedule_, int kWGs_ = 2>
 struct Traits {
   static constexpr int kHeadDim = kHeadDim_;  // padded D
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma family serves head dims 64 and 128");
@@ -64,12 +65,22 @@ struct Traits {
       kSchedule == Schedule::kOverlap || kSchedule == Schedule::kIntraOnly;
   static constexpr bool kIssueAhead = kSchedule != Schedule::kSequential;
 
-  static constexpr int kConsumerWGs = 2;
-  static constexpr int kBlockM = 64 * kConsumerWGs;  // == tile_shape().cta_q
+  // Three consumer warpgroups (three warps per scheduler to hide the softmax latency) fit only
+  // at head dim 64: 160 registers hold S (64) + O (32) + the fp8 partial R (32) + P.
+  static constexpr int kConsumerWGs = kWGs_;
+  static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kHeadDim == 64),
+                "three consumer warpgroups only at head dim 64");
+  static_assert(kConsumerWGs == 2 || !kPingPong, "the ping-pong barrier pairs two warpgroups");
+  static constexpr int kBlockM = 64 * kConsumerWGs;  // query rows per CTA
   static constexpr int kBlockN = 128;                // == tile_shape().k_tile
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
   static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;
+  static constexpr int kConsumerRegs = kConsumerWGs == 2 ? 240 : 160;
+  // Each tile's first QK / fp8-PV k-step writes its accumulator without reading it, so S and R
+  // are dead between tiles: needed to fit 160 registers. At 240 registers the same change made
+  // the fp8 head-dim-128 kernels 5-7 % slower (notes v5), so two-warpgroup kernels keep S and R
+  // as read-write operands, zeroed once.
+  static constexpr bool kFreshAccumulators = kConsumerWGs == 3;
   static_assert(128 * kProducerRegs + 128 * kConsumerWGs * kConsumerRegs <= 65536,
                 "register reallocation exceeds the register file");
 
@@ -95,23 +106,35 @@ struct Traits {
 
 template <class T>
 __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uint64_t desc_k) {
+  if constexpr (T::kFreshAccumulators)
+    sm90::wgmma_s8_ss_n128_zero(s, desc_q, desc_k);
+  else
+    sm90::wgmma_s8_ss_n128(s, desc_q, desc_k, 0);
 #pragma unroll
-  for (int kk = 0; kk < T::kHeadDim / 32; ++kk)
+  for (int kk = 1; kk < T::kHeadDim / 32; ++kk)
     sm90::wgmma_s8_ss_n128(s, sm90::desc_advance(desc_q, kk * 32),
-                           sm90::desc_advance(desc_k, kk * 32), kk > 0);
+                           sm90::desc_advance(desc_k, kk * 32), 1);
 }
 
 // fp8: R = P . V over one 128-key tile, starting from zero (the first level of two).
 template <class T>
 __device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kHeadDim / 2], const uint32_t (&p)[16],
                                              uint64_t desc_v) {
+  if constexpr (T::kFreshAccumulators) {
+    static_assert(T::kHeadDim == 64, "three warpgroups only at head dim 64");
+    sm90::wgmma_e4m3_rs_n64_zero(r, p[0], p[1], p[2], p[3], desc_v);
+  } else if constexpr (T::kHeadDim == 128) {
+    sm90::wgmma_e4m3_rs_n128(r, p[0], p[1], p[2], p[3], desc_v, 0);
+  } else {
+    sm90::wgmma_e4m3_rs_n64(r, p[0], p[1], p[2], p[3], desc_v, 0);
+  }
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 1; kk < 4; ++kk) {
     const uint64_t d = sm90::desc_advance(desc_v, kk * 32);
     if constexpr (T::kHeadDim == 128)
-      sm90::wgmma_e4m3_rs_n128(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, kk > 0);
+      sm90::wgmma_e4m3_rs_n128(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, 1);
     else
-      sm90::wgmma_e4m3_rs_n64(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, kk > 0);
+      sm90::wgmma_e4m3_rs_n64(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, 1);
   }
 }
 
@@ -337,9 +360,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int slice = q_tile * (T::kBlockM / 16) + wg * 4 + warp;  // 16-row slice index
   const int row0 = slice * 16 + g;                                // rows row0 and row0 + 8
 
+  // Q scales exist for the quantizer's padding (cta_q 128 rows); a 192-row CTA's last slices
+  // may lie beyond it, and hold no real row.
   const float q_dequant =
-      p.q_scale[batch * p.q_scale_stride_b + head * p.q_scale_stride_h + slice * 8 + g] *
-      p.scale_log2;
+      slice * 16 < p.num_q
+          ? p.q_scale[batch * p.q_scale_stride_b + head * p.q_scale_stride_h + slice * 8 + g] *
+                p.scale_log2
+          : 0.0f;
   const float* k_scale = p.k_scale + batch * p.k_scale_stride_b + kv_head * p.k_scale_stride_h + t;
 
   const uint64_t desc_q =
@@ -374,13 +401,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   uint32_t s[64];  // QK accumulator (int32 bits), then scores, then p (fp32 bits)
   float o[D / 2];
-  float r[T::kFp8PV ? D / 2 : 1];
+  float r[T::kFp8PV ? D / 2 : 1];  // fp8 tile partial
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  if constexpr (!T::kFreshAccumulators) {
 #pragma unroll
-  for (int i = 0; i < (T::kFp8PV ? D / 2 : 1); ++i) r[i] = 0.0f;
+    for (int i = 0; i < (T::kFp8PV ? D / 2 : 1); ++i) r[i] = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0;
+    for (int i = 0; i < 64; ++i) s[i] = 0;
+  }
   uint32_t pk[T::kFp8PV ? 16 : 32];
   RowState st;
   st.m[0] = st.m[1] = -INFINITY;
