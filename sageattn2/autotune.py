@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from . import loader
 from .dispatch import log_once
 
 # Calls below this many score elements per (batch x head) are too small to be worth timing:
@@ -20,7 +21,7 @@ _decisions: dict[tuple, bool] = {}
 
 def shape_key(q, k, layout: str, is_causal: bool) -> tuple:
     h, n = (1, 2) if layout == "HND" else (2, 1)
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    capability = loader.capability(q.device) if q.is_cuda else None
     return (q.device.index, capability, q.dtype, layout, is_causal,
             q.shape[0], q.shape[h], k.shape[h], q.shape[n], k.shape[n], q.shape[-1])
 

@@ -127,7 +127,7 @@ def _plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_
     if lib is None:
         return _exact(why)
 
-    capability = torch.cuda.get_device_capability(q.device)
+    capability = loader.capability(q.device)
     return plan_for_library(
         q, k, v, lib, capability, layout=layout, precision=precision, granularity=granularity,
         smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,

@@ -68,11 +68,24 @@ def _load(tag: str) -> tuple[Library | None, str | None]:
     return lib, None
 
 
-def library_for_device(device) -> tuple[Library | None, str | None]:
-    """(library, None) if kernels for this CUDA device's arch are built, else (None, reason)."""
+def capability(device) -> tuple[int, int]:
+    """Compute capability of a CUDA device (cached: asked on every attention call)."""
     import torch
 
-    major, minor = torch.cuda.get_device_capability(device)
+    index = torch.device(device).index
+    return _capability(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
+def library_for_device(device) -> tuple[Library | None, str | None]:
+    """(library, None) if kernels for this CUDA device's arch are built, else (None, reason)."""
+    major, minor = capability(device)
     if major < 8:
         return None, f"GPU compute capability {major}.{minor} is older than 8.0 (Ampere)"
     return _load(arch_tag(major, minor))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import AttnConfig
-from .dispatch import Plan
+from .dispatch import Plan, _backend_module
 
 
 def _output_like(q: torch.Tensor) -> torch.Tensor:
@@ -19,8 +19,7 @@ def _lse_shape(q: torch.Tensor, layout: str) -> tuple[int, int, int]:
     return (b, h, n)
 
 
-@torch.library.custom_op("sageattn2::attention", mutates_args=())
-def attention_op(
+def _attention_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -39,23 +38,26 @@ def attention_op(
     force_int4_emulation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = AttnConfig(qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v, family)
-    if backend == "reference":
-        from .reference import reference_attention
-
-        o, lse = reference_attention(
-            q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
-        )
-    else:
-        from .dispatch import _backend_module
-
-        kwargs = {"force_int4_emulation": True} if force_int4_emulation else {}
-        o, lse = _backend_module(backend).attention(
-            q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
-            return_lse=return_lse, **kwargs,
-        )
+    o, lse = _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, force_int4_emulation)
     if lse is None:
         lse = q.new_empty((0,), dtype=torch.float32)
     return o, lse
+
+
+def _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, force_int4_emulation):
+    if backend == "reference":
+        from .reference import reference_attention
+
+        return reference_attention(
+            q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
+        )
+    kwargs = {"force_int4_emulation": True} if force_int4_emulation else {}
+    return _backend_module(backend).attention(
+        q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse, **kwargs
+    )
+
+
+attention_op = torch.library.custom_op("sageattn2::attention", mutates_args=())(_attention_impl)
 
 
 @attention_op.register_fake
@@ -67,6 +69,11 @@ def _(q, k, v, layout, backend, qk_dtype, pv_dtype, granularity, smooth_k, smoot
 
 def run(plan: Plan, q, k, v, layout: str, is_causal: bool, sm_scale: float, return_lse: bool):
     cfg = plan.cfg
+    if not torch.compiler.is_compiling():
+        # The op is what torch.compile must see; eagerly its dispatcher round trip is pure
+        # host overhead on a call a diffusion model makes thousands of times.
+        return _execute(q, k, v, layout, plan.backend, cfg, is_causal, sm_scale, return_lse,
+                        plan.force_int4_emulation)
     o, lse = attention_op(
         q, k, v, layout, plan.backend, cfg.qk_dtype.value, cfg.pv_dtype.value, cfg.granularity.value,
         cfg.smooth_k, cfg.smooth_q, cfg.smooth_v, cfg.family.value, is_causal, sm_scale, return_lse,

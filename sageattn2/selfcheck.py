@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import autotune, dispatch
 from .api import sageattn
 from .config import QUANTIZED_PRECISIONS
 
@@ -40,18 +40,23 @@ def cosine(a, b):
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def time_ms(fn, iters=20):
+def time_ms(fn, iters=30) -> tuple[float, float]:
+    """(GPU ms per call over back-to-back calls, host ms per call to enqueue one).
+
+    Back to back is how a model issues attention; the host time shows whether the Python
+    path could starve the GPU (it does when host time exceeds GPU time).
+    """
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
+    start.record()
+    t0 = time.perf_counter()
     for _ in range(iters):
-        start.record()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    host = (time.perf_counter() - t0) / iters * 1e3
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters, host
 
 
 def run(device="cuda") -> tuple[list[list[str]], bool]:
@@ -59,30 +64,39 @@ def run(device="cuda") -> tuple[list[list[str]], bool]:
     for label, b, h, n, d in SHAPES:
         q, k, v = make_inputs(b, h, n, d, device)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-        t_sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        t_sdpa, host_sdpa = time_ms(lambda: F.scaled_dot_product_attention(q, k, v))
         flops = 4 * b * h * n * n * d
         rows.append([label, "SDPA (exact)", "torch", f"{flops / t_sdpa / 1e9:.0f}", "1.00x",
-                     f"{cosine(F.scaled_dot_product_attention(q, k, v), ref):.6f}", ""])
+                     f"{host_sdpa * 1e3:.0f}", f"{cosine(F.scaled_dot_product_attention(q, k, v), ref):.6f}", ""])
         for precision in QUANTIZED_PRECISIONS:
             plan = dispatch.plan(q, k, v, layout="HND", precision=precision, granularity="per_thread",
                                  smooth_k=True, smooth_q=None, smooth_v=False, is_causal=False)
             if plan.backend == "exact":
-                rows.append([label, precision, "not served", "", "", "", plan.note or ""])
+                rows.append([label, precision, "not served", "", "", "", "", plan.note or ""])
                 continue
             served = f"{plan.backend} {plan.cfg.precision}"
             out = sageattn(q, k, v, precision=precision)
             cos = cosine(out, ref)
-            t = time_ms(lambda: sageattn(q, k, v, precision=precision))
+            t, host = time_ms(lambda: sageattn(q, k, v, precision=precision))
             floor = COSINE_FLOOR[plan.cfg.precision]
             status = "ok" if cos >= floor and torch.isfinite(out).all() else f"FAIL (< {floor})"
             ok &= status == "ok"
             rows.append([label, precision, served, f"{flops / t / 1e9:.0f}", f"{t_sdpa / t:.2f}x",
-                         f"{cos:.6f}", status])
+                         f"{host * 1e3:.0f}", f"{cos:.6f}", status])
+        # auto: whatever it decided for this shape (timed once), never slower than SDPA.
+        out = sageattn(q, k, v)
+        t, host = time_ms(lambda: sageattn(q, k, v))
+        pays = autotune._decisions.get(autotune.shape_key(q, k, "HND", False))
+        served = "exact (SDPA)" if pays is False else dispatch.plan(
+            q, k, v, layout="HND", precision="auto", granularity="per_thread", smooth_k=True, smooth_q=None,
+            smooth_v=False, is_causal=False).cfg.precision
+        rows.append([label, "auto", served, f"{flops / t / 1e9:.0f}", f"{t_sdpa / t:.2f}x", f"{host * 1e3:.0f}",
+                     f"{cosine(out, ref):.6f}", ""])
     return rows, ok
 
 
 def format_table(rows) -> str:
-    head = ["shape", "requested", "served by", "TOPS", "vs SDPA", "cosine", "check"]
+    head = ["shape", "requested", "served by", "TOPS", "vs SDPA", "host µs/call", "cosine", "check"]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

@@ -266,3 +266,22 @@ def test_autotune_times_once_per_shape(monkeypatch):
     for _ in range(3):
         assert autotune.quantized_pays_off(q, q, "HND", False, "quant", "exact")
     assert calls == ["quant", "exact"]
+
+
+def test_torch_compile_fullgraph_uses_the_custom_op():
+    """No graph break: the whole quantized call is one op in the graph (fake impl used by
+    aot_eager), and the compiled result equals the eager one."""
+    q, k, v = (rand(1, 2, 64, 64, dtype=torch.bfloat16) for _ in range(3))
+    f = lambda q, k, v: sageattn2.sageattn(q, k, v, backend="reference", precision="int8+fp8") * 2
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+
+        return aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend=backend)(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    assert any("sageattn2.attention" in str(g.graph) for g in graphs)
