@@ -86,10 +86,10 @@ def run(device="cuda") -> tuple[list[list[str]], bool]:
         # auto: whatever it decided for this shape (timed once), never slower than SDPA.
         out = sageattn(q, k, v)
         t, host = time_ms(lambda: sageattn(q, k, v))
+        plan = dispatch.plan(q, k, v, layout="HND", precision="auto", granularity="per_thread",
+                             smooth_k=True, smooth_q=None, smooth_v=False, is_causal=False)
         pays = autotune._decisions.get(autotune.shape_key(q, k, "HND", False))
-        served = "exact (SDPA)" if pays is False else dispatch.plan(
-            q, k, v, layout="HND", precision="auto", granularity="per_thread", smooth_k=True, smooth_q=None,
-            smooth_v=False, is_causal=False).cfg.precision
+        served = "exact (SDPA)" if plan.backend == "exact" or pays is False else f"{plan.backend} {plan.cfg.precision}"
         rows.append([label, "auto", served, f"{flops / t / 1e9:.0f}", f"{t_sdpa / t:.2f}x", f"{host * 1e3:.0f}",
                      f"{cosine(out, ref):.6f}", ""])
     return rows, ok
