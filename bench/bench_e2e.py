@@ -67,7 +67,8 @@ def build(name: str, device):
                                "patch_size": [1, 2, 2], "vec_in_dim": 768, "axes_dim": [16, 56, 56], "meanflow": False,
                                "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
                                "depth": 2, "depth_single_blocks": 2, "theta": 256, "qkv_bias": True, "byt5": False,
-                               "guidance_embed": True})
+                               "guidance_embed": True, "use_cond_type_embedding": False, "vision_in_dim": None,
+                               "meanflow_sum": False})
         label = "HunyuanVideo shape, 2 double + 2 single blocks, 720p x 129f (118,800 + 256 tokens)"
         kw = dict(x=rnd(1, 16, 33, 90, 160), t=torch.tensor([0.7], device=device), c_crossattn=rnd(1, 256, 4096),
                   y=rnd(1, 768), guidance=torch.tensor([6.0], device=device))
