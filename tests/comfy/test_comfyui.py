@@ -10,6 +10,7 @@ since every call must be served).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,18 @@ def test_calibrate_then_schedule(tmp_path, monkeypatch):
         assert level == choice[(layer, step_of(rec.sigmas, sigma))], (sigma, layer)
 
 
+def run_comfyui_process(cmd, cwd):
+    """Runs a script that imports ComfyUI's server side (nodes.py and its node packs). Those
+    need packages the model tests do not (av, aiohttp, ...): where one is missing, the test
+    is skipped with its name rather than failed; any other error fails it."""
+    proc = subprocess.run(cmd, cwd=str(cwd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", proc.stderr)
+        if missing:
+            pytest.skip(f"ComfyUI's server modules need {missing.group(1)!r}, not installed here")
+        raise AssertionError(f"{cmd[1]} failed:\n{proc.stderr[-4000:]}")
+
+
 def test_comfyui_loads_the_pack_and_the_workflow_nodes_exist(tmp_path):
     """ComfyUI's own loader imports the pack; every node type of the example workflows is
     registered; core_nodes.json (used by the CPU workflow tests) matches this tree."""
@@ -295,7 +308,7 @@ for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         types[name] = None
 json.dump({{"loaded": ok, "types": types}}, open({str(tmp_path / "types.json")!r}, "w"))
 """
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(tmp_path))
+    run_comfyui_process([sys.executable, "-c", script], tmp_path)
     live = json.loads((tmp_path / "types.json").read_text())
     assert live["loaded"] is True
     assert set(pack.NODE_CLASS_MAPPINGS) <= set(live["types"])
@@ -335,8 +348,7 @@ def test_comfyui_validates_every_example_workflow(tmp_path):
     """What 'Queue' does: the UI workflow in API form through execution.validate_prompt
     (node types, link types, required inputs, combo values, our VALIDATE_INPUTS)."""
     out = tmp_path / "validation.json"
-    subprocess.run([sys.executable, str(HERE / "validate_workflows.py"), comfyui_path(), str(out)], check=True,
-                   cwd=str(tmp_path), capture_output=True)
+    run_comfyui_process([sys.executable, str(HERE / "validate_workflows.py"), comfyui_path(), str(out)], tmp_path)
     results = json.loads(out.read_text())
     assert set(results) == {p.stem for p in (HERE.parents[1] / "workflows").glob("*.json")}
     for name, r in results.items():
