@@ -69,9 +69,12 @@ def build(name: str, device):
                                "depth": 2, "depth_single_blocks": 2, "theta": 256, "qkv_bias": True, "byt5": False,
                                "guidance_embed": True, "use_cond_type_embedding": False, "vision_in_dim": None,
                                "meanflow_sum": False})
-        label = "HunyuanVideo shape, 2 double + 2 single blocks, 720p x 129f (118,800 + 256 tokens)"
+        label = ("HunyuanVideo shape, 2 double + 2 single blocks, 720p x 129f (118,800 + 256 tokens, "
+                 "56 of them text padding: a key-padding mask on every call, as with real prompts)")
+        text_mask = torch.ones(1, 256, dtype=torch.long, device=device)
+        text_mask[:, 200:] = 0
         kw = dict(x=rnd(1, 16, 33, 90, 160), t=torch.tensor([0.7], device=device), c_crossattn=rnd(1, 256, 4096),
-                  y=rnd(1, 768), guidance=torch.tensor([6.0], device=device))
+                  y=rnd(1, 768), guidance=torch.tensor([6.0], device=device), attention_mask=text_mask)
     elif name == "sdxl":
         cfg = sm.SDXL({"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
                        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,

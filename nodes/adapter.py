@@ -64,10 +64,38 @@ def parse_call(args: tuple, kwargs: dict) -> AttnCall:
     )
 
 
+# Additive mask values at or below this remove a key (exp underflows to exactly 0 in any
+# softmax); HunyuanVideo writes -finfo(dtype).max, others -inf.
+_REMOVED = -1e4
+
+
+def key_padding_length(mask, n_keys: int) -> int | None:
+    """n when `mask` keeps exactly the first n keys for every batch row, head and query and
+    removes the rest (a text-padding mask such as HunyuanVideo's (1, 1, L)); None for any
+    other mask. Attention over the first n keys is then exactly the masked attention.
+    Reads the mask on the host (one synchronisation): callers cache the answer per mask.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() == 0 or mask.shape[-1] != n_keys:
+        return None
+    if any(size != 1 for size in mask.shape[:-1]):
+        return None  # differs per batch row, head or query
+    m = mask.reshape(-1)
+    if m.dtype == torch.bool:
+        kept, removed = m, ~m
+    elif m.is_floating_point():
+        kept, removed = m == 0, m <= _REMOVED
+    else:
+        return None
+    n = kept.sum()
+    prefix = torch.arange(n_keys, device=m.device) < n
+    valid = (kept | removed).all() & kept.eq(prefix).all()
+    n, valid = torch.stack([n, valid.long()]).tolist()
+    return n if valid and n > 0 else None
+
+
 def structural_decline(call: AttnCall) -> str | None:
-    """Reasons that hold for any precision: what stock attention must serve."""
-    if call.mask is not None:
-        return "attention masks"
+    """Reasons that hold for any precision: what stock attention must serve. (Masks are
+    judged separately: key-padding masks are served by dropping the padded keys.)"""
     if call.low_precision_attention is False:
         return "calls marked low_precision_attention=False"
     for name in ("q", "k", "v"):
@@ -115,6 +143,17 @@ def to_kernel_layout(call: AttnCall):
         v.unflatten(-1, (v.shape[-1] // d, d)),
         "NHD",
     )
+
+
+def drop_padded_keys(k4: torch.Tensor, v4: torch.Tensor, layout: str, n: int):
+    """Views of k and v with only their first n keys."""
+    if layout == "HND":
+        return k4[:, :, :n], v4[:, :, :n]
+    return k4[:, :n], v4[:, :n]
+
+
+def key_length(k4: torch.Tensor, layout: str) -> int:
+    return k4.shape[2] if layout == "HND" else k4.shape[1]
 
 
 def query_length(q4: torch.Tensor, layout: str) -> int:

@@ -78,6 +78,9 @@ class ForwardState:
         self.levels: dict[tuple, str] = {}
         self.nonfinite = None  # bool tensor on the device, or None while nothing was checked
         self.exact = False  # every call of this forward goes to stock attention
+        # id(mask) -> kept key count (or None): one host read per mask per forward. Masks are
+        # alive for the whole forward, so their ids cannot be reused meanwhile.
+        self.key_padding: dict[int, int | None] = {}
 
     def position(self, to: dict, memory: LayerMemory) -> tuple[tuple, LayerPosition]:
         key = layer_key(to, self.calls)

@@ -27,7 +27,17 @@ import torch
 
 from .. import sageattn2 as sa2
 from ..sageattn2 import autotune
-from .adapter import Decline, from_kernel_layout, parse_call, query_length, structural_decline, to_kernel_layout
+from .adapter import (
+    Decline,
+    drop_padded_keys,
+    from_kernel_layout,
+    key_length,
+    key_padding_length,
+    parse_call,
+    query_length,
+    structural_decline,
+    to_kernel_layout,
+)
 from .layers import FORWARD_KEY, ForwardState, LayerMemory
 from .levels import AUTO, EXACT, LEVELS
 from .schedule import Schedule
@@ -256,12 +266,20 @@ class PatchState:
             self.note(f"calls go to stock attention: {reason}")
         return override.decline(func, args, kwargs)
 
-    def kernel_inputs(self, call):
+    def kernel_inputs(self, call, forward: ForwardState):
         """(q, k, v, layout) for sageattn2, or Decline with the reason."""
         reason = structural_decline(call)
         if reason:
             raise Decline(reason)
         q4, k4, v4, layout = to_kernel_layout(call)
+        if call.mask is not None:
+            key = id(call.mask)
+            if key not in forward.key_padding:
+                forward.key_padding[key] = key_padding_length(call.mask, key_length(k4, layout))
+            n = forward.key_padding[key]
+            if n is None:
+                raise Decline("attention masks (other than key padding)")
+            k4, v4 = drop_padded_keys(k4, v4, layout, n)
         if query_length(q4, layout) < self.settings.min_seq_len:
             raise Decline(f"sequences shorter than min_seq_len={self.settings.min_seq_len} tokens")
         return q4, k4, v4, layout
@@ -277,7 +295,7 @@ class PatchState:
 
     def serve(self, call, forward, pos, level, stock):
         """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
-        q4, k4, v4, layout = self.kernel_inputs(call)
+        q4, k4, v4, layout = self.kernel_inputs(call, forward)
         if level == EXACT:
             raise Decline(EXACT)
         plan = self.planned(q4, k4, v4, layout, level)

@@ -77,7 +77,7 @@ class CalibrationState(PatchState):
             call = parse_call(args, kwargs)
             forward = self.forward_state(call.transformer_options)
             _, pos = forward.position(call.transformer_options or {}, self.memory)
-            q4, k4, v4, layout = self.kernel_inputs(call)
+            q4, k4, v4, layout = self.kernel_inputs(call, forward)
         except Decline as why:
             return self.declined(override, func, args, kwargs, str(why))
         except Exception as e:

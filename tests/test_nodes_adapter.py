@@ -194,8 +194,46 @@ def test_mask_positional_or_keyword_goes_to_stock_with_the_mask(gen, caplog):
     # The mask was applied: only the first half of the keys take part.
     ref = exact_reference(q, k[:, : L // 2], v[:, : L // 2], H)
     assert cos(a, ref) > 0.99999 and cos(b, ref) > 0.99999
-    assert declined(o.state) == {"attention masks": 2} and served(o.state) == 0
-    assert sum("attention masks" in r.message for r in caplog.records) == 1
+    reason = "attention masks (other than key padding)"
+    assert declined(o.state) == {reason: 2} and served(o.state) == 0
+    assert sum(reason in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("kind", ["additive", "additive_inf", "bool"])
+def test_key_padding_mask_is_served_without_the_padded_keys(gen, kind):
+    """HunyuanVideo's text-padding mask, (1, 1, L): the same keys removed for every query.
+    Attention over the kept prefix is exactly the masked attention, so it is served."""
+    o = make()
+    q, k, v = packed_qkv(gen)
+    keep = L - 5
+    if kind == "bool":
+        mask = torch.ones(1, 1, L, dtype=torch.bool)
+        mask[..., keep:] = False
+    else:
+        mask = torch.zeros(1, 1, L)
+        mask[..., keep:] = -torch.inf if kind == "additive_inf" else -torch.finfo(torch.float32).max
+    out = stock_attention(q, k, v, H, mask, transformer_options=opts(o))
+    assert served(o.state) == 1 and not STOCK.calls
+    ref = exact_reference(q, k[:, :keep], v[:, :keep], H)
+    assert cos(out, ref) > 0.998
+
+
+@pytest.mark.parametrize("values", ["hole", "bias", "per_query", "nothing_kept"])
+def test_other_masks_go_to_stock(gen, values):
+    o = make()
+    q, k, v = packed_qkv(gen)
+    mask = torch.zeros(1, 1, L)
+    if values == "hole":
+        mask[..., 3:6] = -torch.inf  # removes keys in the middle: not a suffix
+    elif values == "bias":
+        mask[..., -4:] = -0.5  # a soft bias, not a removal
+    elif values == "per_query":
+        mask = torch.zeros(1, L, L)
+        mask[:, : L // 2, -3:] = -torch.inf
+    else:
+        mask[:] = -torch.inf
+    stock_attention(q, k, v, H, mask, transformer_options=opts(o))
+    assert served(o.state) == 0 and len(STOCK.calls) == 1 and STOCK.calls[0]["mask"] is mask
 
 
 def test_low_precision_attention_false_declines_and_is_passed_on(gen):
