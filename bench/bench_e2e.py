@@ -31,15 +31,16 @@ LEVELS = ["int8+fp16", "int8+fp8", "int4+fp8", "auto"]
 
 def fill_(model, seed=0):
     """Random weights that keep activations O(1): N(0, 1/fan_in) matrices, unit norms."""
-    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            # Drawn where the weight lives: billions of CPU random numbers would take minutes.
+            g = torch.Generator(device=p.device).manual_seed(seed + i)
+            r = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
             if p.dim() > 1:
-                fan_in = math.prod(p.shape[1:])
-                p.copy_((torch.randn(p.shape, generator=g) / math.sqrt(fan_in)).to(p.dtype))
+                p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
             else:
                 base = 1.0 if ("norm" in name or "scale" in name) else 0.0
-                p.copy_((torch.randn(p.shape, generator=g) * 0.02 + base).to(p.dtype))
+                p.copy_(r * 0.02 + base)
 
 
 def build(name: str, device):
@@ -90,8 +91,8 @@ def build(name: str, device):
         raise ValueError(f"unknown model {name!r}")
     cfg.set_inference_dtype(torch.bfloat16, None)
     model = cfg.get_model({}, device=device)
-    fill_(model)
     model.to(device)
+    fill_(model)
     return label, model, kw
 
 
