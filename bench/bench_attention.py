@@ -2,6 +2,8 @@
 
     python bench/bench_attention.py [--shapes 1x24x4096x128,1x32x8192x128c] [--quick] [--out F]
                                     [--all-schedules] [--breakdown 1x24x4608x128,1x40x32760x128]
+                                    [--no-table] [--json F] [--package-root DIR]
+    python bench/bench_attention.py --compare before.json after.json
 
 Inputs follow ../shared/docs/h100-baseline.md: bf16 (B, H, N, D) randn with
 k += 3 * randn(1, H, 1, D), non-causal unless the shape ends in "c". TOPS = 4*B*H*N^2*D / t
@@ -9,8 +11,12 @@ k += 3 * randn(1, H, 1, D), non-causal unless the shape ends in "c". TOPS = 4*B*
 calls longer than 50 ms are timed as the median of 3, longer than 0.5 s once, after a warm-up). Error = cosine /
 relative L1 against fp32 SDPA for N <= 8192. Our levels are timed kernel-only (operands
 already quantized) and end to end (quantization included, in parentheses).
---breakdown times the wgmma quantization (`prepare`) against the kernel per shape and lists
-the device time of each quantizer kernel (torch.profiler).
+--breakdown times the wgmma quantization (`prepare`) against the kernel per shape, the whole
+`attention()` call, its host time (perf_counter around back-to-back calls without a sync: what
+the CPU spends enqueueing one call) and the device time of each quantizer kernel
+(torch.profiler). --json writes those numbers; --package-root imports `sageattn2` from another
+tree (e.g. an export of an older commit, with SAGEATTN2_BUILD_DIR pointing at a built library)
+so two versions can be timed on one machine; --compare prints their before/after table.
 The markdown table also goes to --out (default $OUT/bench_attention.md when $OUT is set).
 """
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_root = sys.argv[sys.argv.index("--package-root") + 1] if "--package-root" in sys.argv else None
+sys.path.insert(0, str(Path(_root).resolve() if _root else Path(__file__).resolve().parents[1]))
 
 from sageattn2.config import AttnConfig, Family, PVDType  # noqa: E402
 
@@ -147,17 +154,42 @@ def methods(q, k, v, causal, all_schedules):
     return out
 
 
-def quant_breakdown(specs):
-    """Markdown lines: prepare (quantization) vs kernel time per shape and PV type, and the
-    device time of each quantizer kernel in one prepare call."""
+HOST_CALLS = 50
+
+
+def host_us_per_call(fn, calls=HOST_CALLS):
+    """CPU time to enqueue one call: back-to-back calls, no sync inside the timed loop (the
+    launch queue holds them all, so the CPU never waits for the GPU)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def _is_quantizer(name):
+    return any(x in name for x in ("quantize", "column_stats", "smooth_v16"))
+
+
+def quant_breakdown(specs, records):
+    """Markdown lines: prepare (quantization), kernel and whole-call time per shape and PV type,
+    host µs per call, and the device time of each quantizer kernel in one call. Appends one
+    dict per row to `records`."""
     from torch.profiler import ProfilerActivity, profile
 
     from sageattn2.backends import wgmma
 
     lines = ["", "Quantization (wgmma `prepare`) vs kernel, µs per call; HBM GB/s = (bf16 Q,K,V read "
-             "once + int8/fp8 written once) / prepare time", "",
-             "| shape | PV | prepare µs | kernel µs | prepare/kernel | HBM GB/s | per quantizer kernel, µs |",
-             "|---|---|---|---|---|---|---|"]
+             "once + int8/fp8 written once) / quantizer device time; host = CPU µs to enqueue one "
+             "`attention()` call", "",
+             "| shape | PV | prepare µs | kernel µs | attention() µs | host µs | quantizer device µs "
+             "| device / kernel | HBM GB/s | per quantizer kernel, µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for spec in specs:
         b, h, n, d, causal = parse_shape(spec)
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -167,29 +199,61 @@ def quant_breakdown(specs):
         for pv in (PVDType.FP8, PVDType.FP16):
             cfg = AttnConfig(pv_dtype=pv, family=Family.WGMMA)
             prep = wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+            call = lambda: wgmma.attention(q, k, v, layout="HND", cfg=cfg, is_causal=causal,
+                                           sm_scale=None, return_lse=False)
             t_prep = bench_seconds(lambda: wgmma.prepare(q, k, v, layout="HND", cfg=cfg,
                                                          is_causal=causal))
             t_kern = bench_seconds(lambda: wgmma.run(prep))
+            t_call = bench_seconds(call)
+            host = host_us_per_call(call)
             elems = b * h * n * d
             moved = 3 * elems * 2 + 2 * elems + (elems if pv is PVDType.FP8 else 0)
             reps = 5
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(reps):
-                    wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=causal)
+                    call()
                 torch.cuda.synchronize()
-            parts = []
+            parts = {}
             for e in prof.key_averages():
                 us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                if us > 0:
-                    name = e.key.replace("void ", "").replace("(anonymous namespace)::", "")
-                    name = name.split("<")[0].split("(")[0]
-                    parts.append(f"{name} x{e.count // reps}: {us / reps:.1f}")
+                name = e.key.replace("void ", "").replace("(anonymous namespace)::", "")
+                name = name.split("<")[0].split("(")[0]
+                if us > 0 and _is_quantizer(name):
+                    parts[f"{name} x{e.count // reps}"] = us / reps
+            quant_us = sum(parts.values())
+            rec = dict(shape=spec, pv=pv.value, prepare_us=t_prep * 1e6, kernel_us=t_kern * 1e6,
+                       call_us=t_call * 1e6, host_us=host, quant_device_us=quant_us, kernels=parts,
+                       device=torch.cuda.get_device_name())
+            records.append(rec)
             lines.append(f"| {spec} | {pv.value} | {t_prep * 1e6:.1f} | {t_kern * 1e6:.1f} | "
-                         f"{100 * t_prep / t_kern:.1f} % | {moved / t_prep / 1e9:.0f} | "
-                         f"{'; '.join(parts)} |")
+                         f"{t_call * 1e6:.1f} | {host:.1f} | {quant_us:.1f} | "
+                         f"{100 * quant_us / (t_kern * 1e6):.1f} % | {moved / quant_us / 1e3:.0f} | "
+                         f"{'; '.join(f'{k}: {u:.1f}' for k, u in parts.items())} |")
         q = k = v = prep = None  # free before the next shape
         torch.cuda.empty_cache()
     return lines
+
+
+def compare(before_path, after_path):
+    """Before/after table of two --json files (same shapes and PV types)."""
+    import json
+
+    before = {(r["shape"], r["pv"]): r for r in json.loads(Path(before_path).read_text())}
+    after = json.loads(Path(after_path).read_text())
+    lines = ["| shape | PV | host µs/call | quantizer device µs | device / kernel | prepare µs "
+             "| attention() µs | (prepare + kernel) share: prepare / kernel |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in after:
+        o = before.get((r["shape"], r["pv"]))
+        if o is None:
+            continue
+        f = lambda key, fmt="{:.1f}": f"{fmt.format(o[key])} -> {fmt.format(r[key])}"
+        share = lambda x: 100 * x["quant_device_us"] / x["kernel_us"]
+        lines.append(f"| {r['shape']} | {r['pv']} | {f('host_us')} | {f('quant_device_us')} | "
+                     f"{share(o):.1f} % -> {share(r):.1f} % | {f('prepare_us')} | {f('call_us')} | "
+                     f"{100 * o['prepare_us'] / o['kernel_us']:.1f} % -> "
+                     f"{100 * r['prepare_us'] / r['kernel_us']:.1f} % |")
+    return "\n".join(lines)
 
 
 def main():
@@ -200,7 +264,14 @@ def main():
     ap.add_argument("--all-schedules", action="store_true",
                     help="also time the wgmma schedules that are not the default")
     ap.add_argument("--breakdown", help="comma-separated shapes: quantization vs kernel time")
+    ap.add_argument("--no-table", action="store_true", help="only the --breakdown")
+    ap.add_argument("--json", help="write the --breakdown numbers here")
+    ap.add_argument("--package-root", help="import sageattn2 from this directory")
+    ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="before/after of two --json files")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(*args.compare))
+        return
     shapes = (args.shapes.split(",") if args.shapes else
               QUICK_SHAPES if args.quick else TARGET_SHAPES + EXTRA_SHAPES)
 
@@ -217,8 +288,15 @@ def main():
                        else None)
     # The breakdown runs first and the file is rewritten after every shape, so a run cut short
     # still leaves its numbers.
-    breakdown = quant_breakdown(args.breakdown.split(",")) if args.breakdown else []
+    records = []
+    breakdown = quant_breakdown(args.breakdown.split(","), records) if args.breakdown else []
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps(records, indent=1))
     rows, columns = [], []
+    if args.no_table:
+        shapes = []
 
     def cell(c, base):
         if c is None:

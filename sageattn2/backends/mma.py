@@ -82,6 +82,19 @@ class _SmoothV16Args(ctypes.Structure):
     _fields_ = [("x", _Input), ("padded_head_dim", _i), ("mean", _p), ("out", _p), ("stream", _p)]
 
 
+class _QkvRows(ctypes.Structure):
+    _fields_ = [("padded_tokens", _i), ("block_rows", _i), ("slice_rows", _i), ("mod_groups", _i),
+                ("mod_div", _i), ("out", _p), ("scale", _p)]
+
+
+class _QuantizeQkvArgs(ctypes.Structure):
+    _fields_ = [("q", _Input), ("k", _Input), ("v", _Input), ("padded_head_dim", _i), ("int4", _i),
+                ("q_rows", _QkvRows), ("k_rows", _QkvRows), ("kbar", _p), ("q_dot_kbar", _p), ("vbar", _p),
+                ("v_out", _p), ("v_padded_tokens", _i), ("v_scale", _p), ("v_inv", _p),
+                ("workspace", _p), ("workspace_floats", _i), ("counters", _p), ("counter_slots", _i),
+                ("stream", _p)]
+
+
 class _AttnMmaArgs(ctypes.Structure):
     _fields_ = [("q", _p), ("k", _p), ("q_scale", _p), ("k_scale", _p), ("qbar", _p),
                 ("qbar_scale", _p), ("q_dot_kbar", _p), ("v", _p), ("v_scale", _p), ("v_mean", _p),
@@ -107,6 +120,9 @@ def _functions(lib: Library):
             fn = getattr(c, name)
             fn.argtypes = [ctypes.POINTER(args)]
             fn.restype = ctypes.c_int
+        if lib.has("sa2_quantize_qkv"):
+            c.sa2_quantize_qkv.argtypes = [ctypes.POINTER(_QuantizeQkvArgs)]
+            c.sa2_quantize_qkv.restype = ctypes.c_int
         c.sa2_column_stats_workspace_floats.argtypes = [_i, _i, _i, _i]
         c.sa2_column_stats_workspace_floats.restype = _i
         c.sa2_mma_has_fp8_pv.restype = ctypes.c_int
@@ -138,7 +154,12 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device) -> int:
+    if _raw_stream is not None and device.index is not None:
+        return _raw_stream(device.index)  # the same handle, without building a Stream object
     return torch.cuda.current_stream(device).cuda_stream
 
 
@@ -231,15 +252,126 @@ def _quantize_rows(lib, x_hnd, dpad, tile, gran, *, for_q, int4, mean_given=None
     return out, scale, mean_q, mean_q_scale, dot_out
 
 
+# ---------------------------------------------------------------------------------------
+# Fused quantization (sa2_quantize_qkv): two launches, one workspace allocation, and a plan
+# per shape so a call only fills in data pointers.
+
+_ALIGN = 256  # byte alignment of each operand inside the workspace (TMA needs 16)
+_counter_sets: dict = {}  # (device index, stream) -> int32 tickets, zero between launches
+
+
+def _counters(device, stream: int, slots: int) -> int:
+    """Ticket counters for the statistics' last-CTA finalize: one zeroed set per stream (the
+    kernel leaves them zero), so calls on different streams never share one."""
+    key = (device.index, stream)
+    t = _counter_sets.get(key)
+    if t is None or t.numel() < slots:
+        t = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
+        _counter_sets[key] = t
+    return t.data_ptr()
+
+
+def fused_eligible(lib: Library, cfg: AttnConfig) -> bool:
+    """sa2_quantize_qkv serves every configuration except Q smoothing (its per-block q-bar
+    stays with sa2_quantize_rows)."""
+    return not cfg.smooth_q and lib.has("sa2_quantize_qkv")
+
+
+class _QkvPlan:
+    """Sizes, workspace offsets and the argument struct of sa2_quantize_qkv for one
+    (shapes, strides, dtype, cfg, tile); `enqueue` fills in the pointers."""
+
+    def __init__(self, q_h, k_h, v_h, cfg: AttnConfig, tile: TileShape, dpad: int,
+                 v_pad_multiple: int | None, with_q_dot_kbar: bool):
+        b, hq, nq, d = q_h.shape
+        hk, nk = k_h.shape[1], k_h.shape[2]
+        int4 = cfg.qk_dtype is QKDType.INT4
+        width = dpad // 2 if int4 else dpad
+        self.tile, self.head_dim, self.dpad = tile, d, dpad
+        self.nq_pad, self.nk_pad = _round_up(nq, tile.cta_q), _round_up(nk, tile.k_tile)
+        self.fp8 = cfg.pv_dtype is PVDType.FP8
+        self.v_pad = 0
+        if self.fp8:
+            multiple = v_pad_multiple or tile.k_tile
+            if multiple % V_TILE_TOKENS:
+                raise ValueError(f"v_pad_multiple must be a multiple of {V_TILE_TOKENS}, got {multiple}")
+            self.v_pad = _round_up(nk, multiple)
+        stats_jobs = int(cfg.smooth_k) + int(self.fp8 or cfg.smooth_v)
+        stats_floats = b * hk * (-(-nk // 256)) * 3 * dpad  # sa2_column_stats_workspace_floats
+        f32, i8, u8 = torch.float32, torch.int8, torch.uint8
+        parts = [
+            ("q", (b, hq, self.nq_pad, width), i8),
+            ("q_scale", (b, hq, num_q_groups(nq, tile, cfg.granularity)), f32),
+            ("k", (b, hk, self.nk_pad, width), i8),
+            ("k_scale", (b, hk, num_k_groups(nk, tile, cfg.granularity)), f32),
+        ]
+        if cfg.smooth_k:
+            parts.append(("kbar", (b, hk, dpad), f32))
+            if with_q_dot_kbar:
+                parts.append(("q_dot_kbar", (b, hq, self.nq_pad), f32))
+        if cfg.smooth_v:
+            parts.append(("vbar", (b, hk, dpad), f32))
+        if self.fp8:
+            parts += [("v", (b, hk, dpad, self.v_pad), u8), ("v_scale", (b, hk, dpad), f32),
+                      ("v_inv", (b, hk, dpad), f32)]
+        if stats_jobs:
+            parts.append(("stats", (stats_jobs * stats_floats,), f32))
+        self.parts, self.offsets, size = parts, {}, 0
+        for name, shape, dtype in parts:
+            self.offsets[name] = size
+            size += _round_up(math.prod(shape) * dtype.itemsize, _ALIGN)
+        self.nbytes = size
+        self.counter_slots = 2 * b * hk
+
+        self.args = a = _QuantizeQkvArgs()
+        for field, x in (("q", q_h), ("k", k_h), ("v", v_h)):
+            setattr(a, field, _input(x))
+        a.padded_head_dim, a.int4 = dpad, int(int4)
+        for field, block, n_pad, for_q in (("q_rows", tile.cta_q, self.nq_pad, True),
+                                           ("k_rows", tile.k_tile, self.nk_pad, False)):
+            rows = getattr(a, field)
+            rows.padded_tokens, rows.block_rows = n_pad, block
+            rows.slice_rows, rows.mod_groups, rows.mod_div = _group_rule(cfg.granularity, tile, for_q)
+        a.v_padded_tokens = self.v_pad
+        a.workspace_floats = stats_jobs * stats_floats
+        a.counter_slots = self.counter_slots
+
+    def pointer(self, base: int, name: str) -> int | None:
+        off = self.offsets.get(name)
+        return None if off is None else base + off
+
+    def enqueue(self, lib: Library, q_ptr: int, k_ptr: int, v_ptr: int, base: int, device, stream: int):
+        a, ptr = self.args, self.pointer
+        a.q.ptr, a.k.ptr, a.v.ptr = q_ptr, k_ptr, v_ptr
+        a.q_rows.out, a.q_rows.scale = ptr(base, "q"), ptr(base, "q_scale")
+        a.k_rows.out, a.k_rows.scale = ptr(base, "k"), ptr(base, "k_scale")
+        a.kbar, a.q_dot_kbar, a.vbar = ptr(base, "kbar"), ptr(base, "q_dot_kbar"), ptr(base, "vbar")
+        a.v_out, a.v_scale, a.v_inv = ptr(base, "v"), ptr(base, "v_scale"), ptr(base, "v_inv")
+        a.workspace = ptr(base, "stats")
+        a.counters = _counters(device, stream, self.counter_slots) if a.workspace else None
+        a.stream = stream
+        if lib.cdll.sa2_quantize_qkv(ctypes.byref(a)) != 0:
+            raise KernelError(f"sa2_quantize_qkv failed: {lib.last_error()}")
+
+    def view(self, buf: torch.Tensor, name: str) -> torch.Tensor | None:
+        for part, shape, dtype in self.parts:
+            if part == name:
+                off = self.offsets[name]
+                return buf[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        return None
+
+
 def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = None,
              v_pad_multiple: int | None = None, with_q_dot_kbar: bool = False,
-             lib: Library | None = None) -> Quantized:
+             lib: Library | None = None, fused: bool = True) -> Quantized:
     """Runs the fused quantizers on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with
     a contiguous last dim) for `cfg`, on the current stream.
 
     `tile` defaults to `tile_shape(cfg.family, D)` and sets the groups (the Hopper family passes
     its own); `v_pad_multiple` the FP8 V^T token padding (default tile.k_tile, a multiple of
-    64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k).
+    64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k). `fused=False`
+    runs the per-pass kernels (up to seven launches) instead of sa2_quantize_qkv (two); both
+    give bit-identical results.
     """
     if lib is None:
         lib, why = library_for_device(q.device)
@@ -252,6 +384,23 @@ def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = 
     q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
     nk = k_h.shape[2]
     stream = _stream(q.device)
+
+    if fused and fused_eligible(lib, cfg):
+        plan = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, v_pad_multiple, with_q_dot_kbar and cfg.smooth_k)
+        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=q.device)
+        _functions(lib)
+        plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
+        vbar = plan.view(buf, "vbar")
+        if plan.fp8:
+            v_op = plan.view(buf, "v")
+        elif cfg.smooth_v or not _v16_direct_ok(v_h):
+            v_op = torch.empty((v_h.shape[0], v_h.shape[1], nk, dpad), dtype=v.dtype, device=q.device)
+            _call(lib, "sa2_smooth_v16", _SmoothV16Args(_input(v_h), dpad, _ptr(vbar), v_op.data_ptr(), stream))
+        else:
+            v_op = v_h
+        view = functools.partial(plan.view, buf)
+        return Quantized(tile, d, dpad, view("q"), view("q_scale"), view("k"), view("k_scale"), view("kbar"),
+                         None, None, view("q_dot_kbar"), v_op, view("v_scale"), vbar)
 
     kbar = None
     if cfg.smooth_k:
@@ -344,7 +493,108 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _contiguous_bhn_strides(shape, layout: str) -> tuple[int, int, int]:
+    """(B, H, N) element strides of a new contiguous tensor of `shape` in `layout`."""
+    s3 = shape[3]
+    s2 = shape[2] * s3
+    st = (shape[1] * s2, s2, s3)
+    return st if layout == "HND" else (st[0], st[2], st[1])
+
+
+# Per-call plans, keyed by everything except data pointers. Bounded: a workflow uses a few
+# shapes; anything beyond the bound starts over.
+_MAX_PLANS = 256
+
+
+def plan_key(q, k, v, *rest) -> tuple:
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype,
+            q.device, k.device, v.device) + rest
+
+
+def current_device_guard(device):
+    """A device context only when `device` is not already current (entering one costs µs)."""
+    if device.index == torch.cuda.current_device():
+        return None
+    return torch.cuda.device(device)
+
+
+class _AttentionPlan:
+    """mma.attention for one key: the quantizer plan, the prebuilt kernel arguments and the
+    output layout. Calls that the fused quantizer does not serve (Q smoothing) or whose V
+    cannot be read in place take the general path."""
+
+    def __init__(self, lib: Library, q, k, v, layout, cfg: AttnConfig, is_causal, sm_scale, return_lse):
+        self.lib, self.layout, self.cfg = lib, layout, cfg
+        self.is_causal, self.sm_scale, self.return_lse = is_causal, sm_scale, return_lse
+        q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
+        b, hq, nq, d = q_h.shape
+        hk, nk = k_h.shape[1], k_h.shape[2]
+        dpad = padded_head_dim(d, cfg.family)
+        tile = tile_shape(cfg.family, dpad)
+        fp8 = cfg.pv_dtype is PVDType.FP8
+        # 16-bit V read in place needs 16-byte rows: the strides are fixed by the key, the
+        # base address is checked per call.
+        v_strided_ok = v_h.shape[-1] % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
+        self.fast = fused_eligible(lib, cfg) and (fp8 or (not cfg.smooth_v and v_strided_ok))
+        if not self.fast:
+            return
+        self.qkv = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)
+        self.fp8 = fp8
+        self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
+        _functions(lib)
+        v_pad, v_strides = (self.qkv.v_pad, (0, 0, 0)) if fp8 else (0, v_h.stride()[:3])
+        self.args = _AttnMmaArgs(
+            None, None, None, None, None, None, None, None, None, None, None, None, None,
+            b, hq, hk, nq, nk, d, dpad, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, *v_strides,
+            *_contiguous_bhn_strides(q.shape, layout), int(cfg.qk_dtype is QKDType.INT4),
+            PV_FP8 if fp8 else PV_CODES[q.dtype], int(q.dtype == torch.bfloat16),
+            GRANULARITY_CODES[cfg.granularity], 0, tile.q_mean_rows, int(is_causal), float(sm_scale))
+
+    def __call__(self, q, k, v):
+        if not self.fast or (not self.fp8 and v.data_ptr() % 16):
+            qz = quantize(q, k, v, layout=self.layout, cfg=self.cfg, lib=self.lib,
+                          with_q_dot_kbar=self.return_lse and self.cfg.smooth_k)
+            return launch(self.lib, qz, q, k, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
+                          sm_scale=self.sm_scale, return_lse=self.return_lse)
+        dev, plan, lib = q.device, self.qkv, self.lib
+        stream = _stream(dev)
+        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
+        base = buf.data_ptr()
+        plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
+        a, ptr = self.args, plan.pointer
+        a.q, a.k, a.q_scale, a.k_scale = ptr(base, "q"), ptr(base, "k"), ptr(base, "q_scale"), ptr(base, "k_scale")
+        a.q_dot_kbar = ptr(base, "q_dot_kbar")
+        a.v = ptr(base, "v") if self.fp8 else v.data_ptr()
+        a.v_scale, a.v_mean = ptr(base, "v_scale"), ptr(base, "vbar")
+        a.out, a.lse, a.stream = out.data_ptr(), None if lse is None else lse.data_ptr(), stream
+        if lib.cdll.sa2_mma_attention(ctypes.byref(a)) != 0:
+            raise KernelError(f"{SYMBOL} failed: {lib.last_error()}")
+        return out, lse
+
+
+_attention_plans: dict = {}
+
+
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation=False):
+    key = plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation)
+    plan = _attention_plans.get(key)
+    if plan is None:
+        plan = _make_plan(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation)
+        if len(_attention_plans) >= _MAX_PLANS:
+            _attention_plans.clear()
+        _attention_plans[key] = plan
+    guard = current_device_guard(q.device)
+    if guard is None:
+        return plan(q, k, v)
+    with guard:
+        return plan(q, k, v)
+
+
+def _make_plan(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation):
+    """Validates once per key (the dispatcher already asked `unsupported_reason`; a direct
+    caller gets the same ValueError as before)."""
     global _int4_note_logged
     why = unsupported_reason(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal)
     if why:
@@ -359,9 +609,7 @@ def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_in
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     lib, _ = library_for_device(q.device)
     with torch.cuda.device(q.device):
-        qz = quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
-        return launch(lib, qz, q, k, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
-                      return_lse=return_lse)
+        return _AttentionPlan(lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
 
 
 def launch(lib: Library, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scale, return_lse):

@@ -136,9 +136,10 @@ class Prepared:
     v_scale: torch.Tensor | None
 
 
-def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False) -> Prepared:
+def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False, fused=True) -> Prepared:
     """Quantizes q, k, v on the current stream. `return_lse` also computes q . kbar, which
-    `run(..., return_lse=True)` needs when K is smoothed."""
+    `run(..., return_lse=True)` needs when K is smoothed. `fused=False` runs the per-pass
+    quantizer kernels (same results; for tests and benchmarks)."""
     d = q.shape[-1]
     dpad = padded_head_dim(d, Family.WGMMA)
     lib, reason = library_for_device(q.device)
@@ -146,7 +147,7 @@ def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False)
         raise KernelError(reason)
     with torch.cuda.device(q.device):
         qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, tile=tile_shape(Family.WGMMA, dpad),
-                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
+                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib, fused=fused)
     if cfg.pv_dtype is PVDType.FP8:
         pv_mode = 0
     else:
@@ -232,7 +233,90 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
     return out, lse
 
 
+class _AttentionPlan:
+    """attention() for one key (shapes, strides, dtypes, device, cfg, flags): the fused
+    quantizer's plan and the kernel's shape / stride arrays, built once; a call allocates
+    one workspace, O (and lse) and makes two library calls."""
+
+    def __init__(self, lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse):
+        self.layout, self.cfg, self.is_causal, self.return_lse = layout, cfg, bool(is_causal), return_lse
+        q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
+        b, hq, nq, d = q_h.shape
+        hk, nk = k_h.shape[1], k_h.shape[2]
+        self.sm_scale = float(sm_scale if sm_scale is not None else d**-0.5)
+        dpad = padded_head_dim(d, Family.WGMMA)
+        self.fp8 = cfg.pv_dtype is PVDType.FP8
+        v_strided_ok = d % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
+        self.fast = mma.fused_eligible(lib, cfg) and (self.fp8 or v_strided_ok)
+        if not self.fast:
+            return
+        self.lib, self.fn = _kernel(q.device)
+        mma._functions(lib)
+        self.qkv = plan = mma._QkvPlan(q_h, k_h, v_h, cfg, tile_shape(Family.WGMMA, dpad), dpad, None,
+                                       return_lse and cfg.smooth_k)
+        self.pv_mode = 0 if self.fp8 else (2 if q.dtype == torch.bfloat16 else 1)
+        self.schedule = SCHEDULES[default_schedule(cfg.pv_dtype, d)]
+        self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
+        self.shape = (ctypes.c_int64 * 7)(b, hq, hk, nq, nk, dpad, d)
+        q_groups = plan.parts[1][1][2]
+        k_groups = plan.parts[3][1][2]
+        v_strides = ((hk * dpad * plan.v_pad, dpad * plan.v_pad, plan.v_pad) if self.fp8
+                     else tuple(v_h.stride()[:3]))
+        self.strides = (ctypes.c_int64 * 20)(
+            hq * plan.nq_pad * dpad, plan.nq_pad * dpad, dpad,
+            hk * plan.nk_pad * dpad, plan.nk_pad * dpad, dpad,
+            *v_strides,
+            hq * q_groups, q_groups, hk * k_groups, k_groups,
+            *((hk * dpad, dpad) if self.fp8 else (0, 0)),
+            *mma._contiguous_bhn_strides(q.shape, layout),
+            *((hq * nq, nq) if return_lse else (0, 0)),
+        )
+        self.lse_fix = return_lse and cfg.smooth_k
+        self.nq = nq
+        self.bf16 = int(q.dtype == torch.bfloat16)
+
+    def __call__(self, q, k, v):
+        if not self.fast or (not self.fp8 and v.data_ptr() % 16):
+            prep = prepare(q, k, v, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
+                           sm_scale=self.sm_scale, return_lse=self.return_lse)
+            return run(prep, return_lse=self.return_lse)
+        dev, plan = q.device, self.qkv
+        stream = mma._stream(dev)
+        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
+        base = buf.data_ptr()
+        plan.enqueue(self.lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
+        ptr = plan.pointer
+        rc = self.fn(ptr(base, "q"), ptr(base, "k"), ptr(base, "v") if self.fp8 else v.data_ptr(),
+                     ptr(base, "q_scale"), ptr(base, "k_scale"), ptr(base, "v_scale"),
+                     out.data_ptr(), None if lse is None else lse.data_ptr(), self.shape, self.strides,
+                     self.pv_mode, self.bf16, int(self.is_causal), self.schedule, self.sm_scale, stream)
+        if rc != 0:
+            raise KernelError(f"{SYMBOL} failed ({rc}): {self.lib.last_error()}")
+        if self.lse_fix:
+            # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
+            lse.add_(plan.view(buf, "q_dot_kbar")[:, :, :self.nq], alpha=self.sm_scale)
+        return out, lse
+
+
+_attention_plans: dict = {}
+
+
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
-    prep = prepare(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
-                   return_lse=return_lse)
-    return run(prep, return_lse=return_lse)
+    """The dispatcher asked `unsupported_reason` before; the plan is built once per key."""
+    key = mma.plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+    plan = _attention_plans.get(key)
+    if plan is None:
+        lib, reason = library_for_device(q.device)
+        if lib is None:
+            raise KernelError(reason)
+        plan = _AttentionPlan(lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+        if len(_attention_plans) >= mma._MAX_PLANS:
+            _attention_plans.clear()
+        _attention_plans[key] = plan
+    guard = mma.current_device_guard(q.device)
+    if guard is None:
+        return plan(q, k, v)
+    with guard:
+        return plan(q, k, v)

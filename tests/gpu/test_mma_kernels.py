@@ -241,6 +241,48 @@ def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype
         torch.testing.assert_close(qz.vbar, rv.vbar, rtol=1e-5, atol=1e-5)
 
 
+# sa2_quantize_qkv (two launches) must reproduce the per-pass kernels bit for bit: same sums
+# in the same order, same roundings. Cases span both families' tiles, every head dim class,
+# INT4, tails, GQA, NHD, fp16, strided rows, several statistics chunks (4173 tokens: 17
+# last-CTA finalizations per head) and V smoothing.
+FUSED_CASES = [c for c in QUANT_CASES if "q" not in c[5]] + [
+    (128, 4173, 4173, "int8+fp8", "per_thread", "k", torch.bfloat16, "HND", "wgmma"),
+    (64, 1000, 3000, "int8+fp8", "per_thread", "kv", torch.float16, "NHD", "mma"),
+    (256, 513, 700, "int4+fp16", "per_thread", "kv", torch.bfloat16, "HND", "mma"),
+    (128, 777, 777, "int8+fp16", "per_warp", "none", torch.bfloat16, "NHD", "wgmma"),
+]
+FUSED_SMOOTHINGS = {**SMOOTHINGS, "kv": (True, False, True)}
+
+
+@pytest.mark.parametrize("noncontig", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("d,nq,nk,precision,gran,smoothing,dtype,layout,family", FUSED_CASES)
+def test_fused_quantizer_bit_identical(d, nq, nk, precision, gran, smoothing, dtype, layout, family, noncontig):
+    sk, sq, sv = FUSED_SMOOTHINGS[smoothing]
+    qk, pv = precision.split("+")
+    cfg = AttnConfig(qk_dtype=qk, pv_dtype=pv, granularity=gran, smooth_k=sk, smooth_q=sq, smooth_v=sv,
+                     family=family)
+    if family == "mma":
+        need(cfg)
+    q, k, v = make_qkv(2, 4, 2, nq, nk, d, dtype=dtype, device=DEV, layout=layout, v_bias=1.0)
+    if noncontig:  # rows 8 channels longer than d: last dim contiguous, other strides not
+        q, k, v = (torch.cat([x, torch.randn_like(x[..., :8])], dim=-1)[..., :d] for x in (q, k, v))
+    outs = []
+    for fused in (True, False, True):  # twice fused: the ticket counters must come back to zero
+        poison_allocator()
+        outs.append(mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, lib=LIB,
+                                 fused=fused))
+        torch.cuda.synchronize()
+    for field in ("q", "q_scale", "k", "k_scale", "kbar", "q_dot_kbar", "v", "v_scale", "vbar"):
+        a, b, c = (getattr(o, field) for o in outs)
+        assert (a is None) == (b is None) == (c is None), field
+        if a is None:
+            continue
+        assert a.shape == b.shape == c.shape and a.dtype == b.dtype, field
+        bits = lambda t: t.contiguous().view(torch.uint8)
+        assert torch.equal(bits(a), bits(b)), f"{field}: fused differs from the per-pass kernels"
+        assert torch.equal(bits(c), bits(b)), f"{field}: second fused call differs"
+
+
 # ---------------------------------------------------------------------------------------
 # Every QK x PV x granularity x smoothing combination, small lengths
 
