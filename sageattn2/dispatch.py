@@ -149,7 +149,9 @@ def plan_for_library(
         cfg = cfg.with_(pv_dtype=PVDType.FP16)
     if cfg.qk_dtype is QKDType.INT4 and capability == (9, 0) and not force_int4_emulation:
         log_once("Hopper has no INT4 tensor cores: running INT8 QK for int4 requests")
-        cfg = cfg.with_(qk_dtype=QKDType.INT8)
+        # Q smoothing was on only because INT4 defaults to it; INT8 does not need it, and
+        # keeping it would bar the (faster) wgmma family, which does not implement it.
+        cfg = cfg.with_(qk_dtype=QKDType.INT8, smooth_q=cfg.smooth_q if smooth_q is not None else False)
 
     reasons = []
     for family in lib.families:

@@ -193,6 +193,21 @@ def test_int4_on_hopper_runs_int8_unless_forced(monkeypatch):
     assert forced.cfg.qk_dtype is QKDType.INT4 and forced.force_int4_emulation
 
 
+def test_int4_on_hopper_drops_the_int4_default_q_smoothing(monkeypatch):
+    """An int4 request on Hopper runs INT8 QK; the Q smoothing INT4 turned on by default must
+    go too, or the wgmma family (no Q smoothing) would be skipped for the slower mma one."""
+    lib = FakeLib("sm_90a", ["wgmma", "mma"], True)
+    mods = {
+        "wgmma": types.SimpleNamespace(unsupported_reason=lambda *a, cfg, **kw: "no smooth_q" if cfg.smooth_q else None),
+        "mma": types.SimpleNamespace(unsupported_reason=lambda *a, **kw: None),
+    }
+    monkeypatch.setattr(dispatch, "_backend_module", lambda name: mods[name])
+    p = plan_on(lib, (9, 0), precision="int4+fp8")
+    assert (p.backend, p.cfg.qk_dtype, p.cfg.smooth_q) == ("wgmma", QKDType.INT8, False)
+    explicit = plan_on(lib, (9, 0), precision="int4+fp8", smooth_q=True)  # asked for: kept
+    assert (explicit.backend, explicit.cfg.smooth_q) == ("mma", True)
+
+
 def test_declined_family_falls_to_next_then_exact(monkeypatch):
     lib = FakeLib("sm_90a", ["wgmma", "mma"], True)
     fake_backends(monkeypatch, {"wgmma": "smooth_q not on Hopper"})
