@@ -300,3 +300,32 @@ def test_torch_compile_fullgraph_uses_the_custom_op():
     out = torch.compile(f, fullgraph=True, backend=backend)(q, k, v)
     torch.testing.assert_close(out, f(q, k, v))
     assert any("sageattn2.attention" in str(g.graph) for g in graphs)
+
+
+def test_backend_input_checks_name_what_the_kernels_cannot_take():
+    """backends.input_reason, shared by both kernel families (CUDA-looking stand-ins)."""
+    from sageattn2.backends import input_reason
+
+    class T:
+        def __init__(self, *shape, dtype=torch.bfloat16, last_stride=1, cuda=True):
+            self.shape, self.dtype, self.is_cuda, self._last = torch.Size(shape), dtype, cuda, last_stride
+
+        def dim(self):
+            return len(self.shape)
+
+        def stride(self, i):
+            return self._last
+
+    ok = (T(1, 4, 64, 128), T(1, 2, 64, 128), T(1, 2, 64, 128))
+    assert input_reason(*ok, "HND", 128) is None
+    cases = [
+        ((T(1, 4, 64, 128, cuda=False),) + ok[1:], "HND", 128, "not on a CUDA device"),
+        ((T(1, 4, 64, 128, dtype=torch.float32),) + ok[1:], "HND", 128, "fp16 or bf16"),
+        ((T(1, 4, 64, 128, last_stride=2),) + ok[1:], "HND", 128, "last dim must be contiguous"),
+        (ok, "HND", 64, "head dim 128 > 64"),
+        ((T(1, 3, 64, 128),) + ok[1:], "HND", 128, "not a multiple of 2 kv heads"),
+        ((ok[0], T(1, 2, 64, 128), T(1, 2, 65, 128)), "HND", 128, "do not match"),
+        (ok, "BHND", 128, "unknown layout"),
+    ]
+    for args, layout, max_d, want in cases:
+        assert want in input_reason(*args, layout, max_d)

@@ -20,5 +20,42 @@ The numeric contract is docs/numerics.md; tile layouts come from sageattn2.confi
 """
 
 
+import torch
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class KernelError(RuntimeError):
     """A kernel launch or CUDA call failed (carries the library's message)."""
+
+
+def input_reason(q, k, v, layout: str, max_head_dim: int) -> str | None:
+    """Why the kernels cannot take these tensors (any family), or None."""
+    if layout not in ("HND", "NHD"):
+        return f"unknown layout {layout!r}"
+    if not (q.is_cuda and k.is_cuda and v.is_cuda):
+        return "inputs are not on a CUDA device"
+    if q.dtype not in _KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return "q, k, v must share dtype fp16 or bf16"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k, v must be 4-D"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "last dim must be contiguous"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return "q, k, v head dims differ"
+    if d > max_head_dim:
+        return f"head dim {d} > {max_head_dim}"
+    h, n = (1, 2) if layout == "HND" else (2, 1)
+    if k.shape != v.shape or q.shape[0] != k.shape[0]:
+        return "k/v shapes do not match q"
+    hq, nq, hk, nk = q.shape[h], q.shape[n], k.shape[h], k.shape[n]
+    if nq < 1 or nk < 1:
+        return "empty sequence"
+    if hq % hk:
+        return f"{hq} query heads are not a multiple of {hk} kv heads"
+    if q.shape[0] > 65535 or hq > 65535:
+        return "batch or head count above the CUDA grid limit"
+    if nq >= 2**31 - 128 or nk >= 2**31 - 128:
+        return "sequence longer than 2^31"
+    return None

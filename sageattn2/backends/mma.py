@@ -38,7 +38,7 @@ from ..config import (
     tile_shape,
 )
 from ..loader import Library, library_for_device
-from . import KernelError
+from . import KernelError, input_reason
 
 SYMBOL = "sa2_mma_attention"
 QUANT_SYMBOLS = ("sa2_column_stats", "sa2_quantize_rows", "sa2_quantize_v_fp8", "sa2_smooth_v16")
@@ -438,35 +438,7 @@ def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = 
 
 
 def _shape_reason(q, k, v, layout) -> str | None:
-    if layout not in ("HND", "NHD"):
-        return f"unknown layout {layout!r}"
-    if not (q.is_cuda and k.is_cuda and v.is_cuda):
-        return "inputs are not on a CUDA device"
-    if q.dtype not in PV_CODES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return "q, k, v must share dtype fp16 or bf16"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-D"
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return "last dim must be contiguous"
-    d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d:
-        return "q, k, v head dims differ"
-    if d > NATIVE_HEAD_DIMS[Family.MMA][-1]:
-        return f"head dim {d} > {NATIVE_HEAD_DIMS[Family.MMA][-1]}"
-    q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
-    if k_h.shape != v_h.shape or q_h.shape[0] != k_h.shape[0]:
-        return "k/v shapes do not match q"
-    b, hq, nq, _ = q_h.shape
-    hk, nk = k_h.shape[1], k_h.shape[2]
-    if nq < 1 or nk < 1:
-        return "empty sequence"
-    if hq % hk:
-        return f"{hq} query heads are not a multiple of {hk} kv heads"
-    if b > 65535 or hq > 65535:
-        return "batch or head count above the CUDA grid limit"
-    if nq >= 2**31 - 128 or nk >= 2**31 - 128:
-        return "sequence longer than 2^31"
-    return None
+    return input_reason(q, k, v, layout, NATIVE_HEAD_DIMS[Family.MMA][-1])
 
 
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):

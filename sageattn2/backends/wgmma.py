@@ -29,8 +29,8 @@ from ..config import (
     padded_head_dim,
     tile_shape,
 )
-from ..loader import library_for_device
-from . import KernelError, mma
+from ..loader import capability, library_for_device
+from . import KernelError, input_reason, mma
 
 SYMBOL = "sa2_wgmma_attention"
 # Schedule codes of the C entry point (Schedule in attn_wgmma.cuh). "sequential3wg" runs three
@@ -62,7 +62,7 @@ def default_schedule(pv_dtype: PVDType, head_dim: int) -> str:
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "inputs are not on a CUDA device"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
+    if capability(q.device) != (9, 0):
         return "wgmma kernels need compute capability 9.0 (Hopper)"
     if cfg.family is not Family.WGMMA:
         return f"config is laid out for the {cfg.family.value} family"
@@ -74,29 +74,9 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return "Q smoothing is served by the mma family"
     if cfg.smooth_v:
         return "V smoothing is not implemented in the wgmma kernels"
-    if layout not in ("HND", "NHD"):
-        return f"unknown layout {layout!r}"
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        return "q, k, v must share dtype fp16 or bf16"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return "q, k, v must be 4-D"
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return "last dim must be contiguous"
-    d = q.shape[-1]
-    if k.shape[-1] != d or v.shape[-1] != d:
-        return "q, k, v head dims differ"
-    if d > max(NATIVE_HEAD_DIMS[Family.WGMMA]):
-        return f"head dim {d} > {max(NATIVE_HEAD_DIMS[Family.WGMMA])}"
-    hq, nq = (q.shape[1], q.shape[2]) if layout == "HND" else (q.shape[2], q.shape[1])
-    hk, nk = (k.shape[1], k.shape[2]) if layout == "HND" else (k.shape[2], k.shape[1])
-    if nq < 1 or nk < 1:
-        return "empty sequence"
-    if hq % hk != 0:
-        return f"{hq} query heads are not a multiple of {hk} kv heads"
-    if q.shape[0] > 65535 or hq > 65535:
-        return "batch or head count above the CUDA grid limit"
-    if nq >= 2**31 or nk >= 2**31 - 128:
-        return "sequence longer than 2^31"
+    why = input_reason(q, k, v, layout, max(NATIVE_HEAD_DIMS[Family.WGMMA]))
+    if why:
+        return why
     lib, reason = library_for_device(q.device)
     if lib is None:
         return reason
