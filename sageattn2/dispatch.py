@@ -48,7 +48,7 @@ def default_precision(capability: tuple[int, int]) -> str:
     return "int8+fp8" if capability >= (8, 9) else "int8+fp16"
 
 
-def _backend_module(name: str):
+def backend_module(name: str):
     if name == "wgmma":
         from .backends import wgmma as mod
     else:
@@ -156,7 +156,7 @@ def plan_for_library(
     reasons = []
     for family in lib.families:
         family_cfg = cfg.with_(family=Family(family))
-        mod = _backend_module(family)
+        mod = backend_module(family)
         why = mod.unsupported_reason(q, k, v, layout=layout, cfg=family_cfg, is_causal=is_causal)
         if why is None:
             return Plan(family, family_cfg, force_int4_emulation)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import AttnConfig
-from .dispatch import Plan, _backend_module
+from .dispatch import Plan, backend_module
 
 
 def _output_like(q: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, for
             q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
         )
     kwargs = {"force_int4_emulation": True} if force_int4_emulation else {}
-    return _backend_module(backend).attention(
+    return backend_module(backend).attention(
         q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse, **kwargs
     )
 

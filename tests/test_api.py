@@ -158,7 +158,7 @@ def fake_backends(monkeypatch, declines):
         name: types.SimpleNamespace(unsupported_reason=lambda *a, _n=name, **kw: declines.get(_n))
         for name in ("mma", "wgmma")
     }
-    monkeypatch.setattr(dispatch, "_backend_module", lambda name: mods[name])
+    monkeypatch.setattr(dispatch, "backend_module", lambda name: mods[name])
 
 
 def plan_on(lib, capability, precision="auto", **kw):
@@ -201,7 +201,7 @@ def test_int4_on_hopper_drops_the_int4_default_q_smoothing(monkeypatch):
         "wgmma": types.SimpleNamespace(unsupported_reason=lambda *a, cfg, **kw: "no smooth_q" if cfg.smooth_q else None),
         "mma": types.SimpleNamespace(unsupported_reason=lambda *a, **kw: None),
     }
-    monkeypatch.setattr(dispatch, "_backend_module", lambda name: mods[name])
+    monkeypatch.setattr(dispatch, "backend_module", lambda name: mods[name])
     p = plan_on(lib, (9, 0), precision="int4+fp8")
     assert (p.backend, p.cfg.qk_dtype, p.cfg.smooth_q) == ("wgmma", QKDType.INT8, False)
     explicit = plan_on(lib, (9, 0), precision="int4+fp8", smooth_q=True)  # asked for: kept
