@@ -300,18 +300,25 @@ def quantize_q(q: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> Qua
     return QuantQ(values, scale, qbar, qbar_values, qbar_scale)
 
 
+def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool):
+    """K or V in HND fp32, padded to whole key tiles and to D, minus its per-channel mean
+    over the real keys when `smooth` (padding stays zero). Returns (x, mean, n, n_pad, tile)."""
+    th = _to_hnd(t, tensor_layout)
+    n = th.shape[2]
+    d_pad, tile = _geometry(th, cfg)
+    n_pad = _round_up(n, tile.k_tile)
+    x = _padded_fp32(th, n_pad, d_pad)
+    if smooth:
+        mean = _channel_mean(x, n)
+        x = torch.where(_real_rows(n, n_pad, t.device), x - mean[:, :, None], 0.0)
+    else:
+        mean = x.new_zeros((*x.shape[:2], d_pad))
+    return x, mean, n, n_pad, tile
+
+
 def quantize_k(k: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> QuantK:
     """K minus its mean over all keys (when smooth_k) quantized per K group."""
-    kh = _to_hnd(k, tensor_layout)
-    n = kh.shape[2]
-    d_pad, tile = _geometry(kh, cfg)
-    n_pad = _round_up(n, tile.k_tile)
-    x = _padded_fp32(kh, n_pad, d_pad)
-    if cfg.smooth_k:
-        kbar = _channel_mean(x, n)
-        x = torch.where(_real_rows(n, n_pad, k.device), x - kbar[:, :, None], 0.0)
-    else:
-        kbar = x.new_zeros((*x.shape[:2], d_pad))
+    x, kbar, n, n_pad, tile = _keys_fp32(k, cfg, tensor_layout, cfg.smooth_k)
 
     groups = k_group_of_key(torch.arange(n_pad, device=k.device), tile, cfg.granularity)
     values, scale = _quantize_groups(x, groups, num_k_groups(n, tile, cfg.granularity), _qk_max(cfg))
@@ -325,16 +332,7 @@ def _e4m3(x: Tensor) -> Tensor:
 
 def quantize_v(v: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> QuantV:
     """V (minus its mean when smooth_v) as the PV matmul consumes it."""
-    vh = _to_hnd(v, tensor_layout)
-    n = vh.shape[2]
-    d_pad, tile = _geometry(vh, cfg)
-    n_pad = _round_up(n, tile.k_tile)
-    x = _padded_fp32(vh, n_pad, d_pad)
-    if cfg.smooth_v:
-        vbar = _channel_mean(x, n)
-        x = torch.where(_real_rows(n, n_pad, v.device), x - vbar[:, :, None], 0.0)
-    else:
-        vbar = x.new_zeros((*x.shape[:2], d_pad))
+    x, vbar, n, n_pad, tile = _keys_fp32(v, cfg, tensor_layout, cfg.smooth_v)
 
     if cfg.pv_dtype is PVDType.FP16:
         return QuantV(x.to(v.dtype).to(torch.float32), torch.ones_like(vbar), vbar)
