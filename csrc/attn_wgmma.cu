@@ -1,5 +1,5 @@
 // SA2_FAMILIES: wgmma
-// SA2_SHARDS: 14
+// SA2_SHARDS: 9
 // Hopper attention launchers: TMA tensor maps built on the host (cuTensorMapEncodeTiled taken
 // from the driver through the runtime, so libcuda is not linked), one kernel per
 // (padded head dim, PV operand type, schedule), and the C entry point sa2_wgmma_attention.
@@ -34,114 +34,80 @@ int launch(const LaunchArgs& a) {
   return 0;
 }
 
-// The kernel list. Each index is compiled into object file index % SA2_NUM_SHARDS.
-extern template int launch<Traits<128, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kFp8, Schedule::kPingPong>>(const LaunchArgs&);
+// The kernel list: every schedule at head dim 128; at head dim 64 the two sequential ones (the
+// ping-pong and overlap schedules were 10-20 % slower there, notes-wgmma.md v5). Each index
+// is compiled into object file index % SA2_NUM_SHARDS.
 extern template int launch<Traits<128, PVMode::kFp8, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kFp8, Schedule::kIntraOnly>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kBf16, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kFp8, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
 extern template int launch<Traits<128, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kBf16, Schedule::kIntraOnly>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kBf16, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
 extern template int launch<Traits<128, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<128, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kFp8, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
+extern template int launch<Traits<128, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kFp8, Schedule::kIntraOnly>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kBf16, Schedule::kPingPong>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kBf16, Schedule::kIntraOnly>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
-extern template int launch<Traits<64, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
+extern template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
+extern template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
 extern template int launch<Traits<64, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
 
 #if 0 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kFp8, Schedule::kSequential>>(const LaunchArgs&);
 #endif
 #if 1 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<128, PVMode::kFp8, Schedule::kPingPong>>(const LaunchArgs&);
 #endif
 #if 2 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kFp8, Schedule::kSequential>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
 #endif
 #if 3 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kFp8, Schedule::kIntraOnly>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
 #if 4 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
 #endif
 #if 5 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<128, PVMode::kBf16, Schedule::kPingPong>>(const LaunchArgs&);
 #endif
 #if 6 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
 #endif
 #if 7 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kBf16, Schedule::kIntraOnly>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
 #if 8 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
 #endif
 #if 9 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<128, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
 #endif
 #if 10 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
 #endif
 #if 11 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<128, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
+template int launch<Traits<128, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
 #if 12 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kFp8, Schedule::kOverlap>>(const LaunchArgs&);
-#endif
-#if 13 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kFp8, Schedule::kPingPong>>(const LaunchArgs&);
-#endif
-#if 14 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential>>(const LaunchArgs&);
 #endif
-#if 15 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kFp8, Schedule::kIntraOnly>>(const LaunchArgs&);
-#endif
-#if 16 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kBf16, Schedule::kOverlap>>(const LaunchArgs&);
-#endif
-#if 17 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kBf16, Schedule::kPingPong>>(const LaunchArgs&);
-#endif
-#if 18 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
-#endif
-#if 19 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kBf16, Schedule::kIntraOnly>>(const LaunchArgs&);
-#endif
-#if 20 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kF16, Schedule::kOverlap>>(const LaunchArgs&);
-#endif
-#if 21 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kF16, Schedule::kPingPong>>(const LaunchArgs&);
-#endif
-#if 22 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
-#endif
-#if 23 % SA2_NUM_SHARDS == SA2_SHARD
-template int launch<Traits<64, PVMode::kF16, Schedule::kIntraOnly>>(const LaunchArgs&);
-#endif
-#if 24 % SA2_NUM_SHARDS == SA2_SHARD
+#if 13 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<64, PVMode::kFp8, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
-#if 25 % SA2_NUM_SHARDS == SA2_SHARD
+#if 14 % SA2_NUM_SHARDS == SA2_SHARD
+template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential>>(const LaunchArgs&);
+#endif
+#if 15 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<64, PVMode::kBf16, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
-#if 26 % SA2_NUM_SHARDS == SA2_SHARD
+#if 16 % SA2_NUM_SHARDS == SA2_SHARD
+template int launch<Traits<64, PVMode::kF16, Schedule::kSequential>>(const LaunchArgs&);
+#endif
+#if 17 % SA2_NUM_SHARDS == SA2_SHARD
 template int launch<Traits<64, PVMode::kF16, Schedule::kSequential, 3>>(const LaunchArgs&);
 #endif
 
@@ -202,17 +168,13 @@ int make_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const v
 
 template <int D, PVMode kPV>
 int dispatch_schedule(const LaunchArgs& a, int schedule) {
-  switch (schedule) {
-    case 0: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential>>(a);
-    case 1: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kPingPong>>(a);
-    case 2: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kOverlap>>(a);
-    case 3: return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kIntraOnly>>(a);
-    default: break;
+  if (schedule == 3) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential, 3>>(a);
+  if (schedule == 0) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential>>(a);
+  if constexpr (D == 128) {
+    if (schedule == 1) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kPingPong>>(a);
+    if (schedule == 2) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kOverlap>>(a);
   }
-  if constexpr (D == 64) {
-    if (schedule == 4) return sa2::wgmma_attn::launch<Traits<D, kPV, Schedule::kSequential, 3>>(a);
-  }
-  return sa2::set_error(-1, "schedule %d exists at head dim 64 only", schedule);
+  return sa2::set_error(-1, "schedule %d is not built at head dim %d", schedule, D);
 }
 
 template <int D>
@@ -237,9 +199,9 @@ int dispatch_pv(const LaunchArgs& a, int pv_mode, int schedule) {
 //      pv_mode 1 (fp16) / 2 (bf16): V (.., Nk, head_dim) in that dtype, v_scale unused.
 //   out: fp16 (out_bf16 = 0) or bf16; for 16-bit PV it must match the PV dtype.
 //   lse: fp32 (B, Hq, Nq) natural log without the K-smoothing term, or null.
-//   schedule: 0 sequential, 1 ping-pong, 2 ping-pong + intra-warpgroup overlap, 3 intra-warpgroup
-//   overlap alone (Schedule in attn_wgmma.cuh); 4 sequential with three consumer warpgroups
-//   (192-row CTAs, head dim 64 only).
+//   schedule: 0 sequential, 1 ping-pong, 2 ping-pong + intra-warpgroup overlap (Schedule in
+//   attn_wgmma.cuh), 3 sequential with three consumer warpgroups (192-row CTAs); head dim 64
+//   builds 0 and 3 only.
 SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
                                    const float* q_scale, const float* k_scale,
                                    const float* v_scale, void* out, float* lse,
@@ -259,8 +221,7 @@ SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
                   num_k < (int64_t(1) << 31) - 128,
               "sequence lengths out of range");
   SA2_REQUIRE(pv_mode >= 0 && pv_mode <= 2, "pv_mode must be 0, 1 or 2");
-  SA2_REQUIRE(schedule >= 0 && schedule <= 4, "schedule must be 0..4");
-  SA2_REQUIRE(schedule <= 3 || dpad == 64, "schedule 4 exists at head dim 64 only");
+  SA2_REQUIRE(schedule >= 0 && schedule <= 3, "schedule must be 0..3");
   SA2_REQUIRE(pv_mode == 0 || out_bf16 == (pv_mode == 2), "16-bit PV writes its own dtype");
   SA2_REQUIRE(q && k && v && q_scale && k_scale && out && (pv_mode != 0 || v_scale),
               "null pointer argument");
@@ -272,7 +233,7 @@ SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
   const CUtensorMapSwizzle qk_swizzle =
       dpad == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B;
   const uint64_t d = static_cast<uint64_t>(dpad);
-  const uint32_t q_rows = schedule == 4 ? 192 : 128;  // the kernel's kBlockM
+  const uint32_t q_rows = schedule == 3 ? 192 : 128;  // the kernel's kBlockM
   int rc = make_map(&a.tm_q, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, q,
                     {d, (uint64_t)num_q, (uint64_t)heads_q, (uint64_t)batch},
                     {qs[2], qs[1], qs[0]}, (uint32_t)dpad, q_rows, qk_swizzle, "q");

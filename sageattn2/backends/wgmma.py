@@ -34,20 +34,20 @@ from . import KernelError, input_reason, mma
 
 SYMBOL = "sa2_wgmma_attention"
 # Schedule codes of the C entry point (Schedule in attn_wgmma.cuh). "sequential3wg" runs three
-# consumer warpgroups (192-row CTAs) and exists at padded head dim 64 only.
-SCHEDULES = {"overlap": 2, "pingpong": 1, "sequential": 0, "intra": 3, "sequential3wg": 4}
-_THREE_WG = ("sequential3wg",)
+# consumer warpgroups (192-row CTAs); padded head dim 64 builds only the two sequential ones.
+SCHEDULES = {"overlap": 2, "pingpong": 1, "sequential": 0, "sequential3wg": 3}
+_HEAD_DIM_64 = ("sequential", "sequential3wg")
 
 
 def schedules_for(head_dim: int) -> tuple[str, ...]:
     """Schedules the kernel library has for this head dim."""
     dpad = padded_head_dim(head_dim, Family.WGMMA)
-    return tuple(s for s in SCHEDULES if dpad == 64 or s not in _THREE_WG)
+    return tuple(s for s in SCHEDULES if dpad == 128 or s in _HEAD_DIM_64)
 
 
-# Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v5).
+# Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v6).
 _DEFAULT_SCHEDULES = {
-    (PVDType.FP8, 128): "sequential",
+    (PVDType.FP8, 128): "sequential3wg",
     (PVDType.FP8, 64): "sequential3wg",
     (PVDType.FP16, 128): "overlap",
     (PVDType.FP16, 64): "sequential3wg",

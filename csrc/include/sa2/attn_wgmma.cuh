@@ -2,7 +2,7 @@
 //
 // One CTA = 64 * kWGs query rows of one (batch, head): warpgroup 0 is the producer (one thread
 // issues TMA loads of Q once and of K / V tiles into a multi-stage mbarrier ring), warpgroups
-// 1..kWGs are consumers that own 64 rows each (kWGs = 2, or 3 at head dim 64). Numerics follow
+// 1..kWGs are consumers that own 64 rows each (kWGs = 2, or 3 for the sequential schedule). Numerics follow
 // docs/numerics.md; the per-thread quantization groups mirror
 // sageattn2.config.tile_shape(Family.WGMMA, D): warp_q 16, k_tile 128. Its cta_q (128) only sets
 // the Q padding: a 192-row CTA reads Q scales for real rows only.
@@ -31,9 +31,8 @@ enum class PVMode : int { kFp8 = 0, kF16 = 1, kBf16 = 2 };
 //                warpgroup's softmax runs under the other's GEMMs.
 //   kOverlap:    as kPingPong, but softmax(j) also runs while this warpgroup's own PV(j-1) is
 //                in flight (intra-warpgroup overlap; needs S, R, P and O live at once).
-//   kIntraOnly:  intra-warpgroup overlap without the ping-pong barrier: both warpgroups' softmax
-//                can run at once (two warps per scheduler hide each other's latency).
-enum class Schedule : int { kSequential = 0, kPingPong = 1, kOverlap = 2, kIntraOnly = 3 };
+// Three consumer warpgroups (the Traits' kWGs) run kSequential only.
+enum class Schedule : int { kSequential = 0, kPingPong = 1, kOverlap = 2 };
 
 struct Params {
   const float* q_scale;  // (B, Hq, num_q_groups)
@@ -61,16 +60,19 @@ struct Traits {
   static constexpr Schedule kSchedule = kSchedule_;
   static constexpr bool kPingPong =
       kSchedule == Schedule::kPingPong || kSchedule == Schedule::kOverlap;
-  static constexpr bool kIntraOverlap =
-      kSchedule == Schedule::kOverlap || kSchedule == Schedule::kIntraOnly;
+  static constexpr bool kIntraOverlap = kSchedule == Schedule::kOverlap;
   static constexpr bool kIssueAhead = kSchedule != Schedule::kSequential;
 
-  // Three consumer warpgroups (three warps per scheduler to hide the softmax latency) fit only
-  // at head dim 64: 160 registers hold S (64) + O (32) + the fp8 partial R (32) + P.
+  // Three consumer warpgroups (three warps per scheduler to hide the softmax latency) at 160
+  // registers each: S (64) + O (D/2) + the fp8 partial R + P must fit. At head dim 128 the fp8
+  // partial is taken in two N = 64 halves (R of 32 registers, each half folded into O before
+  // the next is issued).
   static constexpr int kConsumerWGs = kWGs_;
-  static_assert(kConsumerWGs == 2 || (kConsumerWGs == 3 && kHeadDim == 64),
-                "three consumer warpgroups only at head dim 64");
-  static_assert(kConsumerWGs == 2 || !kPingPong, "the ping-pong barrier pairs two warpgroups");
+  static_assert(kConsumerWGs == 2 || kConsumerWGs == 3, "two or three consumer warpgroups");
+  static_assert(kConsumerWGs == 2 || kSchedule == Schedule::kSequential,
+                "three warpgroups run the sequential schedule");
+  static constexpr bool kSplitPV = kConsumerWGs == 3 && kFp8PV && kHeadDim == 128;
+  static constexpr int kPartialRegs = kFp8PV ? (kSplitPV ? 32 : kHeadDim / 2) : 1;
   static constexpr int kBlockM = 64 * kConsumerWGs;  // query rows per CTA
   static constexpr int kBlockN = 128;                // == tile_shape().k_tile
   static constexpr int kThreads = 128 * (kConsumerWGs + 1);
@@ -92,7 +94,9 @@ struct Traits {
   // loaded as D/64 column blocks of 128 B rows.
   static constexpr int kVBytes = kBlockN * kHeadDim * (kFp8PV ? 1 : 2);
   static constexpr int kVColumnBlockBytes = kBlockN * 128;
-  static constexpr int kStages = kFp8PV ? (kHeadDim == 128 ? 4 : 8) : (kHeadDim == 128 ? 4 : 6);
+  static constexpr int kStages = kConsumerWGs == 3 && kHeadDim == 128
+                                     ? (kFp8PV ? 6 : 4)
+                                     : kFp8PV ? (kHeadDim == 128 ? 4 : 8) : (kHeadDim == 128 ? 4 : 6);
   static constexpr int kNumBarriers = 1 + 4 * kStages;
   static constexpr int kSmemBytes =
       1024 + kQBytes + kStages * (kKBytes + kVBytes) + kNumBarriers * 8;
@@ -116,14 +120,17 @@ __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uin
                            sm90::desc_advance(desc_k, kk * 32), 1);
 }
 
-// fp8: R = P . V over one 128-key tile, starting from zero (the first level of two).
+// fp8: R = P . V over one 128-key tile, starting from zero (the first level of two). With
+// kSplitPV, R holds the output channels [64 * half, 64 * half + 64) only.
 template <class T>
-__device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kHeadDim / 2], const uint32_t (&p)[16],
-                                             uint64_t desc_v) {
+__device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kPartialRegs], const uint32_t (&p)[16],
+                                             uint64_t desc_v, int half = 0) {
+  constexpr bool kN64 = T::kHeadDim == 64 || T::kSplitPV;
+  if constexpr (T::kSplitPV) desc_v = sm90::desc_advance(desc_v, half * 64 * 128);  // 64 V^T rows
   if constexpr (T::kFreshAccumulators) {
-    static_assert(T::kHeadDim == 64, "three warpgroups only at head dim 64");
+    static_assert(kN64, "output-only partials are N = 64");
     sm90::wgmma_e4m3_rs_n64_zero(r, p[0], p[1], p[2], p[3], desc_v);
-  } else if constexpr (T::kHeadDim == 128) {
+  } else if constexpr (!kN64) {
     sm90::wgmma_e4m3_rs_n128(r, p[0], p[1], p[2], p[3], desc_v, 0);
   } else {
     sm90::wgmma_e4m3_rs_n64(r, p[0], p[1], p[2], p[3], desc_v, 0);
@@ -131,7 +138,7 @@ __device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kHeadDim / 2], const 
 #pragma unroll
   for (int kk = 1; kk < 4; ++kk) {
     const uint64_t d = sm90::desc_advance(desc_v, kk * 32);
-    if constexpr (T::kHeadDim == 128)
+    if constexpr (!kN64)
       sm90::wgmma_e4m3_rs_n128(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, 1);
     else
       sm90::wgmma_e4m3_rs_n64(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, 1);
@@ -175,8 +182,10 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   // The tile is processed as two 64-key halves (registers 0-31 and 32-63) so that the max of
   // half 1 (ALU pipe) and the exponentials of half 0 (MUFU) are independent and issue
   // interleaved; half 0 is brought to the final max by one multiply per value at the end.
-  // Within a half, the 16 values of a row are reduced in 4 independent chains.
-  constexpr int kChains = 4;
+  // Within a half, the 16 values of a row are reduced in independent chains: 4, or 2 where
+  // registers are short (three warpgroups at head dim 128: a third warp per scheduler hides
+  // the longer dependency chains).
+  constexpr int kChains = T::kConsumerWGs == 3 && T::kHeadDim == 128 ? 2 : 4;
   auto convert_and_max = [&](int i, float (&chain)[2][kChains]) {
     float x = static_cast<float>(static_cast<int32_t>(s[i]));
     if constexpr (kMask) {
@@ -193,7 +202,10 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   auto reduce_max = [&](float (&chain)[2][kChains], float (&mx)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float m = fmaxf(fmaxf(chain[r][0], chain[r][1]), fmaxf(chain[r][2], chain[r][3])) * dequant;
+      float m = chain[r][0];
+#pragma unroll
+      for (int c = 1; c < kChains; ++c) m = fmaxf(m, chain[r][c]);
+      m *= dequant;
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
       mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
     }
@@ -204,7 +216,10 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
     s[i] = __float_as_uint(p);
     chain[r][(i / 4) % kChains] += p;
   };
-  auto sum_chains = [](const float (&c)[kChains]) { return (c[0] + c[1]) + (c[2] + c[3]); };
+  auto sum_chains = [](const float (&c)[kChains]) {
+    if constexpr (kChains == 4) return (c[0] + c[1]) + (c[2] + c[3]);
+    else return c[0] + c[1];
+  };
 
   float max0[2][kChains], max1[2][kChains];
   float sum0[2][kChains] = {}, sum1[2][kChains] = {};
@@ -401,12 +416,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 
   uint32_t s[64];  // QK accumulator (int32 bits), then scores, then p (fp32 bits)
   float o[D / 2];
-  float r[T::kFp8PV ? D / 2 : 1];  // fp8 tile partial
+  float r[T::kPartialRegs];  // fp8 tile partial
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   if constexpr (!T::kFreshAccumulators) {
 #pragma unroll
-    for (int i = 0; i < (T::kFp8PV ? D / 2 : 1); ++i) r[i] = 0.0f;
+    for (int i = 0; i < T::kPartialRegs; ++i) r[i] = 0.0f;
 #pragma unroll
     for (int i = 0; i < 64; ++i) s[i] = 0;
   }
@@ -433,7 +448,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   };
   // After a PV tile retired: fp8 adds the tile partial into fp32 O (second level).
   auto fold_pv = [&](const float (&a)[2]) {
-    if constexpr (T::kFp8PV) {
+    if constexpr (T::kFp8PV && !T::kSplitPV) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = fmaf(o[i], a[(i / 2) % 2], r[i]);
     }
@@ -465,15 +480,33 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       rescale_o(alpha);
       pack();
       sm90::mbar_wait(&v_full[stage], phase);
-      sm90::wgmma_fence();
-      issue_pv(stage);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(o);
-      sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
-      if constexpr (T::kFp8PV) sm90::fence_operands(r);
-      release(&v_empty[stage]);
-      fold_pv(alpha);
+      if constexpr (T::kSplitPV) {
+        // Two N = 64 halves through one 32-register partial: O's half h is folded before
+        // half h + 1 is issued.
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          sm90::wgmma_fence();
+          issue_pv_fp8<T>(r, pk, desc_v(stage), half);
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<0>();
+          sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+          sm90::fence_operands(r);
+#pragma unroll
+          for (int i = 0; i < 32; ++i)
+            o[32 * half + i] = fmaf(o[32 * half + i], alpha[(i / 2) % 2], r[i]);
+        }
+        release(&v_empty[stage]);
+      } else {
+        sm90::wgmma_fence();
+        issue_pv(stage);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+        if constexpr (T::kFp8PV) sm90::fence_operands(r);
+        release(&v_empty[stage]);
+        fold_pv(alpha);
+      }
     }
   } else {
     // Prologue: S(0) and its softmax.
