@@ -32,6 +32,7 @@ from .config import (
     INT8_MAX,
     NATIVE_HEAD_DIMS,
     AttnConfig,
+    Family,
     PVDType,
     QKDType,
     TileShape,
@@ -445,6 +446,7 @@ def reference_attention(
         qbar_hat = qq.qbar_values.to(torch.float32)
         block_of_row = rows // tile.q_mean_rows
     p_offset = LOG2_FP8_MAX if fp8_pv else 0.0
+    sum_rounded_p = cfg.family is Family.WGMMA  # numerics.md step 5
 
     m = torch.full((B, Hq, nq_pad), float("-inf"), device=device)
     l = torch.zeros((B, Hq, nq_pad), device=device)
@@ -471,8 +473,12 @@ def reference_attention(
         m_new = torch.maximum(m, x.amax(dim=-1))
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(x - m_new[..., None] + p_offset)
-        l = alpha * l + p.sum(dim=-1)
         p_hat = _e4m3(p) if fp8_pv else p.to(q.dtype).to(torch.float32)
+        if sum_rounded_p:  # the PV wgmma's ones column: same operand, same accumulator
+            ones = torch.ones((p_hat.shape[-1], 1), device=device)
+            l = alpha * l + _tile_pv(p_hat, ones, fp8_acc_mantissa_bits)[..., 0]
+        else:
+            l = alpha * l + p.sum(dim=-1)
         o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
         m = m_new
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Device script for the Hopper wgmma kernels: build the sm_90a library, check ptxas output,
 # run the GPU tests, run the benchmark. Everything is logged under $OUT (default ./wgmma_out).
-#   tests/gpu/run_wgmma.sh [quick|full|tests|bench|profile] [extra pytest args...]
+#   tests/gpu/run_wgmma.sh [quick|full|tests|bench|profile|all] [extra pytest args...]
 #   quick: tests + benchmark of 4 shapes with every schedule; full: tests + all shapes with
 #   every schedule (kernel-only and end to end) + quantization breakdown at 4.6K and 32K;
-#   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios).
+#   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios);
+#   all: tests + ncu + the full benchmark. BENCH_SHAPES overrides the benchmark's shapes.
 # Builds common.cu, quant.cu (the fused quantizers prepare() runs), attn_wgmma.cu and attn_mma.cu
 # (mma.py binds its symbols when it configures the quantizers).
 set -uo pipefail
@@ -57,7 +58,7 @@ echo "-- ptxas (wgmma kernels): spills per kernel <D, PV, Schedule, WGs>"
 cat "$OBJ"/attn_wgmma.*.log | awk '/Compiling entry/{k=$0; sub(/.*TraitsIL/, "", k); sub(/EEEEEv14.*/, "", k)} /spill stores/{print k": "$0}' | sed -E 's/ELNS0_6PVModeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
 grep -hE "C7515|C7511|C7508|warning|error" "$OBJ"/*.log | sort | uniq -c | head -20
 cuobjdump -sass "$BUILD/libsageattn2.so" > /tmp/sass.txt 2>/dev/null
-for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0" "128ELNS0_6PVModeE0ELNS0_8ScheduleE1"; do
+for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi3" "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi2"; do
   awk -v k="$k" '/Function :/{f = index($0, k) > 0} f' /tmp/sass.txt > "/tmp/sass_$k.txt"
   echo "-- SASS opcode histogram $k (whole kernel)"
   grep -oP '^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?\K[A-Z0-9_.]+' "/tmp/sass_$k.txt" | sort | uniq -c | sort -rn | head -40 | tr '\n' ';'; echo
@@ -70,8 +71,8 @@ if [ "$MODE" != bench ]; then
   export SA2_TEST_LOG=$OUT/test_metrics.jsonl
   T=tests/gpu/test_wgmma_kernels.py::test_lengths_and_head_dims
   echo "-- smoke (one case per kernel family at hd128)"
-  timeout 90 python3 -m pytest -q "$T[128-sequential-4173-full-fp8]" "$T[128-overlap-4173-full-fp8]" \
-    "$T[128-sequential-4173-full-fp16]" "$T[64-sequential3wg-4173-full-fp8]" \
+  timeout 90 python3 -m pytest -q "$T[128-sequential3wg-4173-full-fp8]" "$T[128-overlap-4173-full-fp8]" \
+    "$T[128-overlap-4173-full-fp16]" "$T[64-sequential3wg-4173-full-fp8]" \
     tests/gpu/test_wgmma_kernels.py::test_fused_quantizers_match_torch_oracle 2>&1 | tail -15
   echo "-- full suite"
   timeout 150 python3 -m pytest tests/gpu/test_wgmma_kernels.py -q --tb=short "$@" > "$OUT/pytest.log" 2>&1
@@ -91,14 +92,14 @@ for x in rows:
 PY
 fi
 
-if [ "$MODE" = profile ]; then
+if [ "$MODE" = profile ] || [ "$MODE" = all ]; then
   echo "== ncu (fp8/fp16 schedules, 1x24x8192 hd128 and hd64)"
   cat > /tmp/prof_wgmma.py <<'PY'
 import torch
 from sageattn2.backends import wgmma
 from sageattn2.config import AttnConfig, Family, PVDType
-for d, pv, schedules in ((128, PVDType.FP8, ("sequential", "pingpong", "overlap")),
-                         (128, PVDType.FP16, ("pingpong",)), (64, PVDType.FP8, ("pingpong",))):
+for d, pv, schedules in ((128, PVDType.FP8, ("sequential3wg", "sequential")),
+                         (128, PVDType.FP16, ("overlap",)), (64, PVDType.FP8, ("sequential3wg",))):
     q, k, v = (torch.randn(1, 24, 8192, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     prep = wgmma.prepare(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype=pv, family=Family.WGMMA), is_causal=False)
     for schedule in schedules:
@@ -112,7 +113,8 @@ fi
 
 if [ "$MODE" != tests ] && [ "$MODE" != profile ]; then
   echo "== bench"
-  if [ "$MODE" = full ] || [ "$MODE" = bench ]; then BARGS="--breakdown 1x24x4608x128,1x40x32760x128"; else BARGS="--quick"; fi
+  if [ "$MODE" = full ] || [ "$MODE" = bench ] || [ "$MODE" = all ]; then BARGS="--breakdown 1x24x4608x128,1x40x32760x128"; else BARGS="--quick"; fi
+  [ -n "${BENCH_SHAPES:-}" ] && BARGS="$BARGS --shapes $BENCH_SHAPES"
   BARGS="$BARGS --all-schedules"
   timeout 400 python3 bench/bench_attention.py $BARGS --out "$OUT/bench_attention.md" > "$OUT/bench.log" 2>&1
   cat "$OUT/bench_attention.md" 2>/dev/null || tail -30 "$OUT/bench.log"

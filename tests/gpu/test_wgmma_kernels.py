@@ -194,12 +194,15 @@ TOL = {
     PVDType.FP8: ((0.9999, 0.006), (0.995, 0.06), (0.995, 0.08)),
     PVDType.FP16: ((0.9999, 0.006), (0.99995, 0.006), (0.999, 0.04)),
 }
-# Max |lse error|: vs reference, vs dequantized, vs exact. The reference quantizes on its own:
-# where x * inv sits on a rounding boundary (kbar summed in another order) a K code differs by
-# one step, and a row that sees few keys (causal top rows) carries that into its lse (4.6e-3
-# seen, H100 2026-11-27, while the same case was 2.4e-6 from fp64 on the kernel's operands).
-# The tight lse check of the kernel is therefore the one against its dequantized operands.
-LSE_TOL = (5e-2, 2e-3, 0.3)
+# Max |lse error| per PV type: vs reference, vs dequantized, vs exact. The reference quantizes
+# on its own: where x * inv sits on a rounding boundary (kbar summed in another order) a K code
+# differs by one step, and a row that sees few keys (causal top rows) carries that into its lse
+# (4.6e-3 seen, H100 2026-11-27, while the same case was 2.4e-6 from fp64 on the kernel's
+# operands). Against the dequantized operands (exact softmax in fp64) the kernel's l is the sum
+# of the rounded P (numerics.md step 5): e4m3 rounding moves a short or peaked row's lse by up
+# to ~2.8e-2 (H100 run 2 of session 3, worst of 127 FP8 cases), bf16 rounding by ~1.5e-3. A
+# layout or indexing bug moves it by order 1.
+LSE_TOL = {PVDType.FP8: (5e-2, 4e-2, 0.3), PVDType.FP16: (5e-2, 3e-3, 0.3)}
 
 
 def run_case(b, hq, hkv, nq, nk, d, *, dtype=torch.bfloat16, layout="HND", causal=False,
@@ -240,7 +243,7 @@ def run_case(b, hq, hkv, nq, nk, d, *, dtype=torch.bfloat16, layout="HND", causa
     _log(b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, d=d, dtype=str(dtype), layout=layout, causal=causal,
          pv=pv.value, schedule=schedule, noncontig=noncontig,
          **{f"{m}_{name}": v for name, e in errs.items() for m, v in zip(("cos", "rel_l1", "lse"), e)})
-    for (name, (cos, l1, lse_err)), (min_cos, max_l1), max_lse in zip(errs.items(), TOL[pv], LSE_TOL):
+    for (name, (cos, l1, lse_err)), (min_cos, max_l1), max_lse in zip(errs.items(), TOL[pv], LSE_TOL[pv]):
         assert cos >= min_cos and l1 <= max_l1 and lse_err <= max_lse, (name, cos, l1, lse_err)
     return out
 
@@ -373,7 +376,7 @@ def test_offsets_beyond_32_bits():
         ref, ref_lse = attention_fp64(q[:, h : h + 1, rows], k, v, False, d**-0.5)
         cos, l1 = metrics(out[:, h : h + 1, rows], ref)
         assert cos >= TOL[PVDType.FP8][2][0] and l1 <= TOL[PVDType.FP8][2][1], (h, cos, l1)
-        assert (lse[:, h : h + 1, rows].double() - ref_lse).abs().max().item() < LSE_TOL[2]
+        assert (lse[:, h : h + 1, rows].double() - ref_lse).abs().max().item() < LSE_TOL[PVDType.FP8][2]
 
 
 def test_declines_what_it_does_not_implement():

@@ -98,8 +98,11 @@ struct Traits {
                                      ? (kFp8PV ? 6 : 4)
                                      : kFp8PV ? (kHeadDim == 128 ? 4 : 8) : (kHeadDim == 128 ? 4 : 6);
   static constexpr int kNumBarriers = 1 + 4 * kStages;
+  // A tile of ones, the B operand of the row-sum wgmma (every address an 8-column K-major
+  // operand can touch over a 128-key tile, 1024-byte aligned).
+  static constexpr int kOnesBytes = 2048;
   static constexpr int kSmemBytes =
-      1024 + kQBytes + kStages * (kKBytes + kVBytes) + kNumBarriers * 8;
+      1024 + kQBytes + kOnesBytes + kStages * (kKBytes + kVBytes) + kNumBarriers * 8;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-CTA limit");
   static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0 && kVBytes % 1024 == 0,
                 "tiles must keep 1024-byte swizzle-atom alignment");
@@ -120,11 +123,13 @@ __device__ __forceinline__ void issue_qk(uint32_t (&s)[64], uint64_t desc_q, uin
                            sm90::desc_advance(desc_k, kk * 32), 1);
 }
 
-// fp8: R = P . V over one 128-key tile, starting from zero (the first level of two). With
-// kSplitPV, R holds the output channels [64 * half, 64 * half + 64) only.
+// fp8: R = P . V over one 128-key tile, starting from zero (the first level of two), and the
+// tile's row sums of P (the same e4m3 values) into lsum. With kSplitPV, R holds the output
+// channels [64 * half, 64 * half + 64) only and half 1 takes no row sums.
 template <class T>
-__device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kPartialRegs], const uint32_t (&p)[16],
-                                             uint64_t desc_v, int half = 0) {
+__device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kPartialRegs], float (&lsum)[4],
+                                             const uint32_t (&p)[16], uint64_t desc_v,
+                                             uint64_t desc_ones, int half = 0) {
   constexpr bool kN64 = T::kHeadDim == 64 || T::kSplitPV;
   if constexpr (T::kSplitPV) desc_v = sm90::desc_advance(desc_v, half * 64 * 128);  // 64 V^T rows
   if constexpr (T::kFreshAccumulators) {
@@ -143,12 +148,20 @@ __device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kPartialRegs], const 
     else
       sm90::wgmma_e4m3_rs_n64(r, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3], d, 1);
   }
+  if (half == 0) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      sm90::wgmma_e4m3_rs_n8(lsum, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
+                             sm90::desc_advance(desc_ones, kk * 32), kk > 0);
+  }
 }
 
-// fp16/bf16: O += P . V (fp32 accumulator, no truncation: single level). B is N-major.
+// fp16/bf16: O += P . V and l += rowsum(P) (fp32 accumulators, no truncation: single level).
+// V is N-major; the ones tile K-major.
 template <class T>
-__device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], const uint32_t (&p)[32],
-                                            uint64_t desc_v) {
+__device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], float (&l)[4],
+                                            const uint32_t (&p)[32], uint64_t desc_v,
+                                            uint64_t desc_ones) {
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk) {
     const uint64_t d = sm90::desc_advance(desc_v, kk * 16 * 128);  // 16 key rows of 128 B
@@ -161,16 +174,21 @@ __device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], const u
       else sm90::wgmma_f16_rs_n64_tb(o, a0, a1, a2, a3, d, 1);
     }
   }
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    sm90::wgmma_16_rs_n8<T::kBf16PV>(l, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
+                                     sm90::desc_advance(desc_ones, kk * 32));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Online softmax on one 64x128 score tile held as the wgmma accumulator (int32 bits in s).
-// Leaves p = exp2(x - m_new) (times 448 for fp8) in s as floats; updates m and the per-thread
-// partial row sums l; returns alpha = exp2(m_old - m_new) per row (2 rows per thread).
+// Leaves p = exp2(x - m_new) (times 448 for fp8) in s as floats; updates m and returns
+// alpha = exp2(m_old - m_new) per row (2 rows per thread). The row sums of p are taken by the
+// PV wgmma from the rounded operand (a ones column), so the softmax has no sum chains.
 
 struct RowState {
   float m[2];
-  float l[2];
+  float l[2];  // fp8: sum of the rounded p over the tiles folded so far (16-bit PV: in lacc)
 };
 
 template <class T, bool kMask>
@@ -182,7 +200,7 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   // The tile is processed as two 64-key halves (registers 0-31 and 32-63) so that the max of
   // half 1 (ALU pipe) and the exponentials of half 0 (MUFU) are independent and issue
   // interleaved; half 0 is brought to the final max by one multiply per value at the end.
-  // Within a half, the 16 values of a row are reduced in independent chains: 4, or 2 where
+  // Within a half, the 16 values of a row are max-reduced in independent chains: 4, or 2 where
   // registers are short (three warpgroups at head dim 128: a third warp per scheduler hides
   // the longer dependency chains).
   constexpr int kChains = T::kConsumerWGs == 3 && T::kHeadDim == 128 ? 2 : 4;
@@ -210,19 +228,12 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
       mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
     }
   };
-  auto exp_one = [&](int i, const float (&shift)[2], float (&chain)[2][kChains]) {
+  auto exp_one = [&](int i, const float (&shift)[2]) {
     const int r = (i / 2) % 2;
-    const float p = sm90::fast_exp2(fmaf(__uint_as_float(s[i]), dequant, -shift[r]));
-    s[i] = __float_as_uint(p);
-    chain[r][(i / 4) % kChains] += p;
-  };
-  auto sum_chains = [](const float (&c)[kChains]) {
-    if constexpr (kChains == 4) return (c[0] + c[1]) + (c[2] + c[3]);
-    else return c[0] + c[1];
+    s[i] = __float_as_uint(sm90::fast_exp2(fmaf(__uint_as_float(s[i]), dequant, -shift[r])));
   };
 
   float max0[2][kChains], max1[2][kChains];
-  float sum0[2][kChains] = {}, sum1[2][kChains] = {};
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -240,7 +251,7 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   // exp of half 0 and max of half 1: independent, one basic block.
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    exp_one(i, shift, sum0);
+    exp_one(i, shift);
     convert_and_max(32 + i, max1);
   }
   reduce_max(max1, mx);
@@ -256,12 +267,9 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   }
 #pragma unroll
   for (int i = 0; i < 32; ++i) {
-    exp_one(32 + i, shift, sum1);
+    exp_one(32 + i, shift);
     s[i] = __float_as_uint(__uint_as_float(s[i]) * beta[(i / 2) % 2]);
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    st.l[r] = fmaf(st.l[r], alpha[r], fmaf(sum_chains(sum0[r]), beta[r], sum_chains(sum1[r])));
 }
 
 // P as the A operand of the PV wgmma, straight from the S accumulator registers.
@@ -300,7 +308,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
   uint8_t* s_q = smem;
-  uint8_t* s_k = s_q + T::kQBytes;
+  uint8_t* s_ones = s_q + T::kQBytes;
+  uint8_t* s_k = s_ones + T::kOnesBytes;
   uint8_t* s_v = s_k + S * T::kKBytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + S * T::kVBytes);
   uint64_t* q_full = bars;
@@ -328,7 +337,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       sm90::mbar_init(&k_empty[s], 4 * T::kConsumerWGs);
       sm90::mbar_init(&v_empty[s], 4 * T::kConsumerWGs);
     }
-    sm90::mbar_init_fence();
+  }
+  {
+    // The ones tile in the PV operand's type (e4m3 0x38, f16 0x3C00, bf16 0x3F80).
+    constexpr uint32_t kOne = T::kFp8PV ? 0x38383838u : T::kBf16PV ? 0x3F803F80u : 0x3C003C00u;
+    uint32_t* ones = reinterpret_cast<uint32_t*>(s_ones);
+    for (int i = tid; i < T::kOnesBytes / 4; i += T::kThreads) ones[i] = kOne;
+    sm90::mbar_init_fence();  // this thread's barrier / ones writes -> async proxy
   }
   __syncthreads();
 
@@ -389,6 +404,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   auto desc_k = [&](int stage) {
     return sm90::make_smem_desc<T::kQKSwizzle>(s_k + stage * T::kKBytes, 16, 8 * T::kQKSwizzle);
   };
+  // K-major ones operand: 8 rows of 128 B, advanced 32 B per k-step like V^T.
+  const uint64_t desc_ones = sm90::make_smem_desc<128>(s_ones, 16, 1024);
   auto desc_v = [&](int stage) {
     if constexpr (T::kFp8PV)  // K-major V^T: D rows of 128 B
       return sm90::make_smem_desc<128>(s_v + stage * T::kVBytes, 16, 1024);
@@ -417,6 +434,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   uint32_t s[64];  // QK accumulator (int32 bits), then scores, then p (fp32 bits)
   float o[D / 2];
   float r[T::kPartialRegs];  // fp8 tile partial
+  // Row sums of p from the ones-column wgmma: fp8, the tile's (folded into st.l like R into O);
+  // 16-bit, the running sums (rescaled with O). Registers {0, 1}: row row0, {2, 3}: row0 + 8.
+  float lsum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
   if constexpr (!T::kFreshAccumulators) {
@@ -443,21 +463,31 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     else pack_p_16<T::kBf16PV>(s, pk);
   };
   auto issue_pv = [&](int stage) {
-    if constexpr (T::kFp8PV) issue_pv_fp8<T>(r, pk, desc_v(stage));
-    else issue_pv_16<T>(o, pk, desc_v(stage));
+    if constexpr (T::kFp8PV) issue_pv_fp8<T>(r, lsum, pk, desc_v(stage), desc_ones);
+    else issue_pv_16<T>(o, lsum, pk, desc_v(stage), desc_ones);
   };
-  // After a PV tile retired: fp8 adds the tile partial into fp32 O (second level).
+  // fp8, after a PV tile retired: the tile's row sums into l (second level).
+  auto fold_l = [&](const float (&a)[2]) {
+    if constexpr (T::kFp8PV) {
+      st.l[0] = fmaf(st.l[0], a[0], lsum[0]);
+      st.l[1] = fmaf(st.l[1], a[1], lsum[2]);
+    }
+  };
+  // fp8, after a PV tile retired: the tile partial into fp32 O (second level), and l.
   auto fold_pv = [&](const float (&a)[2]) {
     if constexpr (T::kFp8PV && !T::kSplitPV) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] = fmaf(o[i], a[(i / 2) % 2], r[i]);
+      fold_l(a);
     }
   };
-  // 16-bit PV accumulates in O: O is rescaled before the next PV is issued.
+  // 16-bit PV accumulates in O and lsum: both are rescaled before the next PV is issued.
   auto rescale_o = [&](const float (&a)[2]) {
     if constexpr (!T::kFp8PV) {
 #pragma unroll
       for (int i = 0; i < D / 2; ++i) o[i] *= a[(i / 2) % 2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) lsum[i] *= a[i / 2];
     }
   };
 
@@ -486,11 +516,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           sm90::wgmma_fence();
-          issue_pv_fp8<T>(r, pk, desc_v(stage), half);
+          issue_pv_fp8<T>(r, lsum, pk, desc_v(stage), desc_ones, half);
           sm90::wgmma_commit();
           sm90::wgmma_wait<0>();
           sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
           sm90::fence_operands(r);
+          if (half == 0) {
+            sm90::fence_operands(lsum);
+            fold_l(alpha);
+          }
 #pragma unroll
           for (int i = 0; i < 32; ++i)
             o[32 * half + i] = fmaf(o[32 * half + i], alpha[(i / 2) % 2], r[i]);
@@ -502,6 +536,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_operands(o);
+        sm90::fence_operands(lsum);
         sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
         if constexpr (T::kFp8PV) sm90::fence_operands(r);
         release(&v_empty[stage]);
@@ -543,6 +578,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       auto retire_pv = [&]() {
         sm90::wgmma_wait<0>();
         sm90::fence_operands(o);
+        sm90::fence_operands(lsum);
         sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
         if constexpr (T::kFp8PV) sm90::fence_operands(r);
         release(&v_empty[prev]);
@@ -573,6 +609,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       if (wg == 0) pingpong_pass();  // consumer 1's last pass would have no matching wait
       sm90::wgmma_wait<0>();
       sm90::fence_operands(o);
+      sm90::fence_operands(lsum);
       sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
       if constexpr (T::kFp8PV) sm90::fence_operands(r);
       release(&v_empty[last]);
@@ -583,9 +620,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   float inv_l[2];
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
-    float l = st.l[rr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float l = T::kFp8PV ? st.l[rr] : lsum[2 * rr];  // whole-row sums already
     inv_l[rr] = 1.0f / l;
     const int row = row0 + 8 * rr;
     if (p.lse != nullptr && t == 0 && row < p.num_q) {

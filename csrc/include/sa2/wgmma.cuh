@@ -170,6 +170,35 @@ __device__ __forceinline__ void wgmma_e4m3_rs_n64_zero(float (&d)[32], uint32_t 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(0));
 }
 
+// Row sums through the tensor cores: B = an 8-column tile of ones, so every column of D is the
+// row sum of A (D(64x8, f32): registers {0,1} row l/4, {2,3} row l/4 + 8 of the warp's slice).
+__device__ __forceinline__ void wgmma_e4m3_rs_n8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                 uint32_t a3, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate));
+}
+
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_16_rs_n8(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                               uint32_t a3, uint64_t desc_b) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Conversions that build wgmma A fragments from fp32 values. In `cvt ... d, a, b` the value `a`
 // lands in the upper half, so the lower-indexed element goes second.
@@ -215,7 +244,8 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
                : "memory");
 }
 
-// Makes barrier initialisation visible to the async proxy (TMA) before anyone uses them.
+// Makes this thread's shared-memory writes (barrier initialisation, the ones tile) visible to the
+// async proxy (TMA, wgmma operand reads).
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
