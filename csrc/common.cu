@@ -23,4 +23,4 @@ int set_error(int code, const char* fmt, ...) {
 SA2_EXPORT const char* sa2_last_error(void) { return sa2::g_last_error; }
 
 // Bumped when the C ABI changes; the Python loader refuses a library with another value.
-SA2_EXPORT int sa2_abi_version(void) { return 1; }
+SA2_EXPORT int sa2_abi_version(void) { return 2; }

@@ -1,23 +1,27 @@
 // SA2_FAMILIES: all
-// Fused quantizers for Q, K and V (docs/numerics.md §1), shared by every kernel family.
+// Quantizers for Q, K and V (docs/numerics.md §1), shared by every kernel family.
 //
-//   sa2_column_stats    per (batch, head, channel) mean, and max|x - mean| / 448, over all
-//                       tokens: k-bar, v-bar and the FP8 V scales (the one reduction pass
-//                       that needs every token). Chunked partials + a small finalize kernel:
-//                       deterministic, no atomics.
-//   sa2_quantize_rows   Q or K -> INT8/INT4 rows (B, H, N_pad, D or D/2), one pass: optional
-//                       mean subtraction (a given per-head vector: K smoothing; or the mean of
-//                       each q_mean_rows block: Q smoothing, whose q-bar is quantized to INT8
-//                       too), group absmax scales, and optionally q_row . kbar for the lse.
-//   sa2_quantize_v_fp8  V -> FP8 E4M3 V^T (B, H, D, N_pad) in quant::v_stored_position order.
-//   sa2_smooth_v16      V - vbar rounded to V's dtype, (B, H, N, D) contiguous and zero-padded
-//                       (FP16 PV with V smoothing, or a V whose rows are not 16-byte aligned).
+//   sa2_quantize_qkv  Q and K -> INT8/INT4 rows with group absmax scales (K minus its mean;
+//                     Q optionally minus the mean of each q_mean_rows block, whose q-bar is
+//                     quantized to INT8 too; optionally q_row . kbar for the lse), and V ->
+//                     FP8 E4M3 V^T (B, H, D, N_pad) in quant::v_stored_position order. The
+//                     per-channel K / V statistics (k-bar, v-bar, FP8 V scales) need every
+//                     token first, so this is two launches (one when nothing needs them).
+//   sa2_smooth_v16    V - vbar rounded to V's dtype, (B, H, N, D) contiguous and zero-padded
+//                     (FP16 PV with V smoothing, or a V whose rows are not 16-byte aligned).
 // Inputs: fp16/bf16 (B, H, N, d) through batch/head/token strides in elements (the last dim
 // contiguous), so HND and NHD both arrive without a copy. Offsets are 64-bit.
+//
+// Speed: the quantizer only moves bytes (~2 B read, ~1 B written per element), so every CTA
+// stages its whole input block in shared memory with 16-byte cp.async and computes from there.
+// Registers stay low and the many CTAs resident per SM keep enough loads in flight to run
+// near HBM bandwidth; a CTA's serial phases (load, absmax, scales, quantize) overlap with the
+// other CTAs' loads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <initializer_list>
 
 #include "sa2/common.cuh"
 #include "sa2/quant.cuh"
@@ -28,8 +32,12 @@ using sa2::quant::GroupRule;
 using sa2::quant::GroupScale;
 
 constexpr int kThreads = 256;
-// Tokens per partial in sa2_column_stats (the Python side sizes the workspace with it).
+// Tokens per statistics partial: fixes the summation order of the means (workspace size too).
 constexpr int kStatsChunkRows = 256;
+// Shared memory a statistics CTA stages one piece of its chunk in (its partials reuse it).
+constexpr int kStatsStageBytes = 32 * 1024;
+// Tokens per FP8 V^T CTA (the V^T token padding is a multiple of it).
+constexpr int kVTileTokens = 64;
 
 template <class T>
 __device__ __forceinline__ float to_float(T x);
@@ -49,289 +57,365 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 struct StridedInput {
   const void* ptr;
   int64_t stride_b, stride_h, stride_n;
+
+  template <class T>
+  __device__ const T* head(int64_t bh, int heads) const {
+    return static_cast<const T*>(ptr) + (bh / heads) * stride_b + (bh % heads) * stride_h;
+  }
 };
 
-// Loads channels [c, c + 8) of one token as floats; channels >= d read as 0. `vec` says the
-// 16-byte vector load is legal (d % 8 == 0, strides % 8 == 0, 16-byte aligned base).
+// Eight 16-bit values of one token (channels >= d read as 0), kept packed in T. `vec` says the
+// 16-byte load is legal (d % 8 == 0, strides % 8 == 0, 16-byte aligned base).
 template <class T>
-__device__ __forceinline__ void load8(const T* row, int c, int d, bool vec, float (&v)[8]) {
-  if (vec && c + 8 <= d) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(row + c);
-    const T* e = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ uint4 load_raw8(const T* row, int c, int d, bool vec) {
+  if (vec && c + 8 <= d) return *reinterpret_cast<const uint4*>(row + c);
+  alignas(16) T e[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
-  } else {
+  for (int i = 0; i < 8; ++i) e[i] = c + i < d ? row[c + i] : from_float<T>(0.0f);
+  return *reinterpret_cast<const uint4*>(e);
+}
+
+// The two 16-bit values of a word (element 0 in the low half) as floats, exactly. Bit
+// operations on whole words: reading a uint4 through a T* makes the compiler split a 16-byte
+// load into eight 2-byte ones.
+template <class T>
+__device__ __forceinline__ float2 word_to_float2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 word_to_float2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+template <>
+__device__ __forceinline__ float2 word_to_float2<__half>(uint32_t w) {
+  return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu))),
+                     __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
+}
+
+template <class T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = c + i < d ? to_float(row[c + i]) : 0.0f;
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = word_to_float2<T>(w[i]);
+    v[2 * i] = f.x, v[2 * i + 1] = f.y;
   }
 }
 
 // Eight 16-bit values from 16-byte aligned shared memory, as floats.
 template <class T>
 __device__ __forceinline__ void read8(const T* src, float (&v)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
+  unpack8<T>(*reinterpret_cast<const uint4*>(src), v);
+}
+
+// Eight floats from 16-byte aligned shared memory.
+__device__ __forceinline__ void read8(const float* src, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// 16-byte global -> shared copy that bypasses L1 (every byte is read once); `fill` false
+// writes 16 zero bytes and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Stages tokens [first, first + rows) of one head into `tile` (rows x D, T): tokens >= n and
+// channels >= d become 0. 16-byte cp.async when `vec` (one group, committed; the caller waits),
+// else plain loads (d % 8 != 0 or unaligned rows: rare).
+template <class T, int D>
+__device__ __forceinline__ void stage_rows(T* tile, const T* head, int64_t stride_n, int first, int rows, int n,
+                                           int d, bool vec) {
+  constexpr unsigned kVecs = D / 8;
+  const unsigned total = static_cast<unsigned>(rows) * kVecs;
+  if (vec) {
+    for (unsigned i = threadIdx.x; i < total; i += kThreads) {
+      const int r = static_cast<int>(i / kVecs), c = static_cast<int>(i % kVecs) * 8;
+      const bool real = first + r < n && c < d;
+      cp_async16(tile + r * D + c, real ? head + (first + r) * stride_n + c : head, real);
+    }
+    cp_async_commit();
+  } else {
+    for (unsigned i = threadIdx.x; i < total; i += kThreads) {
+      const int r = static_cast<int>(i / kVecs), c = static_cast<int>(i % kVecs) * 8;
+      *reinterpret_cast<uint4*>(tile + r * D + c) =
+          first + r < n ? load_raw8(head + (first + r) * stride_n, c, d, false) : make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// One 8-byte global store (a plain uint2 store gets split in two when the compiler merges it
+// with the INT4 path's 4-byte store).
+__device__ __forceinline__ void store_8bytes(void* dst, uint32_t lo, uint32_t hi) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};\n" ::"l"(dst), "r"(lo), "r"(hi) : "memory");
+}
+
+// Four INT8 codes -> one word, channel k in byte k.
+__device__ __forceinline__ uint32_t pack_int8x4(int a, int b, int c, int d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
 // ---------------------------------------------------------------------------------------
-// Column statistics
+// Jobs. One kernel runs every kind of CTA; the CTA index picks the job (see Segment).
 
-struct StatsParams {
+// Column statistics of K or V: per (batch, head, channel) the sum, max and min over all tokens,
+// as partials of kStatsChunkRows tokens; the last CTA of each (tensor, batch, head) finalizes
+// the mean and max|x - mean| / 448 (ticket counter, reset to 0 by that CTA). Deterministic:
+// a thread sums its tokens in order, the phases of a chunk and then the chunks are added in
+// index order.
+struct StatsJob {
   StridedInput x;
-  int heads, n, d, D;
-  float* partial;  // (B, H, chunks, 3, D): sum, max, min
-  int chunks;
+  float* partial;     // (B, H, chunks, 3, D)
+  float* mean;        // (B, H, D) or null
+  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / 448 (mean = 0 if `mean` is null)
+  float* fp8_inv;     // (B, H, D) or null: 448 / max|x - mean|
+  unsigned* counter;  // (B * H) tickets, 0 between calls
   int vec;
 };
 
-// Thread -> (8-channel vector, token phase): D / 8 vectors per token, 2048 / D tokens in flight
-// per CTA with 16-byte loads; the phases are combined through shared memory.
-template <class T>
-__global__ void __launch_bounds__(kThreads) column_stats_partial_kernel(const StatsParams p) {
-  const int chunk = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const T* base = static_cast<const T*>(p.x.ptr) + batch * p.x.stride_b + head * p.x.stride_h;
+struct StatsParams {
+  StatsJob job[2];
+  int jobs, heads, n, chunks;
+};
+
+// Thread -> (8-channel vector, token phase): D / 8 vectors per token, 2048 / D phases; phase p
+// sums the chunk's tokens p, p + phases, ... The chunk arrives in stages of kStatsStageBytes.
+template <class T, int D>
+__device__ __forceinline__ void stats_job(const StatsParams& p, int which, int chunk, int64_t bh, int d,
+                                          uint8_t* smem) {
+  constexpr int kVecs = D / 8, kPhases = kThreads / kVecs, kStageTokens = kStatsStageBytes / (2 * D);
+  static_assert(kStageTokens % kPhases == 0 && kStatsChunkRows % kStageTokens == 0, "stage / phase mismatch");
+  static_assert(3 * kThreads * 8 * sizeof(float) <= kStatsStageBytes, "partials must fit the stage");
+  const StatsJob& job = p.job[which];
+  const T* head = job.x.head<T>(bh, p.heads);
   const int t0 = chunk * kStatsChunkRows, t1 = min(p.n, t0 + kStatsChunkRows);
-  const int vecs = p.D / 8, phases = kThreads / vecs;
-  const int c = (threadIdx.x % vecs) * 8, phase = threadIdx.x / vecs;
+  const int c = (threadIdx.x % kVecs) * 8, phase = threadIdx.x / kVecs;
+  T* stage = reinterpret_cast<T*>(smem);
   float sum[8], mx[8], mn[8];
 #pragma unroll
   for (int k = 0; k < 8; ++k) sum[k] = 0.0f, mx[k] = -INFINITY, mn[k] = INFINITY;
-  for (int tok = t0 + phase; tok < t1; tok += phases) {
-    float v[8];
-    load8(base + tok * p.x.stride_n, c, p.d, p.vec != 0, v);
+  for (int s0 = t0; s0 < t1; s0 += kStageTokens) {
+    const int rows = min(kStageTokens, t1 - s0);
+    stage_rows<T, D>(stage, head, job.x.stride_n, s0, rows, p.n, d, job.vec != 0);
+    cp_async_wait_all();
+    __syncthreads();
+#pragma unroll 1
+    for (int r = phase; r < rows; r += kPhases) {
+      float v[8];
+      read8(stage + r * D + c, v);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      sum[k] += v[k];
-      mx[k] = fmaxf(mx[k], v[k]);
-      mn[k] = fminf(mn[k], v[k]);
+      for (int k = 0; k < 8; ++k) {
+        sum[k] += v[k];
+        mx[k] = fmaxf(mx[k], v[k]);
+        mn[k] = fminf(mn[k], v[k]);
+      }
     }
+    __syncthreads();  // the stage is refilled (or becomes the partials)
   }
-  __shared__ float part[3][kThreads * 8];  // phases * D == 2048 for every power-of-two D
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    part[0][phase * p.D + c + k] = sum[k];
-    part[1][phase * p.D + c + k] = mx[k];
-    part[2][phase * p.D + c + k] = mn[k];
+  float* part = reinterpret_cast<float*>(smem);  // [3][phases * D]
+  constexpr int kPart = kThreads * 8;
+  for (int h = 0; h < 2; ++h) {
+    const int at = phase * D + c + 4 * h;
+    *reinterpret_cast<float4*>(part + at) = make_float4(sum[4 * h], sum[4 * h + 1], sum[4 * h + 2], sum[4 * h + 3]);
+    *reinterpret_cast<float4*>(part + kPart + at) = make_float4(mx[4 * h], mx[4 * h + 1], mx[4 * h + 2], mx[4 * h + 3]);
+    *reinterpret_cast<float4*>(part + 2 * kPart + at) =
+        make_float4(mn[4 * h], mn[4 * h + 1], mn[4 * h + 2], mn[4 * h + 3]);
   }
   __syncthreads();
-  float* out = p.partial + ((static_cast<int64_t>(batch) * p.heads + head) * p.chunks + chunk) * 3 * p.D;
-  for (int ch = threadIdx.x; ch < p.D; ch += kThreads) {
+  float* out = job.partial + (bh * p.chunks + chunk) * 3 * D;
+  for (int ch = threadIdx.x; ch < D; ch += kThreads) {
     float s = 0.0f, hi = -INFINITY, lo = INFINITY;
-    for (int ph = 0; ph < phases; ++ph) {
-      s += part[0][ph * p.D + ch];
-      hi = fmaxf(hi, part[1][ph * p.D + ch]);
-      lo = fminf(lo, part[2][ph * p.D + ch]);
+    for (int ph = 0; ph < kPhases; ++ph) {
+      s += part[ph * D + ch];
+      hi = fmaxf(hi, part[kPart + ph * D + ch]);
+      lo = fminf(lo, part[2 * kPart + ph * D + ch]);
     }
     out[ch] = s;
-    out[p.D + ch] = hi;
-    out[2 * p.D + ch] = lo;
+    out[D + ch] = hi;
+    out[2 * D + ch] = lo;
   }
-}
-
-struct StatsFinalizeParams {
-  const float* partial;
-  int heads, n, d, D, chunks;
-  float* mean;       // (B, H, D) or null
-  float* fp8_scale;  // (B, H, D) or null: max|x - mean| / 448 (mean = 0 if `mean` is null)
-  float* fp8_inv;    // (B, H, D) or null: 448 / max|x - mean|
-};
-
-__global__ void __launch_bounds__(kThreads) column_stats_finalize_kernel(const StatsFinalizeParams p) {
-  const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
-  for (int c = threadIdx.x; c < p.D; c += blockDim.x) {
-    float sum = 0.0f, mx = -INFINITY, mn = INFINITY;
-    if (c < p.d) {
-      for (int k = 0; k < p.chunks; ++k) {
-        const float* part = p.partial + (bh * p.chunks + k) * 3 * p.D;
-        sum += part[c];
-        mx = fmaxf(mx, part[p.D + c]);
-        mn = fminf(mn, part[2 * p.D + c]);
+  // Publish this partial, then take a ticket; the CTA that draws the last one finalizes.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&job.counter[bh], 1u) == static_cast<unsigned>(p.chunks - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* partial = job.partial + bh * p.chunks * 3 * D;
+  for (int ch = threadIdx.x; ch < D; ch += kThreads) {
+    float s = 0.0f, hi = -INFINITY, lo = INFINITY;
+    if (ch < d) {
+#pragma unroll 4
+      for (int k = 0; k < p.chunks; ++k) {  // chunk order
+        const float* pk = partial + k * 3 * D;
+        s += __ldcg(pk + ch);
+        hi = fmaxf(hi, __ldcg(pk + D + ch));
+        lo = fminf(lo, __ldcg(pk + 2 * D + ch));
       }
     } else {
-      mx = mn = 0.0f;  // padding channels are zero
+      hi = lo = 0.0f;  // padding channels are zero
     }
-    const float mean = p.mean && c < p.d ? sum / static_cast<float>(p.n) : 0.0f;
-    if (p.mean) p.mean[bh * p.D + c] = mean;
-    if (p.fp8_scale) {
+    const float mean = job.mean && ch < d ? s / static_cast<float>(p.n) : 0.0f;
+    if (job.mean) job.mean[bh * D + ch] = mean;
+    if (job.fp8_scale) {
       // max_t |x_t - mean| = max(max x - mean, mean - min x) exactly: rounding is monotone.
-      const float amax = fmaxf(__fsub_rn(mx, mean), __fsub_rn(mean, mn));
-      const GroupScale s = sa2::quant::group_scale(amax, sa2::quant::kFp8Max);
-      p.fp8_scale[bh * p.D + c] = s.scale;
-      if (p.fp8_inv) p.fp8_inv[bh * p.D + c] = s.inv;
+      const float amax = fmaxf(__fsub_rn(hi, mean), __fsub_rn(mean, lo));
+      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kFp8Max);
+      job.fp8_scale[bh * D + ch] = g.scale;
+      if (job.fp8_inv) job.fp8_inv[bh * D + ch] = g.inv;
     }
   }
+  if (threadIdx.x == 0) job.counter[bh] = 0;  // ready for the next call on this stream
 }
 
-// ---------------------------------------------------------------------------------------
-// Q / K rows
-
-struct RowsParams {
+// Q or K rows: one CTA quantizes a block of block_rows rows of one head.
+struct RowsJob {
   StridedInput x;
-  int heads, n, d, D;
+  int heads, n, block_rows, blocks_per_head, groups_per_block;
   int64_t n_pad;
-  int block_rows;   // rows per CTA: cta_q (Q) or k_tile (K)
   GroupRule rule;
-  int groups_per_block;
-  int int4;
-  int8_t* out;      // (B, H, n_pad, D or D/2)
-  float* scale;     // (B, H, n_pad / block_rows * groups_per_block)
-  const float* mean_given;  // (B, H, D): K smoothing, or null
-  int mean_rows;            // Q smoothing block (0: off)
-  int8_t* mean_q;           // (B, H, n_pad / mean_rows, D): q-bar quantized to INT8
-  float* mean_q_scale;      // (B, H, n_pad / mean_rows)
-  const float* dot_vec;     // (B, dot_heads, D) or null: writes dot_out = x_row . dot_vec
+  int8_t* out;           // (B, H, n_pad, D or D/2)
+  float* scale;          // (B, H, blocks_per_head * groups_per_block)
+  const float* mean;     // (B, H, D) or null: subtracted (K smoothing)
+  int mean_shift;        // Q smoothing: rows share a q-bar in blocks of 1 << mean_shift; 0: off
+  int8_t* qbar;          // (B, H, n_pad >> mean_shift, D): q-bar quantized to INT8
+  float* qbar_scale;     // (B, H, n_pad >> mean_shift)
+  const float* dot_vec;  // (B, dot_heads, D) or null: writes dot_out = x_row . dot_vec
   int dot_heads;
-  float* dot_out;           // (B, H, n_pad)
+  float* dot_out;        // (B, H, n_pad)
   int vec;
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) quantize_rows_kernel(const RowsParams p) {
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  const int D = p.D, R = p.block_rows;
-  const int mean_blocks = p.mean_rows > 0 ? R / p.mean_rows : 1;
-  // R x D, the raw input: 16-byte rows of 8 values per thread are conflict-free (fp32 was
-  // 2x the shared memory and an 8-way conflicted scalar pattern).
-  T* tile = reinterpret_cast<T*>(smem_raw);
-  float* mean = reinterpret_cast<float*>(tile + R * D);  // mean_blocks x D
+// Shared memory of a rows CTA: the raw block, the means it subtracts, dot_vec, group absmax
+// and group inverse scales.
+inline size_t rows_smem_bytes(int R, int D, int mean_blocks, int groups) {
+  return 2 * static_cast<size_t>(R) * D + sizeof(float) * (static_cast<size_t>(mean_blocks + 1) * D + 2 * groups);
+}
+
+// Thread -> (row phase, 8-channel vector): rows r = rsub + s * rows_per_pass. A row is D / 8
+// consecutive lanes, reduced with shuffles.
+template <class T, int D>
+__device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, int d, int int4, uint8_t* smem) {
+  constexpr int kVecs = D / 8, kRowsPerPass = kThreads / kVecs;
+  const int R = j.block_rows, row0 = blk * R, rows_real = max(0, min(R, j.n - row0));
+  const int mean_rows = j.mean_shift ? 1 << j.mean_shift : R;
+  const int mean_blocks = R / mean_rows;
+  // Row r uses mean row r >> shift: the given K mean (or zeros) is one row for the block.
+  const int shift = j.mean_shift ? j.mean_shift : 30;
+  T* tile = reinterpret_cast<T*>(smem);                          // R x D
+  float* mean = reinterpret_cast<float*>(tile + R * D);          // mean_blocks x D
+  float* dot_vec = mean + mean_blocks * D;                       // D
+  int* group_amax = reinterpret_cast<int*>(dot_vec + D);         // groups_per_block
+  float* group_inv = reinterpret_cast<float*>(group_amax + j.groups_per_block);
+  const T* head = j.x.head<T>(bh, j.heads);
+  const bool dot = j.dot_vec != nullptr;
+
+  stage_rows<T, D>(tile, head, j.x.stride_n, row0, R, j.n, d, j.vec != 0);
   // Group absmax as int bits: for non-negative floats the int order is the float order, so
   // rows fold into their group with one shared-memory atomicMax.
-  int* group_amax = reinterpret_cast<int*>(mean + mean_blocks * D);  // groups_per_block
-  float* group_inv = mean + mean_blocks * D + p.groups_per_block;     // groups_per_block
-
-  const int blk = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(batch) * p.heads + head;
-  const int row0 = blk * R;
-  const int rows_real = max(0, min(R, p.n - row0));
-  const T* base = static_cast<const T*>(p.x.ptr) + batch * p.x.stride_b + head * p.x.stride_h;
-  const int vecs_per_row = D / 8;
-  const bool vec = p.vec != 0;
-
-  for (int gi = threadIdx.x; gi < p.groups_per_block; gi += kThreads) group_amax[gi] = 0;
-
-  // 1. Load the block (rows past n and channels past d are 0).
-  for (int i = threadIdx.x; i < R * vecs_per_row; i += kThreads) {
-    const int r = i / vecs_per_row, c = (i % vecs_per_row) * 8;
-    float v[8];
-    if (r < rows_real) {
-      load8(base + (row0 + r) * p.x.stride_n, c, p.d, vec, v);
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = 0.0f;
-    }
-    alignas(16) T raw[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) raw[k] = from_float<T>(v[k]);  // exact: v came from T
-    *reinterpret_cast<uint4*>(tile + r * D + c) = *reinterpret_cast<const uint4*>(raw);
+  for (int gi = threadIdx.x; gi < j.groups_per_block; gi += kThreads) group_amax[gi] = 0;
+  if (!j.mean_shift)
+    for (int c = threadIdx.x; c < D; c += kThreads) mean[c] = j.mean ? __ldg(j.mean + bh * D + c) : 0.0f;
+  if (dot) {
+    const float* src = j.dot_vec + ((bh / j.heads) * j.dot_heads + (bh % j.heads) / (j.heads / j.dot_heads)) * D;
+    for (int c = threadIdx.x; c < D; c += kThreads) dot_vec[c] = __ldg(src + c);
   }
+  cp_async_wait_all();
   __syncthreads();
 
-  // 2. The mean to subtract: given (K), per q_mean_rows block over its real rows (Q), or 0.
-  for (int i = threadIdx.x; i < mean_blocks * D; i += kThreads) {
-    const int b = i / D, c = i % D;
-    float m = 0.0f;
-    if (p.mean_rows > 0) {
-      const int r0 = b * p.mean_rows, r1 = min(r0 + p.mean_rows, rows_real);
+  // Q smoothing: the mean of each q_mean_rows block over its real rows, summed in row order.
+  if (j.mean_shift) {
+    for (int i = threadIdx.x; i < mean_blocks * D; i += kThreads) {
+      const int c = i % D, r0 = (i / D) * mean_rows, r1 = min(r0 + mean_rows, rows_real);
       float sum = 0.0f;
       for (int r = r0; r < r1; ++r) sum += to_float(tile[r * D + c]);
-      m = r1 > r0 ? sum / static_cast<float>(r1 - r0) : 0.0f;
-    } else if (p.mean_given) {
-      m = p.mean_given[bh * D + c];
+      mean[i] = r1 > r0 ? sum / static_cast<float>(r1 - r0) : 0.0f;
     }
-    mean[i] = m;
+    __syncthreads();
   }
-  __syncthreads();
 
-  // 3. Row absmax of x - mean (and x . dot_vec on the raw row). A row is vecs_per_row
-  //    consecutive lanes (8..32), reduced with shuffles.
-  const float* dot_vec = p.dot_vec ? p.dot_vec + (static_cast<int64_t>(batch) * p.dot_heads +
-                                                  head / (p.heads / p.dot_heads)) * D
-                                   : nullptr;
-  const int rows_per_pass = kThreads / vecs_per_row;
-  for (int r = threadIdx.x / vecs_per_row; r < R; r += rows_per_pass) {
-    const int c = (threadIdx.x % vecs_per_row) * 8;
-    const float* mrow = mean + (p.mean_rows > 0 ? r / p.mean_rows : 0) * D;
-    float amax = 0.0f, dot = 0.0f;
-    float xs[8];
-    read8(tile + r * D + c, xs);
+  // Row absmax of x - mean (and x . dot_vec of the raw row).
+  const int c = (threadIdx.x % kVecs) * 8, rsub = threadIdx.x / kVecs, passes = R / kRowsPerPass;
+  for (int s = 0; s < passes; ++s) {
+    const int r = rsub + s * kRowsPerPass;
+    float x[8], m[8];
+    read8(tile + r * D + c, x);
+    read8(mean + (r >> shift) * D + c, m);
+    float amax = 0.0f;
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const float x = xs[k];
-      amax = fmaxf(amax, fabsf(__fsub_rn(x, mrow[c + k])));
-      if (dot_vec) dot = fmaf(x, dot_vec[c + k], dot);
+    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(__fsub_rn(x[k], m[k])));
+#pragma unroll
+    for (int off = kVecs / 2; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    float dsum = 0.0f;
+    if (dot) {
+      float dv[8];
+      read8(dot_vec + c, dv);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) dsum = fmaf(x[k], dv[k], dsum);
+#pragma unroll
+      for (int off = kVecs / 2; off > 0; off /= 2) dsum += __shfl_xor_sync(0xffffffffu, dsum, off);
     }
-    for (int off = vecs_per_row / 2; off > 0; off /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    }
-    if (threadIdx.x % vecs_per_row == 0) {
-      if (r < rows_real) atomicMax(&group_amax[p.rule.local_group(r)], __float_as_int(amax));
-      if (dot_vec) p.dot_out[bh * p.n_pad + row0 + r] = r < rows_real ? dot : 0.0f;
+    if (threadIdx.x % kVecs == 0) {
+      if (r < rows_real) atomicMax(&group_amax[j.rule.local_group(r)], __float_as_int(amax));
+      if (dot) j.dot_out[bh * j.n_pad + row0 + r] = r < rows_real ? dsum : 0.0f;
     }
   }
   __syncthreads();
 
-  // 4. Group scales; q-bar (INT8, one scale per mean block).
-  const float qmax = p.int4 ? sa2::quant::kInt4Max : sa2::quant::kInt8Max;
-  const int64_t groups_per_head = (p.n_pad / R) * p.groups_per_block;
-  for (int gi = threadIdx.x; gi < p.groups_per_block; gi += kThreads) {
-    const GroupScale s = sa2::quant::group_scale(__int_as_float(group_amax[gi]), qmax);
-    group_inv[gi] = s.inv;
-    p.scale[bh * groups_per_head + static_cast<int64_t>(blk) * p.groups_per_block + gi] = s.scale;
+  // Group scales; q-bar (INT8, one scale per mean block).
+  const float qmax = int4 ? sa2::quant::kInt4Max : sa2::quant::kInt8Max;
+  const int64_t groups_per_head = static_cast<int64_t>(j.blocks_per_head) * j.groups_per_block;
+  for (int gi = threadIdx.x; gi < j.groups_per_block; gi += kThreads) {
+    const GroupScale g = sa2::quant::group_scale(__int_as_float(group_amax[gi]), qmax);
+    group_inv[gi] = g.inv;
+    j.scale[bh * groups_per_head + static_cast<int64_t>(blk) * j.groups_per_block + gi] = g.scale;
   }
-  if (p.mean_rows > 0 && p.mean_q) {
+  if (j.mean_shift) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t blocks_per_head = p.n_pad / p.mean_rows;
+    const int64_t blocks_per_head = j.n_pad >> j.mean_shift;
     for (int b = warp; b < mean_blocks; b += kThreads / 32) {
       float amax = 0.0f;
-      for (int c = lane; c < D; c += 32) amax = fmaxf(amax, fabsf(mean[b * D + c]));
+      for (int ch = lane; ch < D; ch += 32) amax = fmaxf(amax, fabsf(mean[b * D + ch]));
       for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      const GroupScale s = sa2::quant::group_scale(amax, sa2::quant::kInt8Max);
+      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kInt8Max);
       const int64_t gb = bh * blocks_per_head + static_cast<int64_t>(blk) * mean_blocks + b;
-      for (int c = lane; c < D; c += 32)
-        p.mean_q[gb * D + c] = static_cast<int8_t>(sa2::quant::quantize_int(mean[b * D + c], s.inv));
-      if (lane == 0) p.mean_q_scale[gb] = s.scale;
+      for (int ch = lane; ch < D; ch += 32)
+        j.qbar[gb * D + ch] = static_cast<int8_t>(sa2::quant::quantize_int(mean[b * D + ch], g.inv));
+      if (lane == 0) j.qbar_scale[gb] = g.scale;
     }
   }
   __syncthreads();
 
-  // 5. Quantize and store: 8 channels -> 8 bytes (INT8) or 4 bytes (INT4).
-  const int row_bytes = p.int4 ? D / 2 : D;
-  int8_t* out = p.out + (bh * p.n_pad + row0) * row_bytes;
-  for (int i = threadIdx.x; i < R * vecs_per_row; i += kThreads) {
-    const int r = i / vecs_per_row, c = (i % vecs_per_row) * 8;
-    const float* mrow = mean + (p.mean_rows > 0 ? r / p.mean_rows : 0) * D;
-    const float inv = group_inv[p.rule.local_group(r)];
-    float xs[8];
-    read8(tile + r * D + c, xs);
+  // Quantize and store: 8 channels -> 8 bytes (INT8) or 4 bytes (INT4). Rows past n get
+  // inverse scale 0, i.e. code 0.
+  const int row_bytes = int4 ? D / 2 : D;
+  int8_t* out = j.out + (bh * j.n_pad + row0) * row_bytes;
+  for (int s = 0; s < passes; ++s) {
+    const int r = rsub + s * kRowsPerPass;
+    const float inv = r < rows_real ? group_inv[j.rule.local_group(r)] : 0.0f;
+    float x[8], m[8];
+    read8(tile + r * D + c, x);
+    read8(mean + (r >> shift) * D + c, m);
     int q[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k)
-      q[k] = r < rows_real ? sa2::quant::quantize_int(__fsub_rn(xs[k], mrow[c + k]), inv) : 0;
-    if (p.int4) {
+    for (int k = 0; k < 8; ++k) q[k] = sa2::quant::quantize_int(__fsub_rn(x[k], m[k]), inv);
+    if (int4) {
       uint32_t w = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) w |= sa2::quant::pack_int4_pair(q[2 * k], q[2 * k + 1]) << (8 * k);
       *reinterpret_cast<uint32_t*>(out + r * row_bytes + c / 2) = w;
     } else {
-      uint32_t w[2] = {0, 0};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) w[k / 4] |= (static_cast<uint32_t>(q[k]) & 0xFFu) << (8 * (k % 4));
-      *reinterpret_cast<uint2*>(out + r * row_bytes + c) = make_uint2(w[0], w[1]);
+      store_8bytes(out + r * row_bytes + c, pack_int8x4(q[0], q[1], q[2], q[3]), pack_int8x4(q[4], q[5], q[6], q[7]));
     }
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// V
-
-constexpr int kVTileTokens = 64;
-
-struct VFp8Params {
+// FP8 V^T: one CTA converts kVTileTokens tokens of one head.
+struct VJob {
   StridedInput x;
-  int heads, n, d, D;
+  int heads, n, tiles_per_head;
   int64_t n_pad;
   const float* mean;  // (B, H, D) or null
   const float* inv;   // (B, H, D): 448 / max|V - mean|
@@ -339,40 +423,160 @@ struct VFp8Params {
   int vec;
 };
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) quantize_v_fp8_kernel(const VFp8Params p) {
-  extern __shared__ __align__(16) uint8_t vt[];  // D x 64 bytes, already in stored order
-  const int tile = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(batch) * p.heads + head;
-  const int D = p.D, vecs_per_row = D / 8;
+// Word slot of stored quad `quad` (bytes 4q..4q+3 of a 64-key row) in channel row `ch` of
+// the V^T staging tile: XOR-swizzled so that the 32 lanes of a warp write 32 different banks
+// (lanes differ in channel vector; odd vectors also write their channels in k ^ 1 order, so
+// the two bank halves, i.e. even and odd channel rows, are both used).
+template <int D>
+__device__ __forceinline__ int v_slot_swizzle(int ch) { return ((ch >> 4) * (256 / D)) & 15; }
+
+// Thread -> (quad, 8-channel vector): a quad is the 4 keys that land in one 32-bit word of the
+// stored order (keys 2a, 2a+1, 2a+8, 2a+9 of a 16-key group, quant::v_stored_position), so the
+// transpose writes whole words. The raw tile is converted to registers, then the same shared
+// memory holds the transposed bytes.
+template <class T, int D>
+__device__ __forceinline__ void v_job(const VJob& j, int64_t bh, int tile, int d, uint8_t* smem) {
+  constexpr int kVecs = D / 8, kItems = (kVTileTokens / 4) * kVecs;
+  constexpr int kPerThread = (kItems + kThreads - 1) / kThreads;
+  static_assert(kThreads % kVecs == 0, "a thread keeps one channel vector");
   const int tok0 = tile * kVTileTokens;
-  const T* base = static_cast<const T*>(p.x.ptr) + batch * p.x.stride_b + head * p.x.stride_h;
-  const float* mean = p.mean ? p.mean + bh * D : nullptr;
-  const float* inv = p.inv + bh * D;
-  for (int i = threadIdx.x; i < kVTileTokens * vecs_per_row; i += kThreads) {
-    const int r = i / vecs_per_row, c = (i % vecs_per_row) * 8;
-    const int pos = sa2::quant::v_stored_position(r);
-    float v[8];
-    if (tok0 + r < p.n) {
-      load8(base + (tok0 + r) * p.x.stride_n, c, p.d, p.vec != 0, v);
+  T* raw = reinterpret_cast<T*>(smem);                // kVTileTokens x D
+  uint32_t* words = reinterpret_cast<uint32_t*>(smem);  // D x 16 words, after the raw tile is read
+  float* mean = reinterpret_cast<float*>(raw + kVTileTokens * D);  // D
+  float* inv = mean + D;                                           // D
+  stage_rows<T, D>(raw, j.x.head<T>(bh, j.heads), j.x.stride_n, tok0, kVTileTokens, j.n, d, j.vec != 0);
+  for (int ch = threadIdx.x; ch < D; ch += kThreads) {
+    mean[ch] = j.mean ? __ldg(j.mean + bh * D + ch) : 0.0f;
+    inv[ch] = __ldg(j.inv + bh * D + ch);
+  }
+  const int cv = threadIdx.x % kVecs, c = cv * 8;
+  cp_async_wait_all();
+  __syncthreads();
+
+  uint32_t packed[kPerThread][8];  // per item and channel: the quad's 4 bytes
+#pragma unroll
+  for (int it = 0; it < kPerThread; ++it) {
+    const int i = threadIdx.x + it * kThreads;
+    if (i >= kItems) break;
+    const int quad = i / kVecs, key0 = (quad / 4) * 16 + 2 * (quad % 4);
+    // Bytes 0..3 of a word: keys key0, key0 + 1, key0 + 8, key0 + 9; padding tokens are 0.
+    // Two keys at a time (e4m3x2 conversions): the low then the high half of each word.
+#pragma unroll
+    for (int k = 0; k < 8; ++k) packed[it][k] = 0;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int key = key0 + 8 * half;
+      float x0[8], x1[8];
+      read8(raw + key * D + c, x0);
+      read8(raw + (key + 1) * D + c, x1);
+      const uint32_t mask = (tok0 + key < j.n ? 0xFFu : 0u) | (tok0 + key + 1 < j.n ? 0xFF00u : 0u);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        const float centered = mean ? __fsub_rn(v[k], mean[c + k]) : v[k];
-        vt[(c + k) * kVTileTokens + pos] = c + k < p.d ? sa2::quant::to_e4m3(__fmul_rn(centered, inv[c + k])) : 0;
+        const float mk = mean[c + k], ik = inv[c + k];
+        const float2 f = make_float2(__fmul_rn(j.mean ? __fsub_rn(x0[k], mk) : x0[k], ik),
+                                     __fmul_rn(j.mean ? __fsub_rn(x1[k], mk) : x1[k], ik));
+        const uint32_t pair = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3) & mask;
+        packed[it][k] |= c + k < d ? pair << (16 * half) : 0u;
       }
-    } else {
+    }
+  }
+  __syncthreads();  // every thread has read the raw tile
 #pragma unroll
-      for (int k = 0; k < 8; ++k) vt[(c + k) * kVTileTokens + pos] = 0;
+  for (int it = 0; it < kPerThread; ++it) {
+    const int i = threadIdx.x + it * kThreads;
+    if (i < kItems) {
+      const int quad = i / kVecs;
+      const bool odd = cv & 1;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int ch = c + (k ^ static_cast<int>(odd));
+        words[ch * 16 + (quad ^ v_slot_swizzle<D>(ch))] = odd ? packed[it][k ^ 1] : packed[it][k];
+      }
     }
   }
   __syncthreads();
-  uint8_t* out = p.out + bh * D * p.n_pad + tok0;
-  for (int i = threadIdx.x; i < D * (kVTileTokens / 16); i += kThreads) {
-    const int c = i / (kVTileTokens / 16), part = i % (kVTileTokens / 16);
-    *reinterpret_cast<uint4*>(out + c * p.n_pad + part * 16) =
-        *reinterpret_cast<const uint4*>(vt + c * kVTileTokens + part * 16);
+  uint8_t* out = j.out + bh * D * j.n_pad + tok0;
+  for (int i = threadIdx.x; i < D * 4; i += kThreads) {
+    const int ch = i / 4, chunk = i % 4, h = v_slot_swizzle<D>(ch);
+    const uint4 w = *reinterpret_cast<const uint4*>(words + ch * 16 + 4 * (chunk ^ (h >> 2)));
+    // Undo the swizzle's low two bits inside the 16-byte chunk: out word a = stored word a ^ (h & 3).
+    const bool x1 = h & 1, x2 = h & 2;
+    const uint32_t a0 = x1 ? w.y : w.x, a1 = x1 ? w.x : w.y, a2 = x1 ? w.w : w.z, a3 = x1 ? w.z : w.w;
+    *reinterpret_cast<uint4*>(out + ch * j.n_pad + chunk * 16) =
+        make_uint4(x2 ? a2 : a0, x2 ? a3 : a1, x2 ? a0 : a2, x2 ? a1 : a3);
   }
 }
+
+// A launch is a list of segments, each a run of CTAs of one kind:
+//   kStats  CTA = ((batch * H + head) * jobs + job) * chunks + chunk
+//   kQ      CTA = (batch * Hq + head) * blocks + block
+//   kKV     the K rows blocks and V^T tiles of one kv head together, heads in descending order:
+//           the statistics launch just read them in ascending order, so the heads it read
+//           last are read again first, while they are likely still in L2.
+enum SegmentKind { kStats = 0, kQ = 1, kKV = 2 };
+
+struct Segment {
+  int kind;
+  int64_t ctas;
+};
+
+struct QkvParams {
+  StatsParams stats;
+  RowsJob rows[2];   // Q, K
+  VJob v;            // tiles_per_head 0: V is not quantized here
+  int64_t kv_heads;  // B * Hkv
+  int d, int4, segments;
+  Segment segment[2];
+};
+
+// CTAs per SM that shared memory allows (about 33 KB each): the register budget follows.
+// Hopper: 6 (40 registers), but a V CTA at D = 256 converts two items per thread and needs 48.
+template <int D, int kKinds>
+constexpr int min_ctas_per_sm() {
+#if SA2_ARCH == 90
+  return D == 256 && (kKinds & (1 << kKV)) ? 5 : 6;
+#elif SA2_ARCH == 80 || SA2_ARCH == 87
+  return 4;
+#else
+  return 2;  // ~100 KB of shared memory per SM
+#endif
+}
+
+// kKinds: bit mask of the segment kinds this instantiation runs (each kind's registers only
+// where a launch needs it).
+template <class T, int D, int kKinds>
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quantize_qkv_kernel(const QkvParams p) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  int64_t cta = blockIdx.x;
+  for (int s = 0; s < p.segments; ++s) {
+    const Segment seg = p.segment[s];
+    if (cta >= seg.ctas) {
+      cta -= seg.ctas;
+      continue;
+    }
+    if ((kKinds & (1 << kStats)) && seg.kind == kStats) {
+      const int chunk = static_cast<int>(cta % p.stats.chunks);
+      const int64_t rest = cta / p.stats.chunks;
+      stats_job<T, D>(p.stats, static_cast<int>(rest % p.stats.jobs), chunk, rest / p.stats.jobs, p.d, smem);
+    } else if ((kKinds & (1 << kQ)) && seg.kind == kQ) {
+      const RowsJob& q = p.rows[0];
+      rows_job<T, D>(q, cta / q.blocks_per_head, static_cast<int>(cta % q.blocks_per_head), p.d, p.int4, smem);
+    } else if (kKinds & (1 << kKV)) {
+      const int k_blocks = p.rows[1].blocks_per_head, per_head = k_blocks + p.v.tiles_per_head;
+      const int64_t bh = p.kv_heads - 1 - cta / per_head;
+      const int w = static_cast<int>(cta % per_head);
+      if (w < k_blocks) {
+        rows_job<T, D>(p.rows[1], bh, w, p.d, p.int4, smem);
+      } else {
+        v_job<T, D>(p.v, bh, w - k_blocks, p.d, smem);
+      }
+    }
+    return;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// V for 16-bit PV
 
 struct V16Params {
   StridedInput x;
@@ -384,9 +588,8 @@ struct V16Params {
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const V16Params p) {
-  const int head = blockIdx.y, batch = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(batch) * p.heads + head;
-  const T* base = static_cast<const T*>(p.x.ptr) + batch * p.x.stride_b + head * p.x.stride_h;
+  const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
+  const T* head = p.x.head<T>(bh, p.heads);
   const float* mean = p.mean ? p.mean + bh * p.D : nullptr;
   T* out = static_cast<T*>(p.out) + bh * p.n * p.D;
   const int vecs_per_row = p.D / 8;
@@ -396,7 +599,7 @@ __global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const V16Params p)
     const int64_t tok = i / vecs_per_row;
     const int c = static_cast<int>(i % vecs_per_row) * 8;
     float v[8];
-    load8(base + tok * p.x.stride_n, c, p.d, p.vec != 0, v);
+    unpack8<T>(load_raw8(head + tok * p.x.stride_n, c, p.d, p.vec != 0), v);
     alignas(16) T r[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) r[k] = from_float<T>(c + k < p.d && mean ? __fsub_rn(v[k], mean[c + k]) : v[k]);
@@ -405,361 +608,18 @@ __global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const V16Params p)
 }
 
 // ---------------------------------------------------------------------------------------
-// Fused path (sa2_quantize_qkv): two launches per attention call instead of up to seven.
-//
-//   column_stats_fused_kernel  K and V column partials in one grid; the last CTA of each
-//                              (tensor, batch, head) finalizes it (ticket counter, reset to 0
-//                              by that CTA), so no finalize launch.
-//   quantize_qkv_kernel        Q rows, K rows and the FP8 V^T tiles in one grid (the CTA
-//                              index picks the job). Rows stay in registers (no shared tile).
-// Every value is computed with the same fp32 operations in the same order as the per-pass
-// kernels above (sums, fsub/fmul/fma, shuffle trees), so the results are bit-identical.
-
-// Eight 16-bit values of one token (channels >= d read as 0), kept packed in T.
-template <class T>
-__device__ __forceinline__ uint4 load_raw8(const T* row, int c, int d, bool vec) {
-  if (vec && c + 8 <= d) return *reinterpret_cast<const uint4*>(row + c);
-  alignas(16) T e[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) e[i] = c + i < d ? row[c + i] : from_float<T>(0.0f);
-  return *reinterpret_cast<const uint4*>(e);
-}
-
-template <class T>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&v)[8]) {
-  const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = to_float(e[i]);
-}
-
-struct StatsJob {
-  StridedInput x;
-  float* partial;     // (B, H, chunks, 3, D)
-  float* mean;        // (B, H, D) or null
-  float* fp8_scale;   // (B, H, D) or null
-  float* fp8_inv;     // (B, H, D) or null
-  unsigned* counter;  // (B * H) tickets, 0 between calls
-};
-
-struct FusedStatsParams {
-  StatsJob job[2];
-  int heads, n, d, D, chunks, vec[2];
-};
-
-// Token loads per thread issued before they are summed (the sum order is unchanged).
-constexpr int kStatsBatch = 8;
-
-template <class T>
-__global__ void __launch_bounds__(kThreads) column_stats_fused_kernel(const FusedStatsParams p) {
-  const int which = blockIdx.x / p.chunks, chunk = blockIdx.x % p.chunks;
-  const int head = blockIdx.y, batch = blockIdx.z;
-  const StatsJob& job = p.job[which];
-  const int64_t bh = static_cast<int64_t>(batch) * p.heads + head;
-  const T* base = static_cast<const T*>(job.x.ptr) + batch * job.x.stride_b + head * job.x.stride_h;
-  const int t0 = chunk * kStatsChunkRows, t1 = min(p.n, t0 + kStatsChunkRows);
-  const int vecs = p.D / 8, phases = kThreads / vecs;
-  const int c = (threadIdx.x % vecs) * 8, phase = threadIdx.x / vecs;
-  const bool vec = p.vec[which] != 0;
-  float sum[8], mx[8], mn[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) sum[k] = 0.0f, mx[k] = -INFINITY, mn[k] = INFINITY;
-  for (int tok0 = t0 + phase; tok0 < t1; tok0 += kStatsBatch * phases) {
-    uint4 raw[kStatsBatch];
-#pragma unroll
-    for (int s = 0; s < kStatsBatch; ++s) {
-      const int tok = tok0 + s * phases;
-      if (tok < t1) raw[s] = load_raw8(base + tok * job.x.stride_n, c, p.d, vec);
-    }
-#pragma unroll
-    for (int s = 0; s < kStatsBatch; ++s) {
-      if (tok0 + s * phases < t1) {
-        float v[8];
-        unpack8<T>(raw[s], v);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          sum[k] += v[k];
-          mx[k] = fmaxf(mx[k], v[k]);
-          mn[k] = fminf(mn[k], v[k]);
-        }
-      }
-    }
-  }
-  __shared__ float part[3][kThreads * 8];
-  __shared__ bool last;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    part[0][phase * p.D + c + k] = sum[k];
-    part[1][phase * p.D + c + k] = mx[k];
-    part[2][phase * p.D + c + k] = mn[k];
-  }
-  __syncthreads();
-  float* out = job.partial + (bh * p.chunks + chunk) * 3 * p.D;
-  for (int ch = threadIdx.x; ch < p.D; ch += kThreads) {
-    float s = 0.0f, hi = -INFINITY, lo = INFINITY;
-    for (int ph = 0; ph < phases; ++ph) {
-      s += part[0][ph * p.D + ch];
-      hi = fmaxf(hi, part[1][ph * p.D + ch]);
-      lo = fminf(lo, part[2][ph * p.D + ch]);
-    }
-    out[ch] = s;
-    out[p.D + ch] = hi;
-    out[2 * p.D + ch] = lo;
-  }
-  // Publish this partial, then take a ticket; the CTA that draws the last one finalizes.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&job.counter[bh], 1u) == static_cast<unsigned>(p.chunks - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const float* partial = job.partial + bh * p.chunks * 3 * p.D;
-  for (int ch = threadIdx.x; ch < p.D; ch += kThreads) {
-    float s = 0.0f, hi = -INFINITY, lo = INFINITY;
-    if (ch < p.d) {
-#pragma unroll 8
-      for (int k = 0; k < p.chunks; ++k) {  // chunk order, as column_stats_finalize_kernel
-        const float* pk = partial + k * 3 * p.D;
-        s += __ldcg(pk + ch);
-        hi = fmaxf(hi, __ldcg(pk + p.D + ch));
-        lo = fminf(lo, __ldcg(pk + 2 * p.D + ch));
-      }
-    } else {
-      hi = lo = 0.0f;
-    }
-    const float mean = job.mean && ch < p.d ? s / static_cast<float>(p.n) : 0.0f;
-    if (job.mean) job.mean[bh * p.D + ch] = mean;
-    if (job.fp8_scale) {
-      const float amax = fmaxf(__fsub_rn(hi, mean), __fsub_rn(mean, lo));
-      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kFp8Max);
-      job.fp8_scale[bh * p.D + ch] = g.scale;
-      if (job.fp8_inv) job.fp8_inv[bh * p.D + ch] = g.inv;
-    }
-  }
-  if (threadIdx.x == 0) job.counter[bh] = 0;  // ready for the next call on this stream
-}
-
-// Rows per thread of a quantize_qkv rows job: block_rows * D / 2048 (8 for every tile shape in
-// config.py: 128 x 128, 64 x 256, 128 x 64, 64 x 128).
-constexpr int kMaxRowPasses = 8;
-
-struct RowsJob {
-  StridedInput x;
-  int heads, n, block_rows, blocks_per_head, groups_per_block;
-  int64_t n_pad;
-  GroupRule rule;
-  int8_t* out;              // (B, H, n_pad, D or D/2)
-  float* scale;             // (B, H, blocks_per_head * groups_per_block)
-  const float* mean;        // (B, H, D) or null
-  const float* dot_vec;     // (B, dot_heads, D) or null
-  int dot_heads;
-  float* dot_out;           // (B, H, n_pad)
-  int vec;
-};
-
-struct VJob {
-  StridedInput x;
-  int heads, n, tiles_per_head;
-  int64_t n_pad;
-  const float* mean;  // (B, H, D) or null
-  const float* inv;   // (B, H, D)
-  uint8_t* out;       // (B, H, D, n_pad)
-  int vec;
-};
-
-struct QkvParams {
-  RowsJob rows[2];      // Q, K
-  VJob v;
-  int d, D, int4;
-  int64_t ctas[3];      // CTAs of Q, K, V (V: 0 when V is not quantized here)
-};
-
-// Same thread mapping as quantize_rows_kernel: thread -> (row phase, 8-channel vector), rows
-// r = phase + s * rows_per_pass; the block's raw rows live in registers between the passes.
-template <class T>
-__device__ __forceinline__ void quantize_rows_job(const RowsJob& j, int64_t cta, int d, int D, int int4,
-                                                  int* group_amax, float* group_inv) {
-  const int blk = static_cast<int>(cta % j.blocks_per_head);
-  const int64_t bh = cta / j.blocks_per_head;
-  const int head = static_cast<int>(bh % j.heads), batch = static_cast<int>(bh / j.heads);
-  const int R = j.block_rows, row0 = blk * R, rows_real = max(0, min(R, j.n - row0));
-  const int vecs = D / 8, rows_per_pass = kThreads / vecs, passes = R / rows_per_pass;
-  const int c = (threadIdx.x % vecs) * 8, rsub = threadIdx.x / vecs;
-  const T* base = static_cast<const T*>(j.x.ptr) + batch * j.x.stride_b + head * j.x.stride_h;
-  const bool vec = j.vec != 0;
-
-  uint4 raw[kMaxRowPasses];
-#pragma unroll
-  for (int s = 0; s < kMaxRowPasses; ++s) {
-    const int r = rsub + s * rows_per_pass;
-    raw[s] = make_uint4(0, 0, 0, 0);
-    if (s < passes && r < rows_real) raw[s] = load_raw8(base + (row0 + r) * j.x.stride_n, c, d, vec);
-  }
-  for (int gi = threadIdx.x; gi < j.groups_per_block; gi += kThreads) group_amax[gi] = 0;
-  float m[8], dv[8];
-  const float* dot_vec =
-      j.dot_vec ? j.dot_vec + (static_cast<int64_t>(batch) * j.dot_heads + head / (j.heads / j.dot_heads)) * D
-                : nullptr;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    m[k] = j.mean ? j.mean[bh * D + c + k] : 0.0f;
-    dv[k] = dot_vec ? dot_vec[c + k] : 0.0f;
-  }
-  __syncthreads();
-
-#pragma unroll
-  for (int s = 0; s < kMaxRowPasses; ++s) {
-    if (s < passes) {
-      const int r = rsub + s * rows_per_pass;
-      float x[8];
-      unpack8<T>(raw[s], x);
-      float amax = 0.0f, dot = 0.0f;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        amax = fmaxf(amax, fabsf(__fsub_rn(x[k], m[k])));
-        if (dot_vec) dot = fmaf(x[k], dv[k], dot);
-      }
-      for (int off = vecs / 2; off > 0; off /= 2) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        dot += __shfl_xor_sync(0xffffffffu, dot, off);
-      }
-      if (threadIdx.x % vecs == 0) {
-        if (r < rows_real) atomicMax(&group_amax[j.rule.local_group(r)], __float_as_int(amax));
-        if (dot_vec) j.dot_out[bh * j.n_pad + row0 + r] = r < rows_real ? dot : 0.0f;
-      }
-    }
-  }
-  __syncthreads();
-
-  const float qmax = int4 ? sa2::quant::kInt4Max : sa2::quant::kInt8Max;
-  const int64_t groups_per_head = static_cast<int64_t>(j.blocks_per_head) * j.groups_per_block;
-  for (int gi = threadIdx.x; gi < j.groups_per_block; gi += kThreads) {
-    const GroupScale g = sa2::quant::group_scale(__int_as_float(group_amax[gi]), qmax);
-    group_inv[gi] = g.inv;
-    j.scale[bh * groups_per_head + static_cast<int64_t>(blk) * j.groups_per_block + gi] = g.scale;
-  }
-  __syncthreads();
-
-  const int row_bytes = int4 ? D / 2 : D;
-  int8_t* out = j.out + (bh * j.n_pad + row0) * row_bytes;
-#pragma unroll
-  for (int s = 0; s < kMaxRowPasses; ++s) {
-    if (s < passes) {
-      const int r = rsub + s * rows_per_pass;
-      const float inv = group_inv[j.rule.local_group(r)];
-      float x[8];
-      unpack8<T>(raw[s], x);
-      int q[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) q[k] = r < rows_real ? sa2::quant::quantize_int(__fsub_rn(x[k], m[k]), inv) : 0;
-      if (int4) {
-        uint32_t w = 0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) w |= sa2::quant::pack_int4_pair(q[2 * k], q[2 * k + 1]) << (8 * k);
-        *reinterpret_cast<uint32_t*>(out + r * row_bytes + c / 2) = w;
-      } else {
-        uint32_t w[2] = {0, 0};
-#pragma unroll
-        for (int k = 0; k < 8; ++k) w[k / 4] |= (static_cast<uint32_t>(q[k]) & 0xFFu) << (8 * (k % 4));
-        *reinterpret_cast<uint2*>(out + r * row_bytes + c) = make_uint2(w[0], w[1]);
-      }
-    }
-  }
-}
-
-// Word slot of stored quad `quad` (bytes 4q..4q+3 of a 64-key row) in channel row `ch` of
-// the V^T staging tile: XOR-swizzled so that the 32 lanes of a warp write 32 different banks
-// (lanes differ in channel vector; odd vectors also write their channels in k ^ 1 order, so
-// the two bank halves, i.e. even and odd channel rows, are both used).
-__device__ __forceinline__ int v_slot_swizzle(int ch, int D) { return ((ch >> 4) * (256 / D)) & 15; }
-
-// One 64-key tile of FP8 V^T. Thread -> (quad, 8-channel vector): a quad is the 4 keys that
-// land in one 32-bit word of the stored order (keys 2a, 2a+1, 2a+8, 2a+9 of a 16-key group,
-// quant::v_stored_position), so the transpose writes whole words, not bytes.
-template <class T>
-__device__ __forceinline__ void quantize_v_job(const VJob& j, int64_t cta, int d, int D, uint32_t* words) {
-  const int tile = static_cast<int>(cta % j.tiles_per_head);
-  const int64_t bh = cta / j.tiles_per_head;
-  const int head = static_cast<int>(bh % j.heads), batch = static_cast<int>(bh / j.heads);
-  const int vecs = D / 8, tok0 = tile * kVTileTokens;
-  const T* base = static_cast<const T*>(j.x.ptr) + batch * j.x.stride_b + head * j.x.stride_h;
-  const float* mean = j.mean ? j.mean + bh * D : nullptr;
-  const float* inv = j.inv + bh * D;
-  const bool vec = j.vec != 0;
-  for (int i = threadIdx.x; i < (kVTileTokens / 4) * vecs; i += kThreads) {
-    const int cv = i % vecs, quad = i / vecs, c = cv * 8;
-    const int key0 = (quad / 4) * 16 + 2 * (quad % 4);
-    const int keys[4] = {key0, key0 + 1, key0 + 8, key0 + 9};
-    uint4 raw[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      raw[e] = make_uint4(0, 0, 0, 0);
-      if (tok0 + keys[e] < j.n) raw[e] = load_raw8(base + (tok0 + keys[e]) * j.x.stride_n, c, d, vec);
-    }
-    float mk[8], ik[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      mk[k] = mean ? mean[c + k] : 0.0f;
-      ik[k] = inv[c + k];
-    }
-    uint32_t packed[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // per channel: the quad's 4 bytes
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (tok0 + keys[e] < j.n) {
-        float v[8];
-        unpack8<T>(raw[e], v);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const float centered = mean ? __fsub_rn(v[k], mk[k]) : v[k];
-          const uint32_t b = c + k < d ? sa2::quant::to_e4m3(__fmul_rn(centered, ik[k])) : 0u;
-          packed[k] |= b << (8 * e);
-        }
-      }
-    }
-    const bool odd = cv & 1;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int ch = c + (k ^ static_cast<int>(odd));
-      words[ch * 16 + (quad ^ v_slot_swizzle(ch, D))] = odd ? packed[k ^ 1] : packed[k];
-    }
-  }
-  __syncthreads();
-  uint8_t* out = j.out + bh * D * j.n_pad + tok0;
-  for (int i = threadIdx.x; i < D * 4; i += kThreads) {
-    const int ch = i / 4, chunk = i % 4, h = v_slot_swizzle(ch, D);
-    const uint4 w = *reinterpret_cast<const uint4*>(words + ch * 16 + 4 * (chunk ^ (h >> 2)));
-    // Undo the swizzle's low two bits inside the 16-byte chunk: out word a = stored word a ^ (h & 3).
-    const bool x1 = h & 1, x2 = h & 2;
-    const uint32_t a0 = x1 ? w.y : w.x, a1 = x1 ? w.x : w.y, a2 = x1 ? w.w : w.z, a3 = x1 ? w.z : w.w;
-    *reinterpret_cast<uint4*>(out + ch * j.n_pad + chunk * 16) =
-        make_uint4(x2 ? a2 : a0, x2 ? a3 : a1, x2 ? a0 : a2, x2 ? a1 : a3);
-  }
-}
-
-template <class T>
-__global__ void __launch_bounds__(kThreads) quantize_qkv_kernel(const QkvParams p) {
-  extern __shared__ __align__(16) uint32_t qkv_smem[];
-  int64_t cta = blockIdx.x;
-  if (cta < p.ctas[0]) {
-    int* amax = reinterpret_cast<int*>(qkv_smem);
-    quantize_rows_job<T>(p.rows[0], cta, p.d, p.D, p.int4, amax,
-                         reinterpret_cast<float*>(amax + p.rows[0].groups_per_block));
-    return;
-  }
-  cta -= p.ctas[0];
-  if (cta < p.ctas[1]) {
-    int* amax = reinterpret_cast<int*>(qkv_smem);
-    quantize_rows_job<T>(p.rows[1], cta, p.d, p.D, p.int4, amax,
-                         reinterpret_cast<float*>(amax + p.rows[1].groups_per_block));
-    return;
-  }
-  quantize_v_job<T>(p.v, cta - p.ctas[1], p.d, p.D, qkv_smem);
-}
-
-// ---------------------------------------------------------------------------------------
 // Host helpers
 
-bool vector_ok(const void* ptr, int d, int64_t sb, int64_t sh, int64_t sn) {
+bool vector_ok(const void* ptr, int64_t d, int64_t sb, int64_t sh, int64_t sn) {
   return d % 8 == 0 && sb % 8 == 0 && sh % 8 == 0 && sn % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+bool power_of_two(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
+
+int log2_exact(int64_t x) {
+  int s = 0;
+  while ((int64_t(1) << s) < x) ++s;
+  return s;
 }
 
 int check_common(int64_t batch, int64_t heads, int64_t n, int64_t d, int64_t D) {
@@ -783,12 +643,46 @@ template <auto kKernel>
 int raise_smem_limit(size_t bytes) {
   constexpr int kMaxDevices = 64;
   static size_t raised[kMaxDevices] = {};
+  if (bytes <= 48 * 1024) return 0;
   int dev = 0;
   SA2_CUDA_TRY(cudaGetDevice(&dev));
   if (dev < kMaxDevices && raised[dev] >= bytes) return 0;
   SA2_CUDA_TRY(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   if (dev < kMaxDevices) raised[dev] = bytes;
   return 0;
+}
+
+// The segment mixes sa2_quantize_qkv launches: Q + statistics, statistics alone, K / V (+ Q).
+constexpr int kQStats = (1 << kQ) | (1 << kStats), kStatsOnly = 1 << kStats, kKVQ = (1 << kKV) | (1 << kQ);
+
+template <class T, int D, int kKinds>
+int launch_qkv(const QkvParams& p, size_t smem, cudaStream_t stream) {
+  int64_t ctas = 0;
+  for (int s = 0; s < p.segments; ++s) ctas += p.segment[s].ctas;
+  if (ctas == 0) return 0;
+  SA2_REQUIRE(ctas < (int64_t(1) << 31), "input too large for one grid");
+  if (int e = raise_smem_limit<quantize_qkv_kernel<T, D, kKinds>>(smem)) return e;
+  quantize_qkv_kernel<T, D, kKinds><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
+  SA2_LAUNCH_CHECK();
+  return 0;
+}
+
+template <class T, int D>
+int launch_qkv(const QkvParams& p, size_t smem, cudaStream_t stream) {
+  int kinds = 0;
+  for (int s = 0; s < p.segments; ++s) kinds |= 1 << p.segment[s].kind;
+  if (kinds == kStatsOnly) return launch_qkv<T, D, kStatsOnly>(p, smem, stream);
+  if (kinds & (1 << kStats)) return launch_qkv<T, D, kQStats>(p, smem, stream);
+  return launch_qkv<T, D, kKVQ>(p, smem, stream);
+}
+
+template <class T>
+int launch_qkv(const QkvParams& p, int D, size_t smem, cudaStream_t stream) {
+  switch (D) {
+    case 64: return launch_qkv<T, 64>(p, smem, stream);
+    case 128: return launch_qkv<T, 128>(p, smem, stream);
+    default: return launch_qkv<T, 256>(p, smem, stream);
+  }
 }
 
 }  // namespace
@@ -802,41 +696,6 @@ struct Sa2Input {
   int64_t batch, heads, tokens, head_dim, stride_b, stride_h, stride_n, is_bf16;
 };
 
-struct Sa2ColumnStatsArgs {
-  Sa2Input x;
-  int64_t padded_head_dim;
-  void* workspace;  // f32, at least sa2_column_stats_workspace_floats(...) of them
-  int64_t workspace_floats;
-  void* mean;       // f32 (B, H, D) or null (then fp8 scales are about mean 0)
-  void* fp8_scale;  // f32 (B, H, D) or null
-  void* fp8_inv;    // f32 (B, H, D) or null
-  void* stream;
-};
-
-struct Sa2QuantizeRowsArgs {
-  Sa2Input x;
-  int64_t padded_head_dim, padded_tokens, block_rows, slice_rows, mod_groups, mod_div, int4;
-  void* out;
-  void* scale;
-  const void* mean_given;  // f32 (B, H, D) or null
-  int64_t mean_rows;       // > 0: Q smoothing
-  void* mean_q;
-  void* mean_q_scale;
-  const void* dot_vec;     // f32 (B, dot_heads, D) or null
-  int64_t dot_heads;
-  void* dot_out;           // f32 (B, H, padded_tokens)
-  void* stream;
-};
-
-struct Sa2QuantizeVFp8Args {
-  Sa2Input x;
-  int64_t padded_head_dim, padded_tokens;
-  const void* mean;  // f32 (B, H, D) or null
-  const void* inv;   // f32 (B, H, D)
-  void* out;         // u8 (B, H, D, padded_tokens)
-  void* stream;
-};
-
 struct Sa2SmoothV16Args {
   Sa2Input x;
   int64_t padded_head_dim;
@@ -844,117 +703,6 @@ struct Sa2SmoothV16Args {
   void* out;         // (B, H, tokens, D) contiguous, x's dtype
   void* stream;
 };
-
-SA2_EXPORT int64_t sa2_column_stats_workspace_floats(int64_t batch, int64_t heads, int64_t tokens,
-                                                     int64_t padded_head_dim) {
-  return batch * heads * sa2::ceil_div<int64_t>(tokens, kStatsChunkRows) * 3 * padded_head_dim;
-}
-
-SA2_EXPORT int sa2_column_stats(const Sa2ColumnStatsArgs* a) {
-  SA2_REQUIRE(a != nullptr, "null arguments");
-  if (int e = check_common(a->x.batch, a->x.heads, a->x.tokens, a->x.head_dim, a->padded_head_dim)) return e;
-  const int64_t need = sa2_column_stats_workspace_floats(a->x.batch, a->x.heads, a->x.tokens, a->padded_head_dim);
-  SA2_REQUIRE(a->workspace && a->workspace_floats >= need, "column stats workspace too small (%lld < %lld floats)",
-              (long long)a->workspace_floats, (long long)need);
-  const int chunks = static_cast<int>(sa2::ceil_div<int64_t>(a->x.tokens, kStatsChunkRows));
-  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
-  StatsParams p{{a->x.ptr, a->x.stride_b, a->x.stride_h, a->x.stride_n},
-                static_cast<int>(a->x.heads),
-                static_cast<int>(a->x.tokens),
-                static_cast<int>(a->x.head_dim),
-                static_cast<int>(a->padded_head_dim),
-                static_cast<float*>(a->workspace),
-                chunks,
-                vector_ok(a->x.ptr, static_cast<int>(a->x.head_dim), a->x.stride_b, a->x.stride_h, a->x.stride_n)};
-  const dim3 grid(chunks, static_cast<unsigned>(a->x.heads), static_cast<unsigned>(a->x.batch));
-  SA2_DISPATCH_DTYPE(a->x.is_bf16, column_stats_partial_kernel, <<<grid, kThreads, 0, stream>>>(p));
-  SA2_LAUNCH_CHECK();
-  StatsFinalizeParams f{p.partial, p.heads, p.n, p.d, p.D, chunks, static_cast<float*>(a->mean),
-                        static_cast<float*>(a->fp8_scale), static_cast<float*>(a->fp8_inv)};
-  column_stats_finalize_kernel<<<dim3(1, grid.y, grid.z), kThreads, 0, stream>>>(f);
-  SA2_LAUNCH_CHECK();
-  return 0;
-}
-
-SA2_EXPORT int sa2_quantize_rows(const Sa2QuantizeRowsArgs* a) {
-  SA2_REQUIRE(a != nullptr, "null arguments");
-  if (int e = check_common(a->x.batch, a->x.heads, a->x.tokens, a->x.head_dim, a->padded_head_dim)) return e;
-  const int R = static_cast<int>(a->block_rows);
-  // A row is D / 8 consecutive lanes reduced with shuffles: the 256 threads must cover the
-  // block's rows in whole passes.
-  const int64_t D = a->padded_head_dim;
-  SA2_REQUIRE(R % (kThreads * 8 / D) == 0, "block_rows must be a multiple of %lld", (long long)(kThreads * 8 / D));
-  SA2_REQUIRE(R >= 8 && R <= 256 && R % 8 == 0 && a->padded_tokens % R == 0 && a->padded_tokens >= a->x.tokens,
-              "bad block_rows %d / padded_tokens %lld", R, (long long)a->padded_tokens);
-  SA2_REQUIRE(a->slice_rows >= 8 && R % a->slice_rows == 0 && a->mod_groups >= 1 && a->mod_div >= 1,
-              "bad group rule");
-  SA2_REQUIRE(a->mean_rows == 0 || (R % a->mean_rows == 0 && a->padded_tokens % a->mean_rows == 0),
-              "mean_rows %lld must divide block_rows %d", (long long)a->mean_rows, R);
-  SA2_REQUIRE(!a->dot_vec || (a->dot_heads >= 1 && a->x.heads % a->dot_heads == 0 && a->dot_out),
-              "dot_vec needs dot_heads dividing heads and dot_out");
-  SA2_REQUIRE(a->out && a->scale, "null output");
-  const GroupRule rule{static_cast<int>(a->slice_rows), static_cast<int>(a->mod_groups), static_cast<int>(a->mod_div)};
-  RowsParams p{{a->x.ptr, a->x.stride_b, a->x.stride_h, a->x.stride_n},
-               static_cast<int>(a->x.heads),
-               static_cast<int>(a->x.tokens),
-               static_cast<int>(a->x.head_dim),
-               static_cast<int>(a->padded_head_dim),
-               a->padded_tokens,
-               R,
-               rule,
-               rule.groups_per_block(R),
-               a->int4 != 0,
-               static_cast<int8_t*>(a->out),
-               static_cast<float*>(a->scale),
-               static_cast<const float*>(a->mean_given),
-               static_cast<int>(a->mean_rows),
-               static_cast<int8_t*>(a->mean_q),
-               static_cast<float*>(a->mean_q_scale),
-               static_cast<const float*>(a->dot_vec),
-               static_cast<int>(a->dot_heads),
-               static_cast<float*>(a->dot_out),
-               vector_ok(a->x.ptr, static_cast<int>(a->x.head_dim), a->x.stride_b, a->x.stride_h, a->x.stride_n)};
-  const int mean_blocks = p.mean_rows > 0 ? R / p.mean_rows : 1;
-  const size_t smem = 2 * static_cast<size_t>(R) * p.D + sizeof(float) * (mean_blocks * p.D + 2 * p.groups_per_block);
-  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
-  const dim3 grid(static_cast<unsigned>(a->padded_tokens / R), static_cast<unsigned>(a->x.heads),
-                  static_cast<unsigned>(a->x.batch));
-  if (a->x.is_bf16) {
-    if (int e = raise_smem_limit<quantize_rows_kernel<__nv_bfloat16>>(smem)) return e;
-    quantize_rows_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(p);
-  } else {
-    if (int e = raise_smem_limit<quantize_rows_kernel<__half>>(smem)) return e;
-    quantize_rows_kernel<__half><<<grid, kThreads, smem, stream>>>(p);
-  }
-  SA2_LAUNCH_CHECK();
-  return 0;
-}
-
-SA2_EXPORT int sa2_quantize_v_fp8(const Sa2QuantizeVFp8Args* a) {
-  SA2_REQUIRE(a != nullptr, "null arguments");
-  if (int e = check_common(a->x.batch, a->x.heads, a->x.tokens, a->x.head_dim, a->padded_head_dim)) return e;
-  SA2_REQUIRE(a->padded_tokens % kVTileTokens == 0 && a->padded_tokens >= a->x.tokens,
-              "padded_tokens %lld must be a multiple of %d covering the tokens", (long long)a->padded_tokens,
-              kVTileTokens);
-  SA2_REQUIRE(a->inv && a->out, "null V scale or output");
-  VFp8Params p{{a->x.ptr, a->x.stride_b, a->x.stride_h, a->x.stride_n},
-               static_cast<int>(a->x.heads),
-               static_cast<int>(a->x.tokens),
-               static_cast<int>(a->x.head_dim),
-               static_cast<int>(a->padded_head_dim),
-               a->padded_tokens,
-               static_cast<const float*>(a->mean),
-               static_cast<const float*>(a->inv),
-               static_cast<uint8_t*>(a->out),
-               vector_ok(a->x.ptr, static_cast<int>(a->x.head_dim), a->x.stride_b, a->x.stride_h, a->x.stride_n)};
-  const dim3 grid(static_cast<unsigned>(a->padded_tokens / kVTileTokens), static_cast<unsigned>(a->x.heads),
-                  static_cast<unsigned>(a->x.batch));
-  const size_t smem = static_cast<size_t>(p.D) * kVTileTokens;
-  SA2_DISPATCH_DTYPE(a->x.is_bf16, quantize_v_fp8_kernel,
-                     <<<grid, kThreads, smem, static_cast<cudaStream_t>(a->stream)>>>(p));
-  SA2_LAUNCH_CHECK();
-  return 0;
-}
 
 SA2_EXPORT int sa2_smooth_v16(const Sa2SmoothV16Args* a) {
   SA2_REQUIRE(a != nullptr, "null arguments");
@@ -967,7 +715,7 @@ SA2_EXPORT int sa2_smooth_v16(const Sa2SmoothV16Args* a) {
               static_cast<int>(a->padded_head_dim),
               static_cast<const float*>(a->mean),
               a->out,
-              vector_ok(a->x.ptr, static_cast<int>(a->x.head_dim), a->x.stride_b, a->x.stride_h, a->x.stride_n)};
+              vector_ok(a->x.ptr, a->x.head_dim, a->x.stride_b, a->x.stride_h, a->x.stride_n)};
   const int64_t vecs = a->x.tokens * (a->padded_head_dim / 8);
   const unsigned blocks_x = static_cast<unsigned>(std::min<int64_t>(sa2::ceil_div<int64_t>(vecs, kThreads), 1024));
   const dim3 grid(blocks_x, static_cast<unsigned>(a->x.heads), static_cast<unsigned>(a->x.batch));
@@ -976,7 +724,8 @@ SA2_EXPORT int sa2_smooth_v16(const Sa2SmoothV16Args* a) {
   return 0;
 }
 
-// One Q or K rows job of sa2_quantize_qkv (the groups as in Sa2QuantizeRowsArgs).
+// One Q or K rows job of sa2_quantize_qkv. The scale of row r of a block_rows-row block is
+// group (r / slice_rows) * mod_groups + (r % 8) / mod_div of the block (quant::GroupRule).
 struct Sa2QkvRows {
   int64_t padded_tokens, block_rows, slice_rows, mod_groups, mod_div;
   void* out;    // int8 (B, H, padded_tokens, D or D/2)
@@ -987,6 +736,9 @@ struct Sa2QuantizeQkvArgs {
   Sa2Input q, k, v;  // same batch and dtype; k, v same heads and tokens; one head dim
   int64_t padded_head_dim, int4;
   Sa2QkvRows q_rows, k_rows;
+  int64_t q_mean_rows;  // Q smoothing: rows per q-bar block (a power of two dividing block_rows), or 0
+  void* qbar;           // int8 (B, Hq, q padded_tokens / q_mean_rows, D), with q_mean_rows
+  void* qbar_scale;     // f32 (B, Hq, q padded_tokens / q_mean_rows), with q_mean_rows
   void* kbar;        // f32 (B, Hkv, D): K smoothing (the mean is written here and subtracted), or null
   void* q_dot_kbar;  // f32 (B, Hq, q padded_tokens): q . kbar for the lse, or null (needs kbar)
   void* vbar;        // f32 (B, Hkv, D): V mean (V smoothing), or null
@@ -994,7 +746,7 @@ struct Sa2QuantizeQkvArgs {
   int64_t v_padded_tokens;
   void* v_scale;     // f32 (B, Hkv, D), with v_out
   void* v_inv;       // f32 (B, Hkv, D), with v_out
-  void* workspace;   // f32: sa2_column_stats_workspace_floats(B, Hkv, Nk, D) per reduced tensor
+  void* workspace;   // f32: B * Hkv * ceil(Nk / 256) * 3 * D per reduced tensor (K if kbar, V if vbar or v_out)
   int64_t workspace_floats;
   void* counters;    // u32 (2 * B * Hkv), zero on entry and left zero (one set per stream)
   int64_t counter_slots;
@@ -1003,17 +755,18 @@ struct Sa2QuantizeQkvArgs {
 
 namespace {
 
-int rows_job(const Sa2Input& x, const Sa2QkvRows& r, int64_t D, int int4, RowsJob* job, int64_t* ctas) {
+int rows_job_args(const Sa2Input& x, const Sa2QkvRows& r, int64_t D, RowsJob* job, size_t* smem) {
   const int64_t R = r.block_rows, rows_per_pass = kThreads * 8 / D;
-  SA2_REQUIRE(R >= 8 && R <= 256 && R % rows_per_pass == 0 && R / rows_per_pass <= kMaxRowPasses &&
-                  r.padded_tokens % R == 0 && r.padded_tokens >= x.tokens,
+  SA2_REQUIRE(R >= 8 && R <= 256 && R % rows_per_pass == 0 && r.padded_tokens % R == 0 &&
+                  r.padded_tokens >= x.tokens,
               "bad block_rows %lld / padded_tokens %lld for head dim %lld", (long long)R,
               (long long)r.padded_tokens, (long long)D);
-  SA2_REQUIRE(r.slice_rows >= 8 && R % r.slice_rows == 0 && r.mod_groups >= 1 && r.mod_groups <= 8 &&
-                  r.mod_div >= 1,
+  SA2_REQUIRE(r.slice_rows >= 8 && power_of_two(r.slice_rows) && R % r.slice_rows == 0 && r.mod_groups >= 1 &&
+                  r.mod_groups <= 8 && power_of_two(r.mod_div) && r.mod_div <= 8,
               "bad group rule");
   SA2_REQUIRE(r.out && r.scale, "null rows output");
-  const GroupRule rule{static_cast<int>(r.slice_rows), static_cast<int>(r.mod_groups), static_cast<int>(r.mod_div)};
+  const GroupRule rule = GroupRule::make(static_cast<int>(r.slice_rows), static_cast<int>(r.mod_groups),
+                                         static_cast<int>(r.mod_div));
   *job = RowsJob{};
   job->x = {x.ptr, x.stride_b, x.stride_h, x.stride_n};
   job->heads = static_cast<int>(x.heads);
@@ -1025,17 +778,18 @@ int rows_job(const Sa2Input& x, const Sa2QkvRows& r, int64_t D, int int4, RowsJo
   job->rule = rule;
   job->out = static_cast<int8_t*>(r.out);
   job->scale = static_cast<float*>(r.scale);
-  job->vec = vector_ok(x.ptr, static_cast<int>(x.head_dim), x.stride_b, x.stride_h, x.stride_n);
-  *ctas = x.batch * x.heads * job->blocks_per_head;
-  (void)int4;
+  job->vec = vector_ok(x.ptr, x.head_dim, x.stride_b, x.stride_h, x.stride_n);
+  *smem = rows_smem_bytes(static_cast<int>(R), static_cast<int>(D), 1, job->groups_per_block);
   return 0;
 }
 
 }  // namespace
 
-// Quantizes Q and K (INT8/INT4 rows, no Q smoothing) and optionally V (FP8 V^T) in at most two
-// launches: the K / V column statistics (k-bar, v-bar, FP8 V scales), then every quantizer CTA
-// in one grid. Results equal sa2_column_stats + sa2_quantize_rows + sa2_quantize_v_fp8 bit for bit.
+// Quantizes Q and K (INT8/INT4 rows) and optionally V (FP8 V^T) in at most two launches:
+//   1. the K / V column statistics (k-bar, v-bar, FP8 V scales), with the Q blocks when they
+//      do not need k-bar (q . kbar);
+//   2. the K blocks and V^T tiles (and the Q blocks that need k-bar).
+// Without statistics everything is one launch.
 SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
   SA2_REQUIRE(a != nullptr, "null arguments");
   const Sa2Input &q = a->q, &k = a->k, &v = a->v;
@@ -1047,23 +801,37 @@ SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
                   k.is_bf16 == v.is_bf16 && q.heads % k.heads == 0,
               "q, k, v shapes or dtypes disagree");
   SA2_REQUIRE(!a->q_dot_kbar || a->kbar, "q . kbar needs K smoothing");
-  const int int4 = a->int4 != 0;
-  QkvParams qp{};
-  if (int e = rows_job(q, a->q_rows, D, int4, &qp.rows[0], &qp.ctas[0])) return e;
-  if (int e = rows_job(k, a->k_rows, D, int4, &qp.rows[1], &qp.ctas[1])) return e;
-  qp.d = static_cast<int>(q.head_dim);
-  qp.D = static_cast<int>(D);
-  qp.int4 = int4;
-  qp.rows[0].dot_vec = static_cast<const float*>(a->q_dot_kbar ? a->kbar : nullptr);
-  qp.rows[0].dot_heads = static_cast<int>(k.heads);
-  qp.rows[0].dot_out = static_cast<float*>(a->q_dot_kbar);
-  qp.rows[1].mean = static_cast<const float*>(a->kbar);
+  QkvParams p{};
+  size_t q_smem = 0, k_smem = 0;
+  if (int e = rows_job_args(q, a->q_rows, D, &p.rows[0], &q_smem)) return e;
+  if (int e = rows_job_args(k, a->k_rows, D, &p.rows[1], &k_smem)) return e;
+  p.d = static_cast<int>(q.head_dim);
+  p.int4 = a->int4 != 0;
+  p.kv_heads = k.batch * k.heads;
+  RowsJob& qj = p.rows[0];
+  if (a->q_mean_rows) {
+    const int64_t m = a->q_mean_rows;
+    SA2_REQUIRE(m >= 8 && power_of_two(m) && a->q_rows.block_rows % m == 0,
+                "q_mean_rows %lld must be a power of two dividing block_rows %lld", (long long)m,
+                (long long)a->q_rows.block_rows);
+    SA2_REQUIRE(a->qbar && a->qbar_scale, "null q-bar output");
+    qj.mean_shift = log2_exact(m);
+    qj.qbar = static_cast<int8_t*>(a->qbar);
+    qj.qbar_scale = static_cast<float*>(a->qbar_scale);
+    q_smem = rows_smem_bytes(qj.block_rows, static_cast<int>(D), static_cast<int>(qj.block_rows / m),
+                             qj.groups_per_block);
+  }
+  qj.dot_vec = static_cast<const float*>(a->q_dot_kbar ? a->kbar : nullptr);
+  qj.dot_heads = static_cast<int>(k.heads);
+  qj.dot_out = static_cast<float*>(a->q_dot_kbar);
+  p.rows[1].mean = static_cast<const float*>(a->kbar);
+  size_t v_smem = 0;
   if (a->v_out) {
     SA2_REQUIRE(a->v_padded_tokens % kVTileTokens == 0 && a->v_padded_tokens >= v.tokens,
                 "v_padded_tokens %lld must be a multiple of %d covering the tokens", (long long)a->v_padded_tokens,
                 kVTileTokens);
     SA2_REQUIRE(a->v_scale && a->v_inv, "null V scale");
-    VJob& vj = qp.v;
+    VJob& vj = p.v;
     vj.x = {v.ptr, v.stride_b, v.stride_h, v.stride_n};
     vj.heads = static_cast<int>(v.heads);
     vj.n = static_cast<int>(v.tokens);
@@ -1072,56 +840,61 @@ SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
     vj.mean = static_cast<const float*>(a->vbar);
     vj.inv = static_cast<const float*>(a->v_inv);
     vj.out = static_cast<uint8_t*>(a->v_out);
-    vj.vec = vector_ok(v.ptr, static_cast<int>(v.head_dim), v.stride_b, v.stride_h, v.stride_n);
-    qp.ctas[2] = v.batch * v.heads * vj.tiles_per_head;
+    vj.vec = vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n);
+    v_smem = (2 * kVTileTokens + 2 * sizeof(float)) * static_cast<size_t>(D);
   }
-  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
 
-  // 1. Column statistics of K (k-bar) and V (v-bar, FP8 scales), one grid, finalized in place.
-  FusedStatsParams sp{};
-  int jobs = 0;
+  // Statistics jobs: K (k-bar), V (v-bar and / or FP8 scales).
+  StatsParams& sp = p.stats;
   if (a->kbar) {
-    sp.job[jobs] = StatsJob{{k.ptr, k.stride_b, k.stride_h, k.stride_n}, nullptr, static_cast<float*>(a->kbar),
-                            nullptr, nullptr, nullptr};
-    sp.vec[jobs++] = vector_ok(k.ptr, static_cast<int>(k.head_dim), k.stride_b, k.stride_h, k.stride_n);
+    sp.job[sp.jobs++] = StatsJob{{k.ptr, k.stride_b, k.stride_h, k.stride_n}, nullptr, static_cast<float*>(a->kbar),
+                                 nullptr, nullptr, nullptr,
+                                 vector_ok(k.ptr, k.head_dim, k.stride_b, k.stride_h, k.stride_n)};
   }
   if (a->vbar || a->v_out) {
-    sp.job[jobs] = StatsJob{{v.ptr, v.stride_b, v.stride_h, v.stride_n}, nullptr, static_cast<float*>(a->vbar),
-                            static_cast<float*>(a->v_out ? a->v_scale : nullptr),
-                            static_cast<float*>(a->v_out ? a->v_inv : nullptr), nullptr};
-    sp.vec[jobs++] = vector_ok(v.ptr, static_cast<int>(v.head_dim), v.stride_b, v.stride_h, v.stride_n);
+    sp.job[sp.jobs++] = StatsJob{{v.ptr, v.stride_b, v.stride_h, v.stride_n}, nullptr, static_cast<float*>(a->vbar),
+                                 static_cast<float*>(a->v_out ? a->v_scale : nullptr),
+                                 static_cast<float*>(a->v_out ? a->v_inv : nullptr), nullptr,
+                                 vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n)};
   }
-  if (jobs > 0) {
-    const int64_t per_job = sa2_column_stats_workspace_floats(k.batch, k.heads, k.tokens, D);
-    const int64_t slots = k.batch * k.heads;
-    SA2_REQUIRE(a->workspace && a->workspace_floats >= jobs * per_job,
+  sp.heads = static_cast<int>(k.heads);
+  sp.n = static_cast<int>(k.tokens);
+  sp.chunks = static_cast<int>(sa2::ceil_div<int64_t>(k.tokens, kStatsChunkRows));
+  const int64_t slots = k.batch * k.heads;
+  if (sp.jobs > 0) {
+    const int64_t per_job = slots * sp.chunks * 3 * D;
+    SA2_REQUIRE(a->workspace && a->workspace_floats >= sp.jobs * per_job,
                 "quantize_qkv workspace too small (%lld < %lld floats)", (long long)a->workspace_floats,
-                (long long)(jobs * per_job));
-    SA2_REQUIRE(a->counters && a->counter_slots >= jobs * slots, "quantize_qkv counters too small");
-    sp.heads = static_cast<int>(k.heads);
-    sp.n = static_cast<int>(k.tokens);
-    sp.d = static_cast<int>(k.head_dim);
-    sp.D = static_cast<int>(D);
-    sp.chunks = static_cast<int>(sa2::ceil_div<int64_t>(k.tokens, kStatsChunkRows));
-    for (int i = 0; i < jobs; ++i) {
+                (long long)(sp.jobs * per_job));
+    SA2_REQUIRE(a->counters && a->counter_slots >= sp.jobs * slots, "quantize_qkv counters too small");
+    for (int i = 0; i < sp.jobs; ++i) {
       sp.job[i].partial = static_cast<float*>(a->workspace) + i * per_job;
       sp.job[i].counter = static_cast<unsigned*>(a->counters) + i * slots;
     }
-    const dim3 grid(static_cast<unsigned>(sp.chunks * jobs), static_cast<unsigned>(k.heads),
-                    static_cast<unsigned>(k.batch));
-    SA2_DISPATCH_DTYPE(q.is_bf16, column_stats_fused_kernel, <<<grid, kThreads, 0, stream>>>(sp));
-    SA2_LAUNCH_CHECK();
   }
 
-  // 2. Every quantizer CTA in one grid: Q rows, K rows, V^T tiles.
-  const int64_t ctas = qp.ctas[0] + qp.ctas[1] + qp.ctas[2];
-  SA2_REQUIRE(ctas < (int64_t(1) << 31), "input too large for one grid");
-  const size_t smem = std::max<size_t>(a->v_out ? static_cast<size_t>(D) * kVTileTokens : 0,
-                                       2 * sizeof(float) * std::max(qp.rows[0].groups_per_block,
-                                                                    qp.rows[1].groups_per_block));
-  SA2_REQUIRE(smem <= 48 * 1024, "quantize_qkv needs %zu bytes of shared memory", smem);
-  SA2_DISPATCH_DTYPE(q.is_bf16, quantize_qkv_kernel,
-                     <<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(qp));
-  SA2_LAUNCH_CHECK();
-  return 0;
+  const Segment q_seg{kQ, q.batch * q.heads * qj.blocks_per_head};
+  const Segment kv_seg{kKV, slots * (p.rows[1].blocks_per_head + p.v.tiles_per_head)};
+  const Segment stats_seg{kStats, slots * sp.jobs * sp.chunks};
+  const size_t kv_smem = std::max(k_smem, v_smem);
+  const bool is_bf16 = q.is_bf16 != 0;
+  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
+  auto launch = [&](std::initializer_list<Segment> segments, size_t smem) {
+    QkvParams lp = p;
+    lp.segments = 0;
+    for (const Segment& s : segments) lp.segment[lp.segments++] = s;
+    SA2_REQUIRE(smem <= 96 * 1024, "quantize_qkv needs %zu bytes of shared memory", smem);
+    return is_bf16 ? launch_qkv<__nv_bfloat16>(lp, static_cast<int>(D), smem, stream)
+                   : launch_qkv<__half>(lp, static_cast<int>(D), smem, stream);
+  };
+  if (sp.jobs == 0) return launch({q_seg, kv_seg}, std::max(q_smem, kv_smem));
+  // The Q blocks go first in launch 1 so that the statistics' K / V reads are the most recent
+  // traffic when launch 2 reads them again.
+  const bool q_needs_stats = qj.dot_vec != nullptr;
+  if (q_needs_stats) {
+    if (int e = launch({stats_seg}, kStatsStageBytes)) return e;
+    return launch({kv_seg, q_seg}, std::max(q_smem, kv_smem));
+  }
+  if (int e = launch({q_seg, stats_seg}, std::max<size_t>(q_smem, kStatsStageBytes))) return e;
+  return launch({kv_seg}, kv_smem);
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 
 BUILD_DIR = Path(os.environ.get("SAGEATTN2_BUILD_DIR", Path(__file__).resolve().parent / "_build"))
 MANIFEST = "manifest.json"
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIB_NAME = "sageattn2.dll" if sys.platform == "win32" else "libsageattn2.so"
 
 

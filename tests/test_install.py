@@ -2,6 +2,7 @@
 real (small) build with the loader reading its manifest."""
 import ctypes
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -89,6 +90,16 @@ def test_sources_headers_and_cache_key(tmp_path):
     write_src(csrc / "include", "h.cuh", "// a header change must rebuild\n")
     assert key != install.cache_key(sources, Arch(8, 9), nvcc, (13, 0), csrc)
 
+    key = install.cache_key(sources, Arch(8, 9), nvcc, (13, 0), csrc)
+    os.environ["SAGEATTN2_NVCC_FLAGS"] = "-DSA2_EXPERIMENT=1"  # experiment flags rebuild too
+    try:
+        assert key != install.cache_key(sources, Arch(8, 9), nvcc, (13, 0), csrc)
+        text = install.write_ninja(tmp_path, sources, Arch(8, 9), nvcc, link=True).read_text()
+        assert "-DSA2_EXPERIMENT=1" in text
+    finally:
+        del os.environ["SAGEATTN2_NVCC_FLAGS"]
+    assert key == install.cache_key(sources, Arch(8, 9), nvcc, (13, 0), csrc)
+
     write_src(csrc, "c.cu", "// no header\n")
     with pytest.raises(install.BuildError, match="SA2_FAMILIES"):
         install.scan_sources(csrc)
@@ -119,7 +130,7 @@ def test_real_build_is_cached_and_loads(tmp_path, monkeypatch, capsys):
 
     lib_path = tmp_path / "build" / "sm_80" / install.LIB_NAME
     lib = ctypes.CDLL(str(lib_path))
-    assert lib.sa2_abi_version() == 1
+    assert lib.sa2_abi_version() == 2
     import json
 
     manifest = json.loads((tmp_path / "build" / "manifest.json").read_text())

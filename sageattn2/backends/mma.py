@@ -41,7 +41,7 @@ from ..loader import Library, library_for_device
 from . import KernelError, input_reason
 
 SYMBOL = "sa2_mma_attention"
-QUANT_SYMBOLS = ("sa2_column_stats", "sa2_quantize_rows", "sa2_quantize_v_fp8", "sa2_smooth_v16")
+QUANT_SYMBOLS = ("sa2_quantize_qkv", "sa2_smooth_v16")
 PV_CODES = {torch.float16: 0, torch.bfloat16: 1}  # AttnMmaArgs.pv_type for 16-bit PV; FP8 is 2
 PV_FP8 = 2
 GRANULARITY_CODES = {Granularity.PER_THREAD: 0, Granularity.PER_WARP: 1, Granularity.PER_BLOCK: 2}
@@ -60,24 +60,6 @@ class _Input(ctypes.Structure):
                 ("stride_b", _i), ("stride_h", _i), ("stride_n", _i), ("is_bf16", _i)]
 
 
-class _ColumnStatsArgs(ctypes.Structure):
-    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("workspace", _p), ("workspace_floats", _i),
-                ("mean", _p), ("fp8_scale", _p), ("fp8_inv", _p), ("stream", _p)]
-
-
-class _QuantizeRowsArgs(ctypes.Structure):
-    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("padded_tokens", _i), ("block_rows", _i),
-                ("slice_rows", _i), ("mod_groups", _i), ("mod_div", _i), ("int4", _i),
-                ("out", _p), ("scale", _p), ("mean_given", _p), ("mean_rows", _i),
-                ("mean_q", _p), ("mean_q_scale", _p), ("dot_vec", _p), ("dot_heads", _i),
-                ("dot_out", _p), ("stream", _p)]
-
-
-class _QuantizeVFp8Args(ctypes.Structure):
-    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("padded_tokens", _i), ("mean", _p),
-                ("inv", _p), ("out", _p), ("stream", _p)]
-
-
 class _SmoothV16Args(ctypes.Structure):
     _fields_ = [("x", _Input), ("padded_head_dim", _i), ("mean", _p), ("out", _p), ("stream", _p)]
 
@@ -89,7 +71,8 @@ class _QkvRows(ctypes.Structure):
 
 class _QuantizeQkvArgs(ctypes.Structure):
     _fields_ = [("q", _Input), ("k", _Input), ("v", _Input), ("padded_head_dim", _i), ("int4", _i),
-                ("q_rows", _QkvRows), ("k_rows", _QkvRows), ("kbar", _p), ("q_dot_kbar", _p), ("vbar", _p),
+                ("q_rows", _QkvRows), ("k_rows", _QkvRows), ("q_mean_rows", _i), ("qbar", _p),
+                ("qbar_scale", _p), ("kbar", _p), ("q_dot_kbar", _p), ("vbar", _p),
                 ("v_out", _p), ("v_padded_tokens", _i), ("v_scale", _p), ("v_inv", _p),
                 ("workspace", _p), ("workspace_floats", _i), ("counters", _p), ("counter_slots", _i),
                 ("stream", _p)]
@@ -114,18 +97,14 @@ def _functions(lib: Library):
     """Declares argtypes/restype once per library (ctypes would otherwise guess int)."""
     if id(lib) not in _configured:
         c = lib.cdll
-        for name, args in (("sa2_column_stats", _ColumnStatsArgs), ("sa2_quantize_rows", _QuantizeRowsArgs),
-                           ("sa2_quantize_v_fp8", _QuantizeVFp8Args), ("sa2_smooth_v16", _SmoothV16Args),
+        for name, args in (("sa2_quantize_qkv", _QuantizeQkvArgs), ("sa2_smooth_v16", _SmoothV16Args),
                            ("sa2_mma_attention", _AttnMmaArgs)):
-            fn = getattr(c, name)
-            fn.argtypes = [ctypes.POINTER(args)]
-            fn.restype = ctypes.c_int
-        if lib.has("sa2_quantize_qkv"):
-            c.sa2_quantize_qkv.argtypes = [ctypes.POINTER(_QuantizeQkvArgs)]
-            c.sa2_quantize_qkv.restype = ctypes.c_int
-        c.sa2_column_stats_workspace_floats.argtypes = [_i, _i, _i, _i]
-        c.sa2_column_stats_workspace_floats.restype = _i
-        c.sa2_mma_has_fp8_pv.restype = ctypes.c_int
+            if lib.has(name):
+                fn = getattr(c, name)
+                fn.argtypes = [ctypes.POINTER(args)]
+                fn.restype = ctypes.c_int
+        if lib.has("sa2_mma_has_fp8_pv"):
+            c.sa2_mma_has_fp8_pv.restype = ctypes.c_int
         _configured.add(id(lib))
     return lib.cdll
 
@@ -216,45 +195,9 @@ class Quantized:
     vbar: torch.Tensor | None
 
 
-def _column_stats(lib, x_hnd, dpad, *, mean, fp8, stream):
-    """Per (B, H, channel): mean (if `mean`) and FP8 scale/inverse of x - mean (if `fp8`)."""
-    b, h, n, _ = x_hnd.shape
-    floats = _functions(lib).sa2_column_stats_workspace_floats(b, h, n, dpad)
-    work = torch.empty(floats, dtype=torch.float32, device=x_hnd.device)
-    new = lambda: torch.empty((b, h, dpad), dtype=torch.float32, device=x_hnd.device)
-    out_mean = new() if mean else None
-    scale, inv = (new(), new()) if fp8 else (None, None)
-    _call(lib, "sa2_column_stats", _ColumnStatsArgs(
-        _input(x_hnd), dpad, work.data_ptr(), floats, _ptr(out_mean), _ptr(scale), _ptr(inv), stream))
-    return out_mean, scale, inv
-
-
-def _quantize_rows(lib, x_hnd, dpad, tile, gran, *, for_q, int4, mean_given=None, mean_rows=0,
-                   dot_vec=None, stream):
-    b, h, n, _ = x_hnd.shape
-    block = tile.cta_q if for_q else tile.k_tile
-    n_pad = _round_up(n, block)
-    dev = x_hnd.device
-    out = torch.empty((b, h, n_pad, dpad // 2 if int4 else dpad), dtype=torch.int8, device=dev)
-    groups = (num_q_groups if for_q else num_k_groups)(n, tile, gran)
-    scale = torch.empty((b, h, groups), dtype=torch.float32, device=dev)
-    mean_q = mean_q_scale = dot_out = None
-    if mean_rows:
-        mean_q = torch.empty((b, h, n_pad // mean_rows, dpad), dtype=torch.int8, device=dev)
-        mean_q_scale = torch.empty((b, h, n_pad // mean_rows), dtype=torch.float32, device=dev)
-    if dot_vec is not None:
-        dot_out = torch.empty((b, h, n_pad), dtype=torch.float32, device=dev)
-    slice_rows, mod_groups, mod_div = _group_rule(gran, tile, for_q)
-    _call(lib, "sa2_quantize_rows", _QuantizeRowsArgs(
-        _input(x_hnd), dpad, n_pad, block, slice_rows, mod_groups, mod_div, int(int4),
-        out.data_ptr(), scale.data_ptr(), _ptr(mean_given), mean_rows, _ptr(mean_q), _ptr(mean_q_scale),
-        _ptr(dot_vec), 0 if dot_vec is None else dot_vec.shape[1], _ptr(dot_out), stream))
-    return out, scale, mean_q, mean_q_scale, dot_out
-
-
 # ---------------------------------------------------------------------------------------
-# Fused quantization (sa2_quantize_qkv): two launches, one workspace allocation, and a plan
-# per shape so a call only fills in data pointers.
+# sa2_quantize_qkv: two launches (statistics, then K / V), one workspace allocation, and a
+# plan per shape so a call only fills in data pointers.
 
 _ALIGN = 256  # byte alignment of each operand inside the workspace (TMA needs 16)
 _counter_sets: dict = {}  # (device index, stream) -> int32 tickets, zero between launches
@@ -272,9 +215,9 @@ def _counters(device, stream: int, slots: int) -> int:
 
 
 def fused_eligible(lib: Library, cfg: AttnConfig) -> bool:
-    """sa2_quantize_qkv serves every configuration except Q smoothing (its per-block q-bar
-    stays with sa2_quantize_rows)."""
-    return not cfg.smooth_q and lib.has("sa2_quantize_qkv")
+    """Whether `lib` has sa2_quantize_qkv, which serves every configuration (`cfg` is
+    accepted for the callers that ask per configuration)."""
+    return lib.has("sa2_quantize_qkv")
 
 
 class _QkvPlan:
@@ -297,7 +240,7 @@ class _QkvPlan:
                 raise ValueError(f"v_pad_multiple must be a multiple of {V_TILE_TOKENS}, got {multiple}")
             self.v_pad = _round_up(nk, multiple)
         stats_jobs = int(cfg.smooth_k) + int(self.fp8 or cfg.smooth_v)
-        stats_floats = b * hk * (-(-nk // 256)) * 3 * dpad  # sa2_column_stats_workspace_floats
+        stats_floats = b * hk * (-(-nk // 256)) * 3 * dpad  # 256-token partials (quant.cu kStatsChunkRows)
         f32, i8, u8 = torch.float32, torch.int8, torch.uint8
         parts = [
             ("q", (b, hq, self.nq_pad, width), i8),
@@ -316,6 +259,10 @@ class _QkvPlan:
                       ("v_inv", (b, hk, dpad), f32)]
         if stats_jobs:
             parts.append(("stats", (stats_jobs * stats_floats,), f32))
+        self.q_mean_rows = tile.q_mean_rows if cfg.smooth_q else 0
+        if cfg.smooth_q:
+            blocks = self.nq_pad // tile.q_mean_rows
+            parts += [("qbar", (b, hq, blocks, dpad), i8), ("qbar_scale", (b, hq, blocks), f32)]
         self.parts, self.offsets, size = parts, {}, 0
         for name, shape, dtype in parts:
             self.offsets[name] = size
@@ -326,7 +273,7 @@ class _QkvPlan:
         self.args = a = _QuantizeQkvArgs()
         for field, x in (("q", q_h), ("k", k_h), ("v", v_h)):
             setattr(a, field, _input(x))
-        a.padded_head_dim, a.int4 = dpad, int(int4)
+        a.padded_head_dim, a.int4, a.q_mean_rows = dpad, int(int4), self.q_mean_rows
         for field, block, n_pad, for_q in (("q_rows", tile.cta_q, self.nq_pad, True),
                                            ("k_rows", tile.k_tile, self.nk_pad, False)):
             rows = getattr(a, field)
@@ -345,6 +292,7 @@ class _QkvPlan:
         a.q.ptr, a.k.ptr, a.v.ptr = q_ptr, k_ptr, v_ptr
         a.q_rows.out, a.q_rows.scale = ptr(base, "q"), ptr(base, "q_scale")
         a.k_rows.out, a.k_rows.scale = ptr(base, "k"), ptr(base, "k_scale")
+        a.qbar, a.qbar_scale = ptr(base, "qbar"), ptr(base, "qbar_scale")
         a.kbar, a.q_dot_kbar, a.vbar = ptr(base, "kbar"), ptr(base, "q_dot_kbar"), ptr(base, "vbar")
         a.v_out, a.v_scale, a.v_inv = ptr(base, "v"), ptr(base, "v_scale"), ptr(base, "v_inv")
         a.workspace = ptr(base, "stats")
@@ -363,74 +311,42 @@ class _QkvPlan:
 
 def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = None,
              v_pad_multiple: int | None = None, with_q_dot_kbar: bool = False,
-             lib: Library | None = None, fused: bool = True) -> Quantized:
-    """Runs the fused quantizers on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with
-    a contiguous last dim) for `cfg`, on the current stream.
+             lib: Library | None = None) -> Quantized:
+    """Runs sa2_quantize_qkv on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with a
+    contiguous last dim) for `cfg`, on the current stream; for 16-bit PV with V smoothing or
+    a V that cannot be read in place, also sa2_smooth_v16.
 
     `tile` defaults to `tile_shape(cfg.family, D)` and sets the groups (the Hopper family passes
     its own); `v_pad_multiple` the FP8 V^T token padding (default tile.k_tile, a multiple of
-    64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k). `fused=False`
-    runs the per-pass kernels (up to seven launches) instead of sa2_quantize_qkv (two); both
-    give bit-identical results.
+    64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k).
     """
     if lib is None:
         lib, why = library_for_device(q.device)
         if lib is None:
             raise KernelError(why)
+    if not fused_eligible(lib, cfg):
+        raise KernelError(f"kernel library for {lib.tag} has no sa2_quantize_qkv (rerun install.py)")
     d = q.shape[-1]
     dpad = padded_head_dim(d, cfg.family)
     tile = tile or tile_shape(cfg.family, dpad)
-    int4 = cfg.qk_dtype is QKDType.INT4
     q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
-    nk = k_h.shape[2]
     stream = _stream(q.device)
 
-    if fused and fused_eligible(lib, cfg):
-        plan = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, v_pad_multiple, with_q_dot_kbar and cfg.smooth_k)
-        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=q.device)
-        _functions(lib)
-        plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
-        vbar = plan.view(buf, "vbar")
-        if plan.fp8:
-            v_op = plan.view(buf, "v")
-        elif cfg.smooth_v or not _v16_direct_ok(v_h):
-            v_op = torch.empty((v_h.shape[0], v_h.shape[1], nk, dpad), dtype=v.dtype, device=q.device)
-            _call(lib, "sa2_smooth_v16", _SmoothV16Args(_input(v_h), dpad, _ptr(vbar), v_op.data_ptr(), stream))
-        else:
-            v_op = v_h
-        view = functools.partial(plan.view, buf)
-        return Quantized(tile, d, dpad, view("q"), view("q_scale"), view("k"), view("k_scale"), view("kbar"),
-                         None, None, view("q_dot_kbar"), v_op, view("v_scale"), vbar)
-
-    kbar = None
-    if cfg.smooth_k:
-        kbar, _, _ = _column_stats(lib, k_h, dpad, mean=True, fp8=False, stream=stream)
-    k_q, k_scale, _, _, _ = _quantize_rows(lib, k_h, dpad, tile, cfg.granularity, for_q=False, int4=int4,
-                                           mean_given=kbar, stream=stream)
-    q_q, q_scale, qbar, qbar_scale, q_dot_kbar = _quantize_rows(
-        lib, q_h, dpad, tile, cfg.granularity, for_q=True, int4=int4,
-        mean_rows=tile.q_mean_rows if cfg.smooth_q else 0,
-        dot_vec=kbar if (with_q_dot_kbar and kbar is not None) else None, stream=stream)
-
-    v_scale = vbar = None
-    if cfg.pv_dtype is PVDType.FP8:
-        vbar, v_scale, v_inv = _column_stats(lib, v_h, dpad, mean=cfg.smooth_v, fp8=True, stream=stream)
-        multiple = v_pad_multiple or tile.k_tile
-        if multiple % V_TILE_TOKENS:
-            raise ValueError(f"v_pad_multiple must be a multiple of {V_TILE_TOKENS}, got {multiple}")
-        v_pad = _round_up(nk, multiple)
-        v_op = torch.empty((v_h.shape[0], v_h.shape[1], dpad, v_pad), dtype=torch.uint8, device=q.device)
-        _call(lib, "sa2_quantize_v_fp8", _QuantizeVFp8Args(
-            _input(v_h), dpad, v_pad, _ptr(vbar), v_inv.data_ptr(), v_op.data_ptr(), stream))
+    plan = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, v_pad_multiple, with_q_dot_kbar and cfg.smooth_k)
+    buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=q.device)
+    _functions(lib)
+    plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
+    vbar = plan.view(buf, "vbar")
+    if plan.fp8:
+        v_op = plan.view(buf, "v")
     elif cfg.smooth_v or not _v16_direct_ok(v_h):
-        if cfg.smooth_v:
-            vbar, _, _ = _column_stats(lib, v_h, dpad, mean=True, fp8=False, stream=stream)
-        v_op = torch.empty((v_h.shape[0], v_h.shape[1], nk, dpad), dtype=v.dtype, device=q.device)
+        v_op = torch.empty((v_h.shape[0], v_h.shape[1], v_h.shape[2], dpad), dtype=v.dtype, device=q.device)
         _call(lib, "sa2_smooth_v16", _SmoothV16Args(_input(v_h), dpad, _ptr(vbar), v_op.data_ptr(), stream))
     else:
         v_op = v_h
-    return Quantized(tile, d, dpad, q_q, q_scale, k_q, k_scale, kbar, qbar, qbar_scale, q_dot_kbar,
-                     v_op, v_scale, vbar)
+    view = functools.partial(plan.view, buf)
+    return Quantized(tile, d, dpad, view("q"), view("q_scale"), view("k"), view("k_scale"), view("kbar"),
+                     view("qbar"), view("qbar_scale"), view("q_dot_kbar"), v_op, view("v_scale"), vbar)
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,8 +408,7 @@ def current_device_guard(device):
 
 class _AttentionPlan:
     """mma.attention for one key: the quantizer plan, the prebuilt kernel arguments and the
-    output layout. Calls that the fused quantizer does not serve (Q smoothing) or whose V
-    cannot be read in place take the general path."""
+    output layout. Calls whose 16-bit V cannot be read in place take the general path."""
 
     def __init__(self, lib: Library, q, k, v, layout, cfg: AttnConfig, is_causal, sm_scale, return_lse):
         self.lib, self.layout, self.cfg = lib, layout, cfg
@@ -520,7 +435,8 @@ class _AttentionPlan:
             b, hq, hk, nq, nk, d, dpad, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, *v_strides,
             *_contiguous_bhn_strides(q.shape, layout), int(cfg.qk_dtype is QKDType.INT4),
             PV_FP8 if fp8 else PV_CODES[q.dtype], int(q.dtype == torch.bfloat16),
-            GRANULARITY_CODES[cfg.granularity], 0, tile.q_mean_rows, int(is_causal), float(sm_scale))
+            GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q), tile.q_mean_rows, int(is_causal),
+            float(sm_scale))
 
     def __call__(self, q, k, v):
         if not self.fast or (not self.fp8 and v.data_ptr() % 16):
@@ -537,7 +453,7 @@ class _AttentionPlan:
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
         a, ptr = self.args, plan.pointer
         a.q, a.k, a.q_scale, a.k_scale = ptr(base, "q"), ptr(base, "k"), ptr(base, "q_scale"), ptr(base, "k_scale")
-        a.q_dot_kbar = ptr(base, "q_dot_kbar")
+        a.q_dot_kbar, a.qbar, a.qbar_scale = ptr(base, "q_dot_kbar"), ptr(base, "qbar"), ptr(base, "qbar_scale")
         a.v = ptr(base, "v") if self.fp8 else v.data_ptr()
         a.v_scale, a.v_mean = ptr(base, "v_scale"), ptr(base, "vbar")
         a.out, a.lse, a.stream = out.data_ptr(), None if lse is None else lse.data_ptr(), stream

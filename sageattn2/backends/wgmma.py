@@ -116,10 +116,9 @@ class Prepared:
     v_scale: torch.Tensor | None
 
 
-def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False, fused=True) -> Prepared:
+def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False) -> Prepared:
     """Quantizes q, k, v on the current stream. `return_lse` also computes q . kbar, which
-    `run(..., return_lse=True)` needs when K is smoothed. `fused=False` runs the per-pass
-    quantizer kernels (same results; for tests and benchmarks)."""
+    `run(..., return_lse=True)` needs when K is smoothed."""
     d = q.shape[-1]
     dpad = padded_head_dim(d, Family.WGMMA)
     lib, reason = library_for_device(q.device)
@@ -127,7 +126,7 @@ def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False,
         raise KernelError(reason)
     with torch.cuda.device(q.device):
         qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, tile=tile_shape(Family.WGMMA, dpad),
-                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib, fused=fused)
+                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
     if cfg.pv_dtype is PVDType.FP8:
         pv_mode = 0
     else:

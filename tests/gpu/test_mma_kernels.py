@@ -183,6 +183,7 @@ def mma_order(p: int) -> int:
     return (0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15)[p]
 
 
+QUANT_SMOOTHINGS = {**SMOOTHINGS, "kv": (True, False, True)}
 QUANT_CASES = [
     # (d, nq, nk, precision, granularity, smoothing, dtype, layout, family)
     (128, 300, 200, "int8+fp8", "per_thread", "k", torch.bfloat16, "HND", "mma"),
@@ -192,23 +193,52 @@ QUANT_CASES = [
     (256, 70, 64, "int8+fp8", "per_thread", "kqv", torch.bfloat16, "HND", "mma"),
     (40, 33, 77, "int4+fp8", "per_warp", "none", torch.float16, "NHD", "mma"),
     (160, 257, 1, "int8+fp8", "per_block", "kq", torch.bfloat16, "NHD", "mma"),
+    # Several statistics chunks per head (256 tokens each, the last CTA finalizes), V smoothing
+    # without Q smoothing, INT4 at the native 256.
+    (64, 1000, 3000, "int8+fp8", "per_thread", "kv", torch.float16, "NHD", "mma"),
+    (256, 513, 700, "int4+fp16", "per_thread", "kv", torch.bfloat16, "HND", "mma"),
+    # d % 8 != 0: rows are read without 16-byte copies and padded inside a vector.
+    (36, 100, 90, "int4+fp8", "per_thread", "kq", torch.float16, "NHD", "mma"),
     # The Hopper family reuses these quantizers with its own groups (warp_q 16, k_tile 128)
     # and FP8 V^T padded to 128 tokens.
     (128, 300, 200, "int8+fp8", "per_thread", "k", torch.bfloat16, "NHD", "wgmma"),
     (64, 129, 1000, "int8+fp16", "per_thread", "kq", torch.float16, "HND", "wgmma"),
     (96, 70, 130, "int8+fp8", "per_thread", "kqv", torch.float16, "HND", "wgmma"),
+    (128, 4173, 4173, "int8+fp8", "per_thread", "k", torch.bfloat16, "HND", "wgmma"),
+    (128, 777, 777, "int8+fp16", "per_warp", "none", torch.bfloat16, "NHD", "wgmma"),
+    (100, 150, 333, "int8+fp8", "per_thread", "kq", torch.bfloat16, "HND", "wgmma"),
 ]
+QUANT_FIELDS = ("q", "q_scale", "k", "k_scale", "kbar", "qbar", "qbar_scale", "q_dot_kbar", "v", "v_scale", "vbar")
 
 
+@pytest.mark.parametrize("noncontig", [False, True], ids=["dense", "strided"])
 @pytest.mark.parametrize("d,nq,nk,precision,gran,smoothing,dtype,layout,family", QUANT_CASES)
-def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype, layout, family):
-    cfg = make_cfg(precision, gran, smoothing).with_(family=family)
+def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype, layout, family, noncontig):
+    """sa2_quantize_qkv (every output) against the PyTorch reference quantizers, and a second
+    call bit for bit against the first (the statistics' ticket counters must come back to 0)."""
+    sk, sq, sv = QUANT_SMOOTHINGS[smoothing]
+    qk, pv = precision.split("+")
+    cfg = AttnConfig(qk_dtype=qk, pv_dtype=pv, granularity=gran, smooth_k=sk, smooth_q=sq, smooth_v=sv,
+                     family=family)
     if family == "mma":
         need(cfg)
     q, k, v = make_qkv(2, 4, 2, nq, nk, d, dtype=dtype, device=DEV, layout=layout, v_bias=1.0)
-    poison_allocator()
-    qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, lib=LIB)
-    torch.cuda.synchronize()
+    if noncontig:  # rows 8 channels longer than d: last dim contiguous, other strides not
+        q, k, v = (torch.cat([x, torch.randn_like(x[..., :8])], dim=-1)[..., :d] for x in (q, k, v))
+    runs = []
+    for _ in range(2):
+        poison_allocator()
+        runs.append(mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, lib=LIB))
+        torch.cuda.synchronize()
+    qz = runs[0]
+    for field in QUANT_FIELDS:
+        a, b = getattr(runs[0], field), getattr(runs[1], field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            bits = lambda t: t.contiguous().view(torch.uint8)
+            assert a.shape == b.shape and torch.equal(bits(a), bits(b)), f"{field}: second call differs"
+    assert (qz.qbar is None) == (not cfg.smooth_q) and (qz.kbar is None) == (not cfg.smooth_k)
+
     rq, rk = quantize_q(q, cfg, tensor_layout=layout), quantize_k(k, cfg, tensor_layout=layout)
     rv = quantize_v(v, cfg, tensor_layout=layout)
     unpack = unpack_int4 if cfg.qk_dtype is QKDType.INT4 else (lambda x: x)
@@ -222,7 +252,9 @@ def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype
         kv_head = torch.arange(q_h.shape[1], device=DEV) // (q_h.shape[1] // rk.kbar.shape[1])
         dot = (q_h.float() @ rk.kbar[:, kv_head, :d, None]).squeeze(-1)
         torch.testing.assert_close(qz.q_dot_kbar[:, :, :nq], dot, rtol=1e-4, atol=1e-3)
+        assert (qz.q_dot_kbar[:, :, nq:] == 0).all(), "q . kbar of padding rows must be 0"
     if cfg.smooth_q:
+        assert (qz.qbar[..., d:] == 0).all(), "q-bar padding channels must be 0"
         _values_close(qz.qbar, rq.qbar_values, 1, "qbar values")
         torch.testing.assert_close(qz.qbar_scale, rq.qbar_scale, rtol=2e-6, atol=0)
     if cfg.pv_dtype is PVDType.FP8:
@@ -239,48 +271,6 @@ def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype
         _values_close(mine, rv.values[:, :, :nk], 2 ** -6 * rv.values.abs().max(), "smoothed v", max_fraction=1e-2)
     if cfg.smooth_v:
         torch.testing.assert_close(qz.vbar, rv.vbar, rtol=1e-5, atol=1e-5)
-
-
-# sa2_quantize_qkv (two launches) must reproduce the per-pass kernels bit for bit: same sums
-# in the same order, same roundings. Cases span both families' tiles, every head dim class,
-# INT4, tails, GQA, NHD, fp16, strided rows, several statistics chunks (4173 tokens: 17
-# last-CTA finalizations per head) and V smoothing.
-FUSED_CASES = [c for c in QUANT_CASES if "q" not in c[5]] + [
-    (128, 4173, 4173, "int8+fp8", "per_thread", "k", torch.bfloat16, "HND", "wgmma"),
-    (64, 1000, 3000, "int8+fp8", "per_thread", "kv", torch.float16, "NHD", "mma"),
-    (256, 513, 700, "int4+fp16", "per_thread", "kv", torch.bfloat16, "HND", "mma"),
-    (128, 777, 777, "int8+fp16", "per_warp", "none", torch.bfloat16, "NHD", "wgmma"),
-]
-FUSED_SMOOTHINGS = {**SMOOTHINGS, "kv": (True, False, True)}
-
-
-@pytest.mark.parametrize("noncontig", [False, True], ids=["dense", "strided"])
-@pytest.mark.parametrize("d,nq,nk,precision,gran,smoothing,dtype,layout,family", FUSED_CASES)
-def test_fused_quantizer_bit_identical(d, nq, nk, precision, gran, smoothing, dtype, layout, family, noncontig):
-    sk, sq, sv = FUSED_SMOOTHINGS[smoothing]
-    qk, pv = precision.split("+")
-    cfg = AttnConfig(qk_dtype=qk, pv_dtype=pv, granularity=gran, smooth_k=sk, smooth_q=sq, smooth_v=sv,
-                     family=family)
-    if family == "mma":
-        need(cfg)
-    q, k, v = make_qkv(2, 4, 2, nq, nk, d, dtype=dtype, device=DEV, layout=layout, v_bias=1.0)
-    if noncontig:  # rows 8 channels longer than d: last dim contiguous, other strides not
-        q, k, v = (torch.cat([x, torch.randn_like(x[..., :8])], dim=-1)[..., :d] for x in (q, k, v))
-    outs = []
-    for fused in (True, False, True):  # twice fused: the ticket counters must come back to zero
-        poison_allocator()
-        outs.append(mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, lib=LIB,
-                                 fused=fused))
-        torch.cuda.synchronize()
-    for field in ("q", "q_scale", "k", "k_scale", "kbar", "q_dot_kbar", "v", "v_scale", "vbar"):
-        a, b, c = (getattr(o, field) for o in outs)
-        assert (a is None) == (b is None) == (c is None), field
-        if a is None:
-            continue
-        assert a.shape == b.shape == c.shape and a.dtype == b.dtype, field
-        bits = lambda t: t.contiguous().view(torch.uint8)
-        assert torch.equal(bits(a), bits(b)), f"{field}: fused differs from the per-pass kernels"
-        assert torch.equal(bits(c), bits(b)), f"{field}: second fused call differs"
 
 
 # ---------------------------------------------------------------------------------------

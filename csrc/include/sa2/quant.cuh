@@ -54,13 +54,23 @@ __device__ __forceinline__ uint32_t pack_int4_pair(int even, int odd) {
 //   Q per_block:  slice cta_q,   mod_groups 1, mod_div 8
 //   K per_thread: slice k_tile,  mod_groups 4, mod_div 2  -> keys {8n + 2t, 8n + 2t + 1} of a tile
 //   K per_warp / per_block: slice k_tile, mod_groups 1, mod_div 8
+// slice_rows and mod_div are powers of two in every tile shape, so the divisions are shifts
+// (the quantizer evaluates this for every row it stores).
 struct GroupRule {
-  int slice_rows;
+  int slice_shift;  // log2(slice_rows)
   int mod_groups;
-  int mod_div;
+  int div_shift;    // log2(mod_div)
 
-  __host__ __device__ int local_group(int r) const { return (r / slice_rows) * mod_groups + (r % 8) / mod_div; }
-  __host__ __device__ int groups_per_block(int block_rows) const { return (block_rows / slice_rows) * mod_groups; }
+  // slice_rows and mod_div must be powers of two.
+  static GroupRule make(int slice_rows, int mod_groups, int mod_div) {
+    int s = 0, m = 0;
+    while ((1 << s) < slice_rows) ++s;
+    while ((1 << m) < mod_div) ++m;
+    return {s, mod_groups, m};
+  }
+
+  __host__ __device__ int local_group(int r) const { return (r >> slice_shift) * mod_groups + ((r & 7) >> div_shift); }
+  __host__ __device__ int groups_per_block(int block_rows) const { return (block_rows >> slice_shift) * mod_groups; }
 };
 
 // FP8 V^T layout shared by both families: (B, Hkv, D, Nk_pad), keys contiguous, and inside
