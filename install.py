@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,11 @@ PREFIX = "[sageattn2 install]"
 # sm_120 support).
 MIN_CUDA = {80: (12, 0), 86: (12, 0), 87: (12, 0), 89: (12, 4), 90: (12, 3), 100: (12, 8), 120: (12, 8), 121: (12, 9)}
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+
+
+def nvcc_flags(env=os.environ) -> list[str]:
+    """NVCC_FLAGS plus SAGEATTN2_NVCC_FLAGS (kernel experiments, e.g. "-DSA2_HALVES=0")."""
+    return NVCC_FLAGS + shlex.split(env.get("SAGEATTN2_NVCC_FLAGS", ""))
 
 
 class BuildError(Exception):
@@ -195,13 +201,13 @@ def cache_key(sources: list[Source], arch: Arch, nvcc: Path, cuda_version, csrc:
     for path in sorted(p for p in csrc.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(csrc)).encode())
         h.update(path.read_bytes())
-    h.update(" ".join(NVCC_FLAGS + arch.defines() + [arch.gencode, str(nvcc), str(cuda_version)]).encode())
+    h.update(" ".join(nvcc_flags() + arch.defines() + [arch.gencode, str(nvcc), str(cuda_version)]).encode())
     return h.hexdigest()[:20]
 
 
 def write_ninja(out_dir: Path, sources: list[Source], arch: Arch, nvcc: Path, link: bool) -> Path:
     include = sources[0].path.parent / "include" if sources else CSRC / "include"
-    flags = " ".join(NVCC_FLAGS + arch.defines() + [arch.gencode, f"-I{include}"])
+    flags = " ".join(nvcc_flags() + arch.defines() + [arch.gencode, f"-I{include}"])
     lines = [
         "ninja_required_version = 1.3",
         f"nvcc = {nvcc}",

@@ -213,13 +213,16 @@ def quant_breakdown(specs, records):
                 for _ in range(reps):
                     call()
                 torch.cuda.synchronize()
-            parts = {}
+            # Template instances of one kernel are separate profiler keys: sum them by name.
+            totals, counts = {}, {}
             for e in prof.key_averages():
                 us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
                 name = e.key.replace("void ", "").replace("(anonymous namespace)::", "")
                 name = name.split("<")[0].split("(")[0]
                 if us > 0 and _is_quantizer(name):
-                    parts[f"{name} x{e.count // reps}"] = us / reps
+                    totals[name] = totals.get(name, 0.0) + us / reps
+                    counts[name] = counts.get(name, 0) + e.count
+            parts = {f"{n} x{counts[n] // reps}": us for n, us in totals.items()}
             quant_us = sum(parts.values())
             rec = dict(shape=spec, pv=pv.value, prepare_us=t_prep * 1e6, kernel_us=t_kern * 1e6,
                        call_us=t_call * 1e6, host_us=host, quant_device_us=quant_us, kernels=parts,

@@ -72,6 +72,14 @@ struct Traits {
   static_assert(kConsumerWGs == 2 || kSchedule == Schedule::kSequential,
                 "three warpgroups run the sequential schedule");
   static constexpr bool kSplitPV = kConsumerWGs == 3 && kFp8PV && kHeadDim == 128;
+  // Softmax as two 64-key halves (max of one half under the exponentials of the other): the
+  // instruction-level parallelism two warps per scheduler need (notes v4). With three, the
+  // one-pass softmax (no rescale of the first half) is faster (notes v7).
+  static constexpr bool kSplitSoftmax = kConsumerWGs == 2;
+  // One-pass softmax: the row max on the int32 scores with three-input integer max (VIMNMX3)
+  // before any conversion. +9-10 % at head dim 64; at 128 it spills (112 B) and loses 11 %
+  // against the float max (notes v7).
+  static constexpr bool kIntMax = !kSplitSoftmax && kHeadDim == 64;
   static constexpr int kPartialRegs = kFp8PV ? (kSplitPV ? 32 : kHeadDim / 2) : 1;
   static constexpr int kBlockM = 64 * kConsumerWGs;  // query rows per CTA
   static constexpr int kBlockN = 128;                // == tile_shape().k_tile
@@ -98,9 +106,9 @@ struct Traits {
                                      ? (kFp8PV ? 6 : 4)
                                      : kFp8PV ? (kHeadDim == 128 ? 4 : 8) : (kHeadDim == 128 ? 4 : 6);
   static constexpr int kNumBarriers = 1 + 4 * kStages;
-  // A tile of ones, the B operand of the row-sum wgmma (every address an 8-column K-major
-  // operand can touch over a 128-key tile, 1024-byte aligned).
-  static constexpr int kOnesBytes = 2048;
+  // A tile of ones, the B operand of the row-sum wgmma: one 1024-byte swizzle atom (8 rows of
+  // 128 B), which holds every k-step's operand (all values equal), so its descriptor never moves.
+  static constexpr int kOnesBytes = 1024;
   static constexpr int kSmemBytes =
       1024 + kQBytes + kOnesBytes + kStages * (kKBytes + kVBytes) + kNumBarriers * 8;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-CTA limit");
@@ -152,7 +160,7 @@ __device__ __forceinline__ void issue_pv_fp8(float (&r)[T::kPartialRegs], float 
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       sm90::wgmma_e4m3_rs_n8(lsum, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
-                             sm90::desc_advance(desc_ones, kk * 32), kk > 0);
+                             desc_ones, kk > 0);
   }
 }
 
@@ -177,7 +185,7 @@ __device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], float (
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
     sm90::wgmma_16_rs_n8<T::kBf16PV>(l, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
-                                     sm90::desc_advance(desc_ones, kk * 32));
+                                     desc_ones);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -239,6 +247,49 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
 #pragma unroll
     for (int c = 0; c < kChains; ++c) max0[r][c] = max1[r][c] = -INFINITY;
 
+  if constexpr (!T::kSplitSoftmax) {
+    // One pass: the whole tile's max, then its exponentials.
+    float mx[2], shift[2];
+    if constexpr (T::kIntMax && !kMask) {
+      // The thread's scores of a row share one positive dequant factor, so their max is taken
+      // on the int32 values (three-input VIMNMX3, 4 chains of 4) and only the max converted;
+      // the scores are converted inside the exponential.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        // Row r's values: s[4q + 2r + e], q < 16, e < 2; chain k takes q = k, k+4, k+8, k+12.
+        const auto v = [&](int q, int e) { return static_cast<int32_t>(s[4 * q + 2 * r + e]); };
+        int32_t c[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          c[k] = __vimax3_s32(v(k, 0), v(k, 1), v(k + 4, 0));
+          c[k] = __vimax3_s32(c[k], v(k + 4, 1), v(k + 8, 0));
+          c[k] = __vimax3_s32(c[k], v(k + 8, 1), v(k + 12, 0));
+          c[k] = max(c[k], v(k + 12, 1));
+        }
+        float m = static_cast<float>(max(__vimax3_s32(c[0], c[1], c[2]), c[3])) * dequant;
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        mx[r] = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      }
+#pragma unroll
+      for (int i = 0; i < 64; ++i)
+        s[i] = __float_as_uint(static_cast<float>(static_cast<int32_t>(s[i])));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) convert_and_max(i, max0);
+      reduce_max(max0, mx);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(st.m[r], mx[r]);
+      const bool empty = m_new == -INFINITY;  // no visible key yet in this row
+      alpha[r] = empty ? 1.0f : sm90::fast_exp2(st.m[r] - m_new);
+      shift[r] = empty ? 0.0f : m_new - kFp8Offset;
+      st.m[r] = m_new;
+    }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) exp_one(i, shift);
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 32; ++i) convert_and_max(i, max0);
   float mx[2], m_half[2], shift[2];
@@ -404,7 +455,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   auto desc_k = [&](int stage) {
     return sm90::make_smem_desc<T::kQKSwizzle>(s_k + stage * T::kKBytes, 16, 8 * T::kQKSwizzle);
   };
-  // K-major ones operand: 8 rows of 128 B, advanced 32 B per k-step like V^T.
+  // K-major ones operand: 8 rows of 128 B; the same descriptor serves every k-step.
   const uint64_t desc_ones = sm90::make_smem_desc<128>(s_ones, 16, 1024);
   auto desc_v = [&](int stage) {
     if constexpr (T::kFp8PV)  // K-major V^T: D rows of 128 B
