@@ -2,7 +2,7 @@
 
     python bench/bench_attention.py [--shapes 1x24x4096x128,1x32x8192x128c] [--quick] [--out F]
                                     [--all-schedules] [--breakdown 1x24x4608x128,1x40x32760x128]
-                                    [--no-table] [--json F] [--package-root DIR]
+                                    [--no-table] [--no-mma] [--json F] [--package-root DIR]
     python bench/bench_attention.py --compare before.json after.json
 
 Inputs follow ../shared/docs/h100-baseline.md: bf16 (B, H, N, D) randn with
@@ -83,7 +83,7 @@ def errors(out, ref):
     return cos, ((o - r).abs().sum() / r.abs().sum()).item()
 
 
-def methods(q, k, v, causal, all_schedules):
+def methods(q, k, v, causal, all_schedules, with_mma=True):
     """(name, kernel-only fn, end-to-end fn or None) for everything available here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -130,7 +130,7 @@ def methods(q, k, v, causal, all_schedules):
         from sageattn2.backends import mma
     except ImportError:
         mma = None
-    if mma is not None:
+    if mma is not None and with_mma:
         for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16)):
             cfg = AttnConfig(pv_dtype=pv, family=Family.MMA)
             try:
@@ -267,6 +267,8 @@ def main():
     ap.add_argument("--all-schedules", action="store_true",
                     help="also time the wgmma schedules that are not the default")
     ap.add_argument("--breakdown", help="comma-separated shapes: quantization vs kernel time")
+    ap.add_argument("--no-mma", action="store_true",
+                    help="leave out the mma.sync family (emulated on Hopper: correctness only)")
     ap.add_argument("--no-table", action="store_true", help="only the --breakdown")
     ap.add_argument("--json", help="write the --breakdown numbers here")
     ap.add_argument("--package-root", help="import sageattn2 from this directory")
@@ -279,11 +281,13 @@ def main():
               QUICK_SHAPES if args.quick else TARGET_SHAPES + EXTRA_SHAPES)
 
     dev = torch.cuda.get_device_name()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = os.environ.get("SAGEATTN2_COMMIT", "")  # a device copy may carry no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            commit = ""
     header = (f"{dev}, torch {torch.__version__}, "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {commit or 'uncommitted'}")
 
@@ -343,7 +347,7 @@ def main():
                 q.float(), k.float(), v.float(), is_causal=causal)
         work = 4 * b * h * n * n * d / (2 if causal else 1)
         cells = {}
-        for name, fn, e2e in methods(q, k, v, causal, args.all_schedules):
+        for name, fn, e2e in methods(q, k, v, causal, args.all_schedules, with_mma=not args.no_mma):
             try:
                 err = errors(fn(), ref)
                 t = bench_seconds(fn)
