@@ -4,7 +4,8 @@ built through ComfyUI's own classes, timed with stock attention and with our pat
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_e2e.py [--models wan14b,flux] [--out FILE]
 
 Each row: the diffusion model's forward (BaseModel.apply_model, bf16, median of --iters after
-2 warm-ups), speed-up against stock, cosine of the output against stock. "no attention"
+2 warm-ups), speed-up against stock (stock and the variant alternate, the speed-up is the
+median of the per-pair ratios), cosine of the output against stock. "no attention"
 replaces attention with zeros to show how much of the forward attention takes. A second
 table breaks our attention path down per CUDA kernel (torch.profiler): the quantization
 passes against the attention kernel itself, the overhead budget of issue #6.
@@ -118,19 +119,47 @@ def forward_fn(model, kw, override=None, extra_options=None):
     return run
 
 
-def median_ms(fn, iters):
+def _once_ms(fn):
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e)
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def paired_ms(stock, fn, iters):
+    """(stock ms, fn ms, speed-up): the two alternate, so drift over the row (clocks, allocator,
+    Python's garbage collector, CPU-bound launch queues) hits both; the speed-up is the median
+    of the per-pair ratios."""
     for _ in range(2):
-        fn()
+        stock(), fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    pairs = [(_once_ms(stock), _once_ms(fn)) for _ in range(iters)]
+    return (_median([a for a, _ in pairs]), _median([b for _, b in pairs]),
+            _median([a / b for a, b in pairs]))
+
+
+def host_profile(fn, top=15) -> str:
+    """cProfile of one call: where the CPU time of a forward goes (CPU-bound models)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
 
 
 def cosine(a, b):
@@ -170,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="wan14b,wan1.3b,flux,sdxl,hunyuan")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="print a cProfile of one stock and one int8+fp8 forward per model")
     args = ap.parse_args(argv)
     if not comfyui_path() or not torch.cuda.is_available():
         print("needs COMFYUI_PATH and a CUDA GPU")
@@ -197,10 +228,9 @@ def main(argv=None) -> int:
         label, model, kw = build(name, device)
         stock = forward_fn(model, kw)
         ref = stock().float()
-        t_stock = median_ms(stock, args.iters)
-        say(f"| {label} | stock | {t_stock:.1f} | 1.00x | 1.000000 |")
+        rows = []
         zero = forward_fn(model, kw, override=zero_attention)
-        say(f"| | no attention (zeros) | {median_ms(zero, args.iters):.1f} | | |")
+        t_stock, t_zero, _ = paired_ms(stock, zero, args.iters)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
         for level in LEVELS:
             # Exactly what the node installs: override, APPLY_MODEL wrapper, callbacks.
@@ -208,13 +238,17 @@ def main(argv=None) -> int:
             patched = ov.install(patcher, state)
             fn = forward_fn(model, kw, extra_options=patched.model_options["transformer_options"])
             out = fn().float()
-            t = median_ms(fn, args.iters)
-            say(f"| | patch node, {level} | {t:.1f} | {t_stock / t:.2f}x | {cosine(out, ref):.6f} |")
+            _, t, speedup = paired_ms(stock, fn, args.iters)
+            rows.append(f"| | patch node, {level} | {t:.1f} | {speedup:.2f}x | {cosine(out, ref):.6f} |")
             if level == "int8+fp8":
                 breakdowns.append((label, stage_breakdown(fn)))
-        # Stock again, last: drift over the row (clocks, allocator, autotuning) shows here.
-        t_again = median_ms(stock, args.iters)
-        say(f"| | stock, measured again last | {t_again:.1f} | {t_stock / t_again:.2f}x | |")
+                if args.host_profile:
+                    print(f"== host profile, {label}: stock\n{host_profile(stock)}")
+                    print(f"== host profile, {label}: int8+fp8\n{host_profile(fn)}")
+        say(f"| {label} | stock | {t_stock:.1f} | 1.00x | 1.000000 |")
+        say(f"| | no attention (zeros) | {t_zero:.1f} | | |")
+        for row in rows:
+            say(row)
         del model
         torch.cuda.empty_cache()
     say()

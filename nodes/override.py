@@ -136,6 +136,9 @@ class PatchState:
         self.trace: list | None = None  # set to [] to record (sigma, layer, level) per call
         self._logged: set[str] = set()
         self._on_top: dict[int, tuple[object, SageOverride]] = {}
+        # Unmasked call signatures `auto` gave to stock: later calls skip straight to stock
+        # (layout views, plan and autotune lookups cost host time that CPU-bound models feel).
+        self._auto_stock: dict[tuple, str] = {}
 
     # -- logging and schedule binding ------------------------------------------------------
 
@@ -202,7 +205,7 @@ class PatchState:
 
         out, forward = run(self.exact_for_run)
         self.memory.learn(forward)
-        if forward.nonfinite is not None and bool(forward.nonfinite):
+        if forward.output_sum is not None and not bool(torch.isfinite(forward.output_sum)):
             self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
                       "attention, and the rest of that sampling run uses stock attention", logging.WARNING)
             self.stats["recomputed"] += 1
@@ -295,6 +298,12 @@ class PatchState:
 
     def serve(self, call, forward, pos, level, stock):
         """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
+        signature = None
+        if level == AUTO and call.mask is None:
+            signature = (call.q.shape, call.k.shape, call.v.shape, call.q.dtype, call.heads,
+                         call.skip_reshape)
+            if signature in self._auto_stock:
+                raise Decline(self._auto_stock[signature])
         q4, k4, v4, layout = self.kernel_inputs(call, forward)
         if level == EXACT:
             raise Decline(EXACT)
@@ -305,12 +314,15 @@ class PatchState:
             q4, k4, layout, False, run, stock
         ):
             # Timed once per shape against the function ComfyUI gave us, then cached.
-            raise Decline("auto: stock attention is faster for this shape")
+            reason = "auto: stock attention is faster for this shape"
+            if signature is not None:
+                self._auto_stock[signature] = reason
+            raise Decline(reason)
         out = run()
-        bad = ~torch.isfinite(out.sum(dtype=torch.float32))
+        total = out.sum(dtype=torch.float32)
         if forward.deferred_check:
-            forward.nonfinite = bad if forward.nonfinite is None else forward.nonfinite | bad
-        elif bool(bad):
+            forward.output_sum = total if forward.output_sum is None else forward.output_sum.add_(total)
+        elif not bool(torch.isfinite(total)):
             self.note(f"non-finite {level} output; such calls are recomputed with stock attention", logging.WARNING)
             raise Decline("non-finite quantized output")
         return from_kernel_layout(out, layout, call.skip_output_reshape)
