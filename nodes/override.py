@@ -40,6 +40,7 @@ from .adapter import (
 )
 from .layers import FORWARD_KEY, ForwardState, LayerMemory
 from .levels import AUTO, EXACT, LEVELS
+from .race import SAGE, STOCK, ForwardRace, input_key
 from .schedule import Schedule
 
 log = logging.getLogger("sageattn2.nodes")
@@ -139,6 +140,8 @@ class PatchState:
         # Unmasked call signatures `auto` gave to stock: later calls skip straight to stock
         # (layout views, plan and autotune lookups cost host time that CPU-bound models feel).
         self._auto_stock: dict[tuple, str] = {}
+        # `auto` without a schedule also races whole forwards per input shape (race.py).
+        self.race = ForwardRace() if settings.precision == AUTO else None
 
     # -- logging and schedule binding ------------------------------------------------------
 
@@ -196,22 +199,68 @@ class PatchState:
             except Exception as e:
                 self.note(f"step bookkeeping failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
             # A copy: never write into a dict the caller may reuse (apply_model's default).
-            call_to = dict(to, **{FORWARD_KEY: forward, OVERRIDE_KEY: top})
+            return call_with(dict(to, **{FORWARD_KEY: forward, OVERRIDE_KEY: top})), forward
+
+        def call_with(call_to: dict):
             if in_args:
                 args[5] = call_to
             else:
                 kwargs["transformer_options"] = call_to
-            return executor(*args, **kwargs), forward
+            return executor(*args, **kwargs)
 
+        race, key = self.race_for(args, kwargs)
+        if key is not None and race.side(key) == STOCK:
+            # This model as ComfyUI would run it without the patch: the override we chain to.
+            call_to = {k: v for k, v in to.items() if k != OVERRIDE_KEY}
+            if top.previous is not None:
+                call_to[OVERRIDE_KEY] = top.previous
+            timed = race.timing(key)  # a race forward, not the verdict
+            start = race.clock.start() if timed else None
+            out = call_with(call_to)
+            if timed:
+                self.race_record(race, key, STOCK, race.clock.stop(start))
+            return out
+
+        timed = key is not None and race.timing(key)
+        start = race.clock.start() if timed else None
         out, forward = run(self.exact_for_run)
+        mark = race.clock.stop(start) if timed else None
         self.memory.learn(forward)
         if forward.output_sum is not None and not bool(torch.isfinite(forward.output_sum)):
             self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
                       "attention, and the rest of that sampling run uses stock attention", logging.WARNING)
             self.stats["recomputed"] += 1
             self.exact_for_run = True
+            if key is not None:
+                race.restart(key)
             out, _ = run(True)
+        elif key is not None and key not in race.verdicts:
+            self.race_record(race, key, SAGE, mark)
         return out
+
+    def race_for(self, args, kwargs):
+        """(race, input key) when this evaluation belongs to a whole-forward race or verdict:
+        `auto` without a schedule, on CUDA, outside a stock-only run."""
+        if self.race is None or self.schedule is not None or self.exact_for_run:
+            return None, None
+        try:
+            return self.race, input_key(args, kwargs)
+        except Exception:
+            return None, None
+
+    def race_record(self, race: ForwardRace, key, side: str, mark) -> None:
+        try:
+            decided = race.record(key, side, mark)
+        except Exception as e:  # timing trouble: keep Sage Attention's per-shape decisions
+            self.note(f"whole-forward timing failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+            race.verdicts[key] = SAGE
+            return
+        if decided is not None:
+            verdict, sage_ms, stock_ms = decided
+            self.stats[("auto model", verdict)] += 1
+            self.note(f"auto, whole model evaluation for input {list(key[0])}: "
+                      f"{'Sage Attention' if verdict == SAGE else 'stock attention'} "
+                      f"({sage_ms:.1f} ms with Sage Attention, {stock_ms:.1f} ms stock)")
 
     def start_forward(self, forward: ForwardState, to: dict) -> None:
         """Hook for subclasses (calibration: step bookkeeping)."""

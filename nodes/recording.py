@@ -33,6 +33,7 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 class CalibrationState(PatchState):
     def __init__(self, settings: PatchSettings, node_id=None):
         super().__init__(settings)
+        self.race = None  # calibration runs every candidate level: no whole-forward race
         self.label = self.label.replace("model #", "calibration #", 1)
         self.recorder = Recorder()
         self.node_id = node_id

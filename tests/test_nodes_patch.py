@@ -280,3 +280,58 @@ def test_auto_declines_to_stock_when_quantizing_does_not_pay(dit, monkeypatch):
         # stock without asking again (host time), while 'ours' asks the (cached) timing each call.
         served = counts(state)[want]
         assert (1 <= len(seen) < served) if not pays else len(seen) == served
+
+
+class ScriptedClock:
+    """Stand-in for CUDA events: each timed forward takes the next scripted time."""
+
+    def __init__(self, times):
+        self.times = list(times)
+
+    def start(self):
+        return None
+
+    def stop(self, start):
+        return self.times.pop(0)
+
+    def elapsed_ms(self, mark):
+        return mark
+
+
+@pytest.mark.parametrize("stock_ms,sage_ms,verdict", [(10.0, 5.0, "sage"), (5.0, 10.0, "stock"), (10.0, 9.95, "stock")])
+def test_auto_races_whole_forwards_per_input(dit, monkeypatch, stock_ms, sage_ms, verdict):
+    """`auto` without a schedule: a warm-up forward with Sage Attention, then stock and Sage
+    alternate (two timed each), then every later forward of that input takes the faster path
+    (a tie within 1 % goes to stock). Stock forwards go to the override we chain to, with no
+    override of ours in between."""
+    from sageattn2_pack.sageattn2 import AttnConfig, Plan, autotune
+
+    monkeypatch.setattr(ov.sa2, "plan", lambda *a, **kw: Plan("mma", AttnConfig("int8", "fp16")))
+    real_sageattn = ov.sa2.sageattn
+    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
+    monkeypatch.setattr(autotune, "quantized_pays_off", lambda *a, **kw: True)
+    monkeypatch.setattr(ov, "input_key", lambda args, kwargs: (tuple(args[0].shape),))  # CPU counts as CUDA here
+    base = FakePatcher()
+    base.model_options["transformer_options"]["optimized_attention_override"] = Counting()
+    patched, state = patch(base, precision="auto", backend="auto")
+    prev = patched.model_options["transformer_options"]["optimized_attention_override"].previous
+    state.race.clock = ScriptedClock([stock_ms, sage_ms, stock_ms, sage_ms])
+    per_forward = dit.attention_calls_per_forward()
+    sigmas = [1.0 - 0.1 * i for i in range(9)]  # 8 evaluations: 5 race forwards, 3 after
+    sample(patched, dit, sigmas)
+    assert list(state.race.verdicts.values()) == [verdict]
+    sage_forwards = 3 + (3 if verdict == "sage" else 0)
+    assert state.stats[("sage", "auto")] == sage_forwards * per_forward
+    assert prev.n == len(STOCK.calls) == (8 - sage_forwards) * per_forward
+    assert state.stats[("auto model", verdict)] == 1
+
+
+def test_no_race_off_cuda_with_a_schedule_or_in_calibration():
+    from sageattn2_pack.nodes.race import input_key
+    from sageattn2_pack.nodes.recording import CalibrationState
+
+    x = torch.zeros(1, 4, 8)
+    assert input_key([x, None, None, x], {}) is None  # CPU: nothing to time
+    _, state = patch(FakePatcher(), precision="auto", schedule="double 0: exact")
+    assert state.race_for([x], {}) == (None, None)
+    assert CalibrationState(ov.PatchSettings(min_seq_len=0)).race is None
