@@ -288,38 +288,38 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
     }
 #pragma unroll
     for (int i = 0; i < 64; ++i) exp_one(i, shift);
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) convert_and_max(i, max0);
-  float mx[2], m_half[2], shift[2];
-  reduce_max(max0, mx);
+    for (int i = 0; i < 32; ++i) convert_and_max(i, max0);
+    float mx[2], m_half[2], shift[2];
+    reduce_max(max0, mx);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    m_half[r] = fmaxf(st.m[r], mx[r]);
-    shift[r] = m_half[r] == -INFINITY ? 0.0f : m_half[r] - kFp8Offset;
-  }
-  // exp of half 0 and max of half 1: independent, one basic block.
+    for (int r = 0; r < 2; ++r) {
+      m_half[r] = fmaxf(st.m[r], mx[r]);
+      shift[r] = m_half[r] == -INFINITY ? 0.0f : m_half[r] - kFp8Offset;
+    }
+    // exp of half 0 and max of half 1: independent, one basic block.
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    exp_one(i, shift);
-    convert_and_max(32 + i, max1);
-  }
-  reduce_max(max1, mx);
-  float beta[2];
+    for (int i = 0; i < 32; ++i) {
+      exp_one(i, shift);
+      convert_and_max(32 + i, max1);
+    }
+    reduce_max(max1, mx);
+    float beta[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float m_new = fmaxf(m_half[r], mx[r]);
-    const bool empty = m_new == -INFINITY;  // no visible key yet in this row
-    alpha[r] = empty ? 1.0f : sm90::fast_exp2(st.m[r] - m_new);
-    beta[r] = empty ? 1.0f : sm90::fast_exp2(m_half[r] - m_new);
-    shift[r] = empty ? 0.0f : m_new - kFp8Offset;
-    st.m[r] = m_new;
-  }
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m_half[r], mx[r]);
+      const bool empty = m_new == -INFINITY;  // no visible key yet in this row
+      alpha[r] = empty ? 1.0f : sm90::fast_exp2(st.m[r] - m_new);
+      beta[r] = empty ? 1.0f : sm90::fast_exp2(m_half[r] - m_new);
+      shift[r] = empty ? 0.0f : m_new - kFp8Offset;
+      st.m[r] = m_new;
+    }
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    exp_one(32 + i, shift);
-    s[i] = __float_as_uint(__uint_as_float(s[i]) * beta[(i / 2) % 2]);
+    for (int i = 0; i < 32; ++i) {
+      exp_one(32 + i, shift);
+      s[i] = __float_as_uint(__uint_as_float(s[i]) * beta[(i / 2) % 2]);
+    }
   }
 }
 
@@ -542,6 +542,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
   };
 
+  // Waits for this warpgroup's PV of `stage`, releases the stage, folds the fp8 partial with
+  // the alpha of the tile that PV belongs to.
+  auto retire_pv = [&](int stage, const float (&a)[2]) {
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(o);
+    sm90::fence_operands(lsum);
+    sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
+    if constexpr (T::kFp8PV) sm90::fence_operands(r);
+    release(&v_empty[stage]);
+    fold_pv(a);
+  };
+
   if (wg == 1 && T::kPingPong) sm90::named_bar_arrive<256>(1);  // consumer 0 goes first
   sm90::mbar_wait(q_full, 0);
 
@@ -585,13 +597,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         sm90::wgmma_fence();
         issue_pv(stage);
         sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(o);
-        sm90::fence_operands(lsum);
-        sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
-        if constexpr (T::kFp8PV) sm90::fence_operands(r);
-        release(&v_empty[stage]);
-        fold_pv(alpha);
+        retire_pv(stage, alpha);
       }
     }
   } else {
@@ -626,24 +632,15 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       issue_pv(prev);
       sm90::wgmma_commit();
       pingpong_pass();
-      auto retire_pv = [&]() {
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(o);
-        sm90::fence_operands(lsum);
-        sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
-        if constexpr (T::kFp8PV) sm90::fence_operands(r);
-        release(&v_empty[prev]);
-        fold_pv(alpha_pending);
-      };
       if constexpr (T::kIntraOverlap) {
         sm90::wgmma_wait<1>();
       } else {
-        retire_pv();
+        retire_pv(prev, alpha_pending);
       }
       sm90::fence_operands(s);
       release(&k_empty[stage]);
       softmax(j, dequant);
-      if constexpr (T::kIntraOverlap) retire_pv();
+      if constexpr (T::kIntraOverlap) retire_pv(prev, alpha_pending);
       rescale_o(alpha);
       alpha_pending[0] = alpha[0];
       alpha_pending[1] = alpha[1];
@@ -658,13 +655,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       issue_pv(last);
       sm90::wgmma_commit();
       if (wg == 0) pingpong_pass();  // consumer 1's last pass would have no matching wait
-      sm90::wgmma_wait<0>();
-      sm90::fence_operands(o);
-      sm90::fence_operands(lsum);
-      sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
-      if constexpr (T::kFp8PV) sm90::fence_operands(r);
-      release(&v_empty[last]);
-      fold_pv(alpha_pending);
+      retire_pv(last, alpha_pending);
     }
   }
   // ---------------- epilogue: O / l (* vscale), stores straight from registers ----------------
