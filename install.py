@@ -34,12 +34,14 @@ PREFIX = "[sageattn2 install]"
 # Lowest CUDA toolkit that has what each arch needs (FP8 mma on sm89, wgmma on sm90a,
 # sm_120 support).
 MIN_CUDA = {80: (12, 0), 86: (12, 0), 87: (12, 0), 89: (12, 4), 90: (12, 3), 100: (12, 8), 120: (12, 8), 121: (12, 9)}
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
-def nvcc_flags(env=os.environ) -> list[str]:
-    """NVCC_FLAGS plus SAGEATTN2_NVCC_FLAGS (kernel experiments, e.g. "-DSA2_HALVES=0")."""
-    return NVCC_FLAGS + shlex.split(env.get("SAGEATTN2_NVCC_FLAGS", ""))
+def nvcc_flags(env=os.environ, platform: str = sys.platform) -> list[str]:
+    """NVCC_FLAGS, position-independent code where the host compiler wants the flag (not MSVC),
+    and SAGEATTN2_NVCC_FLAGS (kernel experiments, e.g. "-DSA2_MY_SWITCH=1")."""
+    pic = [] if platform == "win32" else ["-Xcompiler", "-fPIC"]
+    return NVCC_FLAGS + pic + shlex.split(env.get("SAGEATTN2_NVCC_FLAGS", ""), posix=platform != "win32")
 
 
 class BuildError(Exception):
@@ -205,12 +207,18 @@ def cache_key(sources: list[Source], arch: Arch, nvcc: Path, cuda_version, csrc:
     return h.hexdigest()[:20]
 
 
+def ninja_path(path) -> str:
+    """A path in a ninja build line: `$`, spaces and colons (C:\\...) escaped."""
+    return str(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
+
+
 def write_ninja(out_dir: Path, sources: list[Source], arch: Arch, nvcc: Path, link: bool) -> Path:
     include = sources[0].path.parent / "include" if sources else CSRC / "include"
-    flags = " ".join(nvcc_flags() + arch.defines() + [arch.gencode, f"-I{include}"])
+    # Quoted: the default CUDA and ComfyUI-portable paths on Windows contain spaces.
+    flags = " ".join(nvcc_flags() + arch.defines() + [arch.gencode, f'-I"{include}"'])
     lines = [
         "ninja_required_version = 1.3",
-        f"nvcc = {nvcc}",
+        f'nvcc = "{nvcc}"',
         f"flags = {flags}",
         "rule cu",
         "  command = $nvcc $flags $extra -MD -MF $out.d -c $in -o $out",
@@ -228,7 +236,7 @@ def write_ninja(out_dir: Path, sources: list[Source], arch: Arch, nvcc: Path, li
         for i in range(src.shards):
             obj = f"obj/{src.path.stem}" + (f".{i}" if src.shards > 1 else "") + ".o"
             objects.append(obj)
-            lines.append(f"build {obj}: cu {src.path}")
+            lines.append(f"build {obj}: cu {ninja_path(src.path)}")
             if src.shards > 1:
                 lines.append(f"  extra = -DSA2_SHARD={i} -DSA2_NUM_SHARDS={src.shards}")
     if link:

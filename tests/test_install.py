@@ -114,6 +114,18 @@ def test_ninja_file_shards_and_skips_other_families(tmp_path):
     assert "w.cu" not in text
 
 
+def test_windows_paths_and_flags(tmp_path):
+    """The default CUDA path on Windows has spaces, a drive has a colon, MSVC knows no -fPIC."""
+    assert install.ninja_path(r"C:\Comfy UI\csrc\a.cu") == r"C$:\Comfy$ UI\csrc\a.cu"
+    src = [install.Source(Path("/Comfy UI/csrc/a.cu"), ["all"])]
+    nvcc = Path("/Program Files/CUDA/bin/nvcc")
+    text = install.write_ninja(tmp_path, src, Arch(8, 9), nvcc, link=True).read_text()
+    assert 'nvcc = "/Program Files/CUDA/bin/nvcc"' in text and '-I"/Comfy UI/csrc/include"' in text
+    assert "cu /Comfy$ UI/csrc/a.cu" in text
+    assert "-fPIC" in install.nvcc_flags({}, "linux") and "-fPIC" not in install.nvcc_flags({}, "win32")
+    assert install.nvcc_flags({"SAGEATTN2_NVCC_FLAGS": "-DA=1 -DB=2"}, "win32")[-2:] == ["-DA=1", "-DB=2"]
+
+
 @pytest.mark.skipif(install.find_nvcc() is None or install.find_ninja() is None, reason="needs nvcc and ninja")
 def test_real_build_is_cached_and_loads(tmp_path, monkeypatch, capsys):
     """Builds csrc/common.cu alone (fast) for sm_80, rebuilds nothing the second time, and

@@ -4,7 +4,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#if defined(_WIN32)
+#define SA2_EXPORT extern "C" __declspec(dllexport)
+#else
 #define SA2_EXPORT extern "C" __attribute__((visibility("default")))
+#endif
 
 namespace sa2 {
 
