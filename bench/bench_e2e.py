@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="wan14b,wan1.3b,flux,sdxl,hunyuan")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--levels", default=",".join(LEVELS), help="patch-node levels to time")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--host-profile", action="store_true",
                     help="print a cProfile of one stock and one int8+fp8 forward per model")
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
         zero = forward_fn(model, kw, override=zero_attention)
         t_stock, t_zero, _ = paired_ms(stock, zero, args.iters)
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-        for level in LEVELS:
+        for level in args.levels.split(","):
             # Exactly what the node installs: override, APPLY_MODEL wrapper, callbacks.
             state = ov.PatchState(ov.PatchSettings(precision=level, min_seq_len=0))
             patched = ov.install(patcher, state)
