@@ -215,16 +215,16 @@ class PatchState:
             if top.previous is not None:
                 call_to[OVERRIDE_KEY] = top.previous
             timed = race.timing(key)  # a race forward, not the verdict
-            start = race.clock.start() if timed else None
+            start = self.race_clock(race, key, "start") if timed else None
             out = call_with(call_to)
             if timed:
-                self.race_record(race, key, STOCK, race.clock.stop(start))
+                self.race_record(race, key, STOCK, self.race_clock(race, key, "stop", start))
             return out
 
         timed = key is not None and race.timing(key)
-        start = race.clock.start() if timed else None
+        start = self.race_clock(race, key, "start") if timed else None
         out, forward = run(self.exact_for_run)
-        mark = race.clock.stop(start) if timed else None
+        mark = self.race_clock(race, key, "stop", start) if timed else None
         self.memory.learn(forward)
         if forward.output_sum is not None and not bool(torch.isfinite(forward.output_sum)):
             self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
@@ -248,12 +248,26 @@ class PatchState:
         except Exception:
             return None, None
 
+    def race_clock(self, race: ForwardRace, key, what: str, *args):
+        try:
+            return getattr(race.clock, what)(*args)
+        except Exception as e:
+            self.race_failed(race, key, e)
+            return None
+
+    def race_failed(self, race: ForwardRace, key, e: Exception) -> None:
+        """Timing trouble: this input keeps Sage Attention's per-shape decisions."""
+        self.note(f"whole-forward timing failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+        race.restart(key)
+        race.verdicts[key] = SAGE
+
     def race_record(self, race: ForwardRace, key, side: str, mark) -> None:
+        if key in race.verdicts:  # decided meanwhile (a clock failure)
+            return
         try:
             decided = race.record(key, side, mark)
-        except Exception as e:  # timing trouble: keep Sage Attention's per-shape decisions
-            self.note(f"whole-forward timing failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
-            race.verdicts[key] = SAGE
+        except Exception as e:
+            self.race_failed(race, key, e)
             return
         if decided is not None:
             verdict, sage_ms, stock_ms = decided

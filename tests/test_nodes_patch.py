@@ -335,3 +335,24 @@ def test_no_race_off_cuda_with_a_schedule_or_in_calibration():
     _, state = patch(FakePatcher(), precision="auto", schedule="double 0: exact")
     assert state.race_for([x], {}) == (None, None)
     assert CalibrationState(ov.PatchSettings(min_seq_len=0)).race is None
+
+
+def test_a_failing_clock_keeps_sage_attention_and_sampling_goes_on(dit, monkeypatch, caplog):
+    from sageattn2_pack.sageattn2 import AttnConfig, Plan, autotune
+
+    class BrokenClock(ScriptedClock):
+        def stop(self, start):
+            raise RuntimeError("no events here")
+
+    monkeypatch.setattr(ov.sa2, "plan", lambda *a, **kw: Plan("mma", AttnConfig("int8", "fp16")))
+    real_sageattn = ov.sa2.sageattn
+    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
+    monkeypatch.setattr(autotune, "quantized_pays_off", lambda *a, **kw: True)
+    monkeypatch.setattr(ov, "input_key", lambda args, kwargs: (tuple(args[0].shape),))
+    patched, state = patch(FakePatcher(), precision="auto", backend="auto")
+    state.race.clock = BrokenClock([])
+    with caplog.at_level(logging.WARNING, logger="sageattn2.nodes"):
+        outs = sample(patched, dit, FLOW_SIGMAS)
+    assert len(outs) == 5 and all(torch.isfinite(o).all() for o in outs)
+    assert list(state.race.verdicts.values()) == ["sage"]
+    assert sum("whole-forward timing failed" in r.message for r in caplog.records) == 1
