@@ -356,3 +356,16 @@ def test_a_failing_clock_keeps_sage_attention_and_sampling_goes_on(dit, monkeypa
     assert len(outs) == 5 and all(torch.isfinite(o).all() for o in outs)
     assert list(state.race.verdicts.values()) == ["sage"]
     assert sum("whole-forward timing failed" in r.message for r in caplog.records) == 1
+
+
+def test_race_restarts_after_a_recomputed_evaluation():
+    """A recomputed evaluation says nothing about speed: the race starts over (warm-up first)."""
+    from sageattn2_pack.nodes.race import PLAN, SAGE, STOCK, ForwardRace
+
+    race = ForwardRace(clock=ScriptedClock([]))
+    key = ("x",)
+    assert [race.side(key)] == [SAGE] and not race.timing(key)
+    race.record(key, SAGE, None)
+    assert race.side(key) == STOCK and race.timing(key)
+    race.restart(key)
+    assert race.side(key) == PLAN[0] and not race.timing(key) and key not in race.verdicts
