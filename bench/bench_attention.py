@@ -173,7 +173,7 @@ def host_us_per_call(fn, calls=HOST_CALLS):
 
 
 def _is_quantizer(name):
-    return any(x in name for x in ("quantize", "column_stats", "smooth_v16"))
+    return any(x in name for x in ("quantize", "smooth_v16"))  # csrc/quant.cu
 
 
 def quant_breakdown(specs, records):

@@ -196,7 +196,7 @@ __device__ __forceinline__ void issue_pv_16(float (&o)[T::kHeadDim / 2], float (
 
 struct RowState {
   float m[2];
-  float l[2];  // fp8: sum of the rounded p over the tiles folded so far (16-bit PV: in lacc)
+  float l[2];  // fp8: sum of the rounded p over the tiles folded so far (16-bit PV: in lsum)
 };
 
 template <class T, bool kMask>
