@@ -3,17 +3,22 @@ built through ComfyUI's own classes, timed with stock attention and with our pat
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_e2e.py [--models wan14b,flux] [--out FILE]
 
-Each row: the diffusion model's forward (BaseModel.apply_model, bf16, median of --iters after
-2 warm-ups), speed-up against stock (stock and the variant alternate, the speed-up is the
-median of the per-pair ratios), cosine of the output against stock. "no attention"
-replaces attention with zeros to show how much of the forward attention takes. A second
-table breaks our attention path down per CUDA kernel (torch.profiler): the quantization
+Each row: the diffusion model's forward (BaseModel.apply_model, bf16, transformer_options as
+the sampler builds them, median of --iters after 2 warm-ups), speed-up against stock (stock
+and the variant alternate, the speed-up is the median of the per-pair ratios), the same
+timed back to back as a sampler runs it ("in a row": alternating blocks of one side's
+forwards, see in_a_row), cosine of the output against stock. `auto` rows name the
+whole-model race's verdict; a thu-ml row appears when `sageattention` is importable
+(ComfyUI's own sage path). "no attention" replaces attention with zeros to show how much of
+the forward attention takes. A second table breaks our attention path down per CUDA kernel
+(torch.profiler): the quantization
 passes against the attention kernel itself, the overhead budget of issue #6.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import math
 import os
 import subprocess
@@ -108,9 +113,23 @@ def zero_attention(func, q, k, v, heads, *args, skip_reshape=False, skip_output_
     return torch.zeros(shape, dtype=q.dtype, device=q.device)
 
 
+def sampler_options(patcher) -> dict:
+    """transformer_options as ComfyUI's sampler hands them to apply_model: the patcher's
+    wrappers and callbacks merged in (comfy.sampler_helpers.prepare_model_patcher). Without
+    them the node's APPLY_MODEL wrapper never runs: no whole-model race for `auto`, and the
+    non-finite check falls back to one host synchronisation per attention call."""
+    import comfy.patcher_extension as ext
+
+    to = dict(patcher.model_options["transformer_options"])
+    to["wrappers"] = ext.merge_nested_dicts(to.get("wrappers", {}), patcher.wrappers)
+    to["callbacks"] = ext.merge_nested_dicts(to.get("callbacks", {}), patcher.callbacks)
+    return to
+
+
 def forward_fn(model, kw, override=None, extra_options=None):
     def run():
         to = dict(extra_options or {})
+        to["sigmas"] = kw["t"]  # as comfy.samplers._calc_cond_batch sets it
         if override is not None:
             to["optimized_attention_override"] = override
         with torch.no_grad():
@@ -142,6 +161,54 @@ def paired_ms(stock, fn, iters, warmups=2):
     pairs = [(_once_ms(stock), _once_ms(fn)) for _ in range(iters)]
     return (_median([a for a, _ in pairs]), _median([b for _, b in pairs]),
             _median([a / b for a, b in pairs]))
+
+
+def thuml_override():
+    """ComfyUI's own sage path (comfy.ldm.modules.attention.attention_sage, what
+    --use-sage-attention selects) as an override; None when thu-ml sageattention is not
+    importable."""
+    import comfy.ldm.modules.attention as attention
+
+    if not getattr(attention, "SAGE_ATTENTION_IS_AVAILABLE", False):
+        return None
+    return lambda func, *args, **kwargs: attention.attention_sage(*args, **kwargs)
+
+
+def in_a_row(stock, fn, iters, rounds=2):
+    """(fn ms, speed-up) with each side run back to back as a sampler runs it: blocks of
+    `iters` forwards of stock, then of fn, `rounds` times; ms = median of fn's forwards, the
+    speed-up = median over the rounds of (stock block median / fn block median). Blocks keep
+    what alternating every forward hides from neither side (warm allocator and caches of one
+    path), and adjacent blocks still share the card's drift."""
+    def block(f):
+        f()
+        torch.cuda.synchronize()
+        return [_once_ms(f) for _ in range(iters)]
+    times, ratios = [], []
+    for _ in range(rounds):
+        s, v = block(stock), block(fn)
+        times += v
+        ratios.append(_median(s) / _median(v))
+    return _median(times), _median(ratios)
+
+
+def host_syncs(fn) -> list[str]:
+    """Where one forward makes the host wait for the GPU (torch's sync debug mode): each
+    synchronisation mid-forward leaves the GPU idle while the host refills the queue."""
+    import traceback
+    import warnings
+
+    fn()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return [str(w.message).splitlines()[0][:160] + f" ({w.filename}:{w.lineno})" for w in caught]
 
 
 def host_profile(fn, top=15) -> str:
@@ -200,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--levels", default=",".join(LEVELS), help="patch-node levels to time")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--syncs", action="store_true",
+                    help="list the host synchronisations of one forward per variant")
     ap.add_argument("--host-profile", action="store_true",
                     help="print a cProfile of one stock and one int8+fp8 forward per model")
     args = ap.parse_args(argv)
@@ -207,6 +276,8 @@ def main(argv=None) -> int:
         print("needs COMFYUI_PATH and a CUDA GPU")
         return 2
     setup(comfyui_path(), cpu=False)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("sageattn2").setLevel(logging.INFO)  # the node's one-line notes
     sys.path.insert(0, str(REPO / "tests"))
     from test_nodes_support import load_pack
 
@@ -223,8 +294,8 @@ def main(argv=None) -> int:
     say(f"# End to end in ComfyUI: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"{datetime.date.today()}, commit {commit or 'unknown'}")
     say()
-    say("| model slice | variant | ms | vs stock | cosine vs stock |")
-    say("|---|---|---|---|---|")
+    say("| model slice | variant | ms | vs stock | in a row: ms, vs stock | cosine vs stock |")
+    say("|---|---|---|---|---|---|")
     breakdowns = []
     for name in args.models.split(","):
         label, model, kw = build(name, device)
@@ -233,25 +304,44 @@ def main(argv=None) -> int:
         rows = []
         zero = forward_fn(model, kw, override=zero_attention)
         t_stock, t_zero, _ = paired_ms(stock, zero, args.iters)
+        # Blocks of back-to-back forwards take long on the largest slices: fewer there.
+        row_iters, rounds = (args.iters, 2) if t_stock < 500 else (2, 1)
+        if args.syncs:
+            print(f"== host syncs, {label}, stock:", *host_syncs(stock), sep="\n  ")
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
         for level in args.levels.split(","):
             # Exactly what the node installs: override, APPLY_MODEL wrapper, callbacks.
             state = ov.PatchState(ov.PatchSettings(precision=level, min_seq_len=0))
             patched = ov.install(patcher, state)
-            fn = forward_fn(model, kw, extra_options=patched.model_options["transformer_options"])
+            fn = forward_fn(model, kw, extra_options=sampler_options(patched))
             out = fn().float()
             # auto's first evaluations race stock against Sage Attention (nodes/race.py): time
             # what it settles on.
             warmups = 2 + (len(RACE_PLAN) if level == "auto" else 0)
             _, t, speedup = paired_ms(stock, fn, args.iters, warmups)
-            rows.append(f"| | patch node, {level} | {t:.1f} | {speedup:.2f}x | {cosine(out, ref):.6f} |")
+            row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
+            verdicts = sorted(f"{n}x {v}" for (kind, v), n in
+                              ((k, n) for k, n in state.stats.items() if isinstance(k, tuple)) if kind == "auto model")
+            note = f" (whole-model race: {', '.join(verdicts)})" if verdicts else ""
+            rows.append(f"| | patch node, {level}{note} | {t:.1f} | {speedup:.2f}x | {row_t:.1f}, "
+                        f"{row_speedup:.2f}x | {cosine(out, ref):.6f} |")
+            if args.syncs:
+                print(f"== host syncs, {label}, {level}:", *host_syncs(fn), sep="\n  ")
             if level == "int8+fp8":
                 breakdowns.append((label, stage_breakdown(fn)))
                 if args.host_profile:
                     print(f"== host profile, {label}: stock\n{host_profile(stock)}")
                     print(f"== host profile, {label}: int8+fp8\n{host_profile(fn)}")
-        say(f"| {label} | stock | {t_stock:.1f} | 1.00x | 1.000000 |")
-        say(f"| | no attention (zeros) | {t_zero:.1f} | | |")
+        thuml = thuml_override()
+        if thuml is not None:
+            fn = forward_fn(model, kw, override=thuml)
+            out = fn().float()
+            _, t, speedup = paired_ms(stock, fn, args.iters)
+            row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
+            rows.append(f"| | thu-ml sageattention (ComfyUI's sage path) | {t:.1f} | {speedup:.2f}x | {row_t:.1f}, "
+                        f"{row_speedup:.2f}x | {cosine(out, ref):.6f} |")
+        say(f"| {label} | stock | {t_stock:.1f} | 1.00x | | 1.000000 |")
+        say(f"| | no attention (zeros) | {t_zero:.1f} | | | |")
         for row in rows:
             say(row)
         del model

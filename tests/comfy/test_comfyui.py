@@ -354,3 +354,26 @@ def test_comfyui_validates_every_example_workflow(tmp_path):
     for name, r in results.items():
         assert r["valid"] is True and not r["node_errors"], (name, r["error"], r["node_errors"])
         assert r["outputs"], name
+
+
+def test_e2e_bench_forward_takes_the_samplers_path(monkeypatch):
+    """bench/bench_e2e.py times apply_model as the sampler calls it: through the node's
+    APPLY_MODEL wrapper (one deferred non-finite check per forward, auto's whole-model race),
+    not the per-call fallback a bare apply_model call gets."""
+    sys.path.insert(0, str(HERE.parents[1] / "bench"))
+    import bench_e2e
+
+    checks = []
+    serve = ov.PatchState.serve
+    monkeypatch.setattr(ov.PatchState, "serve", lambda self, call, forward, *a, **k: (
+        checks.append(forward.deferred_check), serve(self, call, forward, *a, **k))[1])
+    wan = tiny_wan()
+    patched, state = patch(wan.patcher)
+    g = torch.Generator().manual_seed(4)
+    kw = {"x": torch.randn(1, 16, 3, 8, 8, generator=g).to(DEVICE, DTYPE), "t": torch.tensor([0.5], device=DEVICE),
+          "c_crossattn": torch.randn(1, 32, 64, generator=g).to(DEVICE, DTYPE)}
+    bench_e2e.forward_fn(wan.patcher.model, kw, extra_options=bench_e2e.sampler_options(patched))()
+    assert len(checks) == 2 * len(wan.layers) and all(checks)
+    checks.clear()
+    bench_e2e.forward_fn(wan.patcher.model, kw, extra_options=dict(patched.model_options["transformer_options"]))()
+    assert len(checks) == 2 * len(wan.layers) and not any(checks)  # the fallback this guards against

@@ -3,8 +3,10 @@
 # real-ComfyUI integration tests with the real kernels, the end-to-end ComfyUI benchmark,
 # then the kernel suites. Logs and tables go to $OUT.
 #
-#   carry: .comfyui (a ComfyUI source tree) and .whl (torchsde, trampoline, einops wheels)
-#   STEPS="build comfy e2e mma wgmma" (default: all), E2E_MODELS=wan14b,wan1.3b,flux,sdxl,hunyuan
+#   carry: .comfyui (a ComfyUI source tree) and .whl (torchsde, trampoline, einops wheels);
+#          .thirdparty/SageAttention (thu-ml's source, fetched) for the thu-ml columns
+#   STEPS="thuml build bench comfy e2e mma wgmma" (default: all but thuml and bench),
+#   E2E_MODELS=wan14b,wan1.3b,flux,sdxl,hunyuan
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -20,18 +22,31 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/device.txt"
 
+if want thuml && [ -d .thirdparty/SageAttention ]; then
+  start=$(date +%s)
+  timeout 300 bash tests/gpu/build_thuml.sh .thirdparty/SageAttention > "$OUT/thuml_build.log" 2>&1
+  rc=$?
+  summary+=("thu-ml sageattention build: rc=$rc in $(( $(date +%s) - start )) s")
+  [ $rc = 0 ] && export PYTHONPATH=$PWD/.thirdparty/SageAttention${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 if want build; then
   start=$(date +%s)
   TORCH_CUDA_ARCH_LIST=9.0 python3 install.py -j 16 2>&1 | tee "$OUT/install.log"
   summary+=("install.py + selfcheck: rc=${PIPESTATUS[0]} in $(( $(date +%s) - start )) s")
   grep -E "C7515|C7511|C7508|spill" "$OUT/install.log" | sort | uniq -c | head -20 > "$OUT/ptxas_warnings.txt"
 fi
+if want bench; then
+  timeout 300 python3 bench/bench_attention.py --no-mma --breakdown 1x24x4608x128,1x40x32760x128 \
+    --out "$OUT/bench_attention.md" > "$OUT/bench.log" 2>&1
+  summary+=("attention bench: rc=$?")
+fi
 if want comfy; then
   OUT=$OUT/comfy BUILD=skip timeout 400 bash tests/comfy/run_device.sh > /dev/null 2>&1
   summary+=("ComfyUI integration (H100, real kernels): rc=$? $(tail -1 "$OUT/comfy/pytest.txt" 2>/dev/null)")
 fi
 if want e2e; then
-  timeout 420 python3 bench/bench_e2e.py --models "${E2E_MODELS:-wan14b,wan1.3b,flux,sdxl,hunyuan}" \
+  timeout 460 python3 bench/bench_e2e.py --models "${E2E_MODELS:-wan14b,wan1.3b,flux,sdxl,hunyuan}" \
     --out "$OUT/e2e.md" > "$OUT/e2e.log" 2>&1
   summary+=("e2e bench: rc=$?")
 fi
@@ -47,6 +62,7 @@ fi
 echo "================ summary"
 cat "$OUT/device.txt"
 [ -f "$OUT/install.log" ] && sed -n '/selfcheck\]/,$p' "$OUT/install.log" | head -30
+[ -f "$OUT/bench_attention.md" ] && cut -c1-400 "$OUT/bench_attention.md"
 [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
 grep -hE "cosine to stock run" "$OUT/comfy/pytest.txt" 2>/dev/null
 printf '%s\n' "${summary[@]}"
