@@ -5,45 +5,32 @@
 #   tests/gpu/run_gpu.sh compile [archs]  compile-only check here, default "80 86 89 90 120",
 #                                         printing ptxas registers/spills per kernel
 #
-# The library is built exactly as install.py builds it (docs/building.md flags and defines,
-# `nvcc -shared -cudart static`), but only from the sources this family needs (common.cu,
-# quant.cu, attn_mma.cu) and into its own SAGEATTN2_BUILD_DIR, so a half-finished source of
-# another family cannot break this run. Logs go under $OUT (default ./mma_out).
+# The library is built by install.py (ptxas -v added through SAGEATTN2_NVCC_FLAGS) into its own
+# SAGEATTN2_BUILD_DIR. Logs go under $OUT (default ./mma_out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-device}
 OUT=${OUT:-$PWD/mma_out}
 export PYTHONUNBUFFERED=1
-SOURCES="csrc/common.cu csrc/quant.cu csrc/attn_mma.cu"
-FLAGS="-O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC -Icsrc/include"
-JOBS=${JOBS:-$(nproc)}
 
-gencode() { if [ "$1" = 90 ]; then echo "-gencode=arch=compute_90a,code=sm_90a"; else echo "-gencode=arch=compute_$1,code=sm_$1"; fi; }
-defines() { local fp8=0 wg=0; [ "$1" -ge 89 ] && fp8=1; [ "$1" = 90 ] && wg=1; echo "-DSA2_ARCH=$1 -DSA2_HAS_FP8_MMA=$fp8 -DSA2_FAMILY_WGMMA=$wg"; }
-
-# compile_arch ARCH OBJDIR: every object of the family for one arch, in parallel; ptxas -v
-# output per object in OBJDIR/*.log. Prints FAILED lines and returns non-zero on failure.
-compile_arch() {
-  local arch=$1 obj=$2 jobs=() src name shards i
-  mkdir -p "$obj"
-  for src in $SOURCES; do
-    name=$(basename "$src" .cu)
-    shards=$(grep -m1 -oP '^// SA2_SHARDS:\s*\K[0-9]+' "$src" || echo 1)
-    for ((i = 0; i < shards; i++)); do
-      if [ "$shards" = 1 ]; then jobs+=("$src $name.o"); else jobs+=("$src $name.$i.o -DSA2_SHARD=$i -DSA2_NUM_SHARDS=$shards"); fi
-    done
-  done
-  printf '%s\n' "${jobs[@]}" | xargs -P "$JOBS" -I{} sh -c 'set -- {}; nvcc '"$FLAGS $(gencode "$arch") $(defines "$arch")"' -Xptxas -v -c "$1" -o '"$obj"'/"$2" $3 $4 > '"$obj"'/"$2".log 2>&1 || { echo "FAILED sm_'"$arch"' $1 $3"; cat '"$obj"'/"$2".log | grep -v "ptxas info" | head -20; exit 1; }'
+# build ARCH BUILD_DIR LOG [install.py args]: install.py for one arch ("90" -> 9.0), ptxas -v
+# output in LOG. Prints the compiler's messages and returns non-zero on failure.
+build() {
+  local arch=$1 dir=$2 log=$3
+  shift 3
+  TORCH_CUDA_ARCH_LIST="${arch%?}.${arch: -1}" SAGEATTN2_BUILD_DIR=$dir \
+    SAGEATTN2_NVCC_FLAGS="${SAGEATTN2_NVCC_FLAGS:-} -Xptxas -v" python3 install.py -j "$JOBS" "$@" > "$log" 2>&1 \
+    || { grep -v "ptxas info" "$log" | tail -30; echo "FAILED sm_$arch"; return 1; }
 }
 
 # ptxas summary: kernel, registers, spill bytes.
 ptxas_table() {
-  cat "$1"/*.log | awk '
+  awk '
     /Compiling entry function/ { match($0, /_Z[^'"'"']*/); fn = substr($0, RSTART, RLENGTH) }
     /spill stores/ { split($0, a, /[ ,]+/); for (i = 1; i <= length(a); i++) { if (a[i] == "stores") st = a[i-3]; if (a[i] == "loads") ld = a[i-3] } }
-    /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); printf "%s regs %s spill st/ld %s/%s\n", fn, substr($0, RSTART + 5, RLENGTH - 5), st, ld }' |
+    /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); printf "%s regs %s spill st/ld %s/%s\n", fn, substr($0, RSTART + 5, RLENGTH - 5), st, ld }' "$1" |
     sed -E -e 's/_ZN3sa215attn_mma_kernelINS_13AttnMmaTraitsILi([0-9]+)ELNS_6QKTypeE([0-9])ELNS_6PVTypeE([0-9])EEEEEvNS_11AttnMmaArgsE/attn_mma D=\1 qk(0=int8,1=int4)=\2 pv(0=f16,1=bf16,2=fp8)=\3/' -e 's/_ZN[0-9]+_GLOBAL__N__[0-9a-f_]+quant_cu_[0-9]+[0-9]([a-z_0-9]+kernel)I?([0-9]*_*[a-z]*).*( regs)/quant \1 \2\3/' | sort
-  grep -h "warning" "$1"/*.log | sort | uniq -c | head
+  grep -h "warning" "$1" | sort | uniq -c | head
 }
 
 if [ "$MODE" = compile ]; then
@@ -51,9 +38,11 @@ if [ "$MODE" = compile ]; then
   status=0
   for arch in ${*:-80 86 89 90 120}; do
     start=$(date +%s)
-    compile_arch "$arch" "/tmp/sa2_mma_obj/sm_$arch" || status=1
+    rm -rf "/tmp/sa2_mma_obj/sm_$arch"  # an up-to-date build would print no ptxas lines
+    mkdir -p /tmp/sa2_mma_obj
+    build "$arch" "/tmp/sa2_mma_obj/sm_$arch" "/tmp/sa2_mma_obj/sm_$arch.log" --compile-only || status=1
     echo "== sm_$arch: $(( $(date +%s) - start )) s with $JOBS jobs"
-    ptxas_table "/tmp/sa2_mma_obj/sm_$arch"
+    ptxas_table "/tmp/sa2_mma_obj/sm_$arch.log"
   done
   exit $status
 fi
@@ -65,16 +54,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 nvcc --version | tail -1
 
-echo "== build sm_90a (mma family)"
+echo "== build sm_90a (install.py)"
 export SAGEATTN2_BUILD_DIR=/tmp/sa2_mma_build
-OBJ=/tmp/sa2_mma_obj/sm_90
-rm -rf "$SAGEATTN2_BUILD_DIR" "$OBJ"; mkdir -p "$SAGEATTN2_BUILD_DIR/sm_90a"
+rm -rf "$SAGEATTN2_BUILD_DIR"
 start=$(date +%s)
-compile_arch 90 "$OBJ" || { echo "BUILD FAILED"; exit 1; }
-nvcc -shared -cudart static "$(gencode 90)" "$OBJ"/*.o -o "$SAGEATTN2_BUILD_DIR/sm_90a/libsageattn2.so" || { echo "LINK FAILED"; exit 1; }
-echo '{"archs": {"sm_90a": {"path": "sm_90a/libsageattn2.so", "families": ["mma"], "fp8_mma": true}}}' > "$SAGEATTN2_BUILD_DIR/manifest.json"
+build 90 "$SAGEATTN2_BUILD_DIR" "$OUT/build.log" --no-selfcheck || { echo "BUILD FAILED"; exit 1; }
 echo "built in $(( $(date +%s) - start )) s"
-ptxas_table "$OBJ" | tee "$OUT/ptxas.txt"
+ptxas_table "$OUT/build.log" | tee "$OUT/ptxas.txt"
 
 echo "== tests"
 export SA2_TEST_LOG=$OUT/metrics.jsonl

@@ -6,8 +6,7 @@
 #   every schedule (kernel-only and end to end) + quantization breakdown at 4.6K and 32K;
 #   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios);
 #   all: tests + ncu + the full benchmark. BENCH_SHAPES overrides the benchmark's shapes.
-# Builds common.cu, quant.cu (the fused quantizers prepare() runs), attn_wgmma.cu and attn_mma.cu
-# (mma.py binds its symbols when it configures the quantizers).
+# Builds the sm_90a library with install.py (ptxas -v added to SAGEATTN2_NVCC_FLAGS).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-quick}
@@ -23,40 +22,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 nvcc --version | tail -1
 
-echo "== build"
+echo "== build (install.py, ptxas -v)"
 BUILD_ROOT=${SAGEATTN2_BUILD_DIR:-sageattn2/_build}
 BUILD=$BUILD_ROOT/sm_90a
-OBJ=/tmp/sa2_obj
-rm -rf "$OBJ"; mkdir -p "$OBJ" "$BUILD"
-FLAGS="-O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Xcompiler -fPIC -gencode arch=compute_90a,code=sm_90a -Icsrc/include -DSA2_ARCH=90 -DSA2_HAS_FP8_MMA=1 -DSA2_FAMILY_WGMMA=1 -Xptxas -v"
-jobs=()
-for src in csrc/common.cu csrc/attn_wgmma.cu csrc/quant.cu csrc/attn_mma.cu; do
-  [ -f "$src" ] || continue
-  name=$(basename "$src" .cu)
-  shards=$(grep -m1 -oP '^// SA2_SHARDS:\s*\K[0-9]+' "$src" || echo 1)
-  for ((i = 0; i < shards; i++)); do
-    jobs+=("$src $name.$i.o -DSA2_SHARD=$i -DSA2_NUM_SHARDS=$shards")
-  done
-done
-printf '%s\n' "${jobs[@]}" | xargs -P 16 -I{} sh -c 'set -- {}; timeout 300 nvcc '"$FLAGS"' -c "$1" -o '"$OBJ"'/"$2" $3 $4 > '"$OBJ"'/"$2".log 2>&1 || echo "FAILED $1 $3"'
-cat "$OBJ"/*.log > "$OUT/ptxas.log"
-families='"wgmma"'
-objs="$OBJ/common.0.o"
-for name in attn_wgmma quant attn_mma; do
-  ls "$OBJ"/$name.*.o >/dev/null 2>&1 || continue
-  n_src=$(ls "$OBJ"/$name.*.log | wc -l); n_obj=$(ls "$OBJ"/$name.*.o | wc -l)
-  if [ "$n_src" = "$n_obj" ]; then objs="$objs $(ls "$OBJ"/$name.*.o | tr '\n' ' ')"
-    [ $name = attn_mma ] && families="$families, \"mma\""
-  else echo "skipping $name: some shards failed"; fi
-done
-nvcc -shared -Xcompiler -fPIC -o "$BUILD/libsageattn2.so" $objs || { echo "LINK FAILED"; exit 1; }
-cat > "$BUILD_ROOT/manifest.json" <<JSON
-{"archs": {"sm_90a": {"path": "sm_90a/libsageattn2.so", "families": [$families], "fp8_mma": true}}}
-JSON
+rm -rf "$BUILD"  # an up-to-date build would print no ptxas lines
+TORCH_CUDA_ARCH_LIST=9.0 SAGEATTN2_NVCC_FLAGS="${SAGEATTN2_NVCC_FLAGS:-} -Xptxas -v" \
+  python3 install.py -j 16 --no-selfcheck > "$OUT/ptxas.log" 2>&1 \
+  || { grep -v "ptxas info" "$OUT/ptxas.log" | tail -30; echo "BUILD FAILED"; exit 1; }
 cat "$BUILD_ROOT/manifest.json"
 echo "-- ptxas (wgmma kernels): spills per kernel <D, PV, Schedule, WGs>"
-cat "$OBJ"/attn_wgmma.*.log | awk '/Compiling entry/{k=$0; sub(/.*TraitsIL/, "", k); sub(/EEEEEv14.*/, "", k)} /spill stores/{print k": "$0}' | sed -E 's/ELNS0_6PVModeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
-grep -hE "C7515|C7511|C7508|warning|error" "$OBJ"/*.log | sort | uniq -c | head -20
+awk '/Compiling entry/{k = ""; if ($0 ~ /wgmma_attn/) {k = $0; sub(/.*TraitsIL/, "", k); sub(/EEEEEv14.*/, "", k)}}
+     /spill stores/{if (k != "") print k": "$0}' "$OUT/ptxas.log" | sed -E 's/ELNS0_6PVModeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
+grep -hE "C7515|C7511|C7508|warning|error" "$OUT/ptxas.log" | sort | uniq -c | head -20
 cuobjdump -sass "$BUILD/libsageattn2.so" > /tmp/sass.txt 2>/dev/null
 for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi3" "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi2"; do
   awk -v k="$k" '/Function :/{f = index($0, k) > 0} f' /tmp/sass.txt > "/tmp/sass_$k.txt"
