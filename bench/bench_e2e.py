@@ -195,7 +195,6 @@ def in_a_row(stock, fn, iters, rounds=2):
 def host_syncs(fn) -> list[str]:
     """Where one forward makes the host wait for the GPU (torch's sync debug mode): each
     synchronisation mid-forward leaves the GPU idle while the host refills the queue."""
-    import traceback
     import warnings
 
     fn()
@@ -308,23 +307,27 @@ def main(argv=None) -> int:
         row_iters, rounds = (args.iters, 2) if t_stock < 500 else (2, 1)
         if args.syncs:
             print(f"== host syncs, {label}, stock:", *host_syncs(stock), sep="\n  ")
+
+        def timed_cells(fn, warmups=2):
+            """A row's cells after its name: the forward alternating with stock, then in blocks."""
+            out = fn().float()
+            _, t, speedup = paired_ms(stock, fn, args.iters, warmups)
+            row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
+            return f"{t:.1f} | {speedup:.2f}x | {row_t:.1f}, {row_speedup:.2f}x | {cosine(out, ref):.6f} |"
+
         patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
         for level in args.levels.split(","):
             # Exactly what the node installs: override, APPLY_MODEL wrapper, callbacks.
             state = ov.PatchState(ov.PatchSettings(precision=level, min_seq_len=0))
             patched = ov.install(patcher, state)
             fn = forward_fn(model, kw, extra_options=sampler_options(patched))
-            out = fn().float()
             # auto's first evaluations race stock against Sage Attention (nodes/race.py): time
             # what it settles on.
-            warmups = 2 + (len(RACE_PLAN) if level == "auto" else 0)
-            _, t, speedup = paired_ms(stock, fn, args.iters, warmups)
-            row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
-            verdicts = sorted(f"{n}x {v}" for (kind, v), n in
-                              ((k, n) for k, n in state.stats.items() if isinstance(k, tuple)) if kind == "auto model")
+            cells = timed_cells(fn, 2 + (len(RACE_PLAN) if level == "auto" else 0))
+            verdicts = sorted(f"{n}x {k[1]}" for k, n in state.stats.items()
+                              if isinstance(k, tuple) and k[0] == "auto model")
             note = f" (whole-model race: {', '.join(verdicts)})" if verdicts else ""
-            rows.append(f"| | patch node, {level}{note} | {t:.1f} | {speedup:.2f}x | {row_t:.1f}, "
-                        f"{row_speedup:.2f}x | {cosine(out, ref):.6f} |")
+            rows.append(f"| | patch node, {level}{note} | {cells}")
             if args.syncs:
                 print(f"== host syncs, {label}, {level}:", *host_syncs(fn), sep="\n  ")
             if level == "int8+fp8":
@@ -334,12 +337,7 @@ def main(argv=None) -> int:
                     print(f"== host profile, {label}: int8+fp8\n{host_profile(fn)}")
         thuml = thuml_override()
         if thuml is not None:
-            fn = forward_fn(model, kw, override=thuml)
-            out = fn().float()
-            _, t, speedup = paired_ms(stock, fn, args.iters)
-            row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
-            rows.append(f"| | thu-ml sageattention (ComfyUI's sage path) | {t:.1f} | {speedup:.2f}x | {row_t:.1f}, "
-                        f"{row_speedup:.2f}x | {cosine(out, ref):.6f} |")
+            rows.append(f"| | thu-ml sageattention (ComfyUI's sage path) | {timed_cells(forward_fn(model, kw, override=thuml))}")
         say(f"| {label} | stock | {t_stock:.1f} | 1.00x | | 1.000000 |")
         say(f"| | no attention (zeros) | {t_zero:.1f} | | | |")
         for row in rows:
