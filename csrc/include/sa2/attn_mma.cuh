@@ -458,6 +458,16 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
   const bool paired_store = (d % 2 == 0) && (a.o_stride_n % 2 == 0) && (a.o_stride_h % 2 == 0) &&
                             (a.o_stride_b % 2 == 0) && (reinterpret_cast<uintptr_t>(a.out) % 4 == 0);
   uint16_t* out = static_cast<uint16_t*>(a.out) + batch * a.o_stride_b + head * a.o_stride_h;
+  // The per-channel V scale and mean, staged once per CTA in shared memory: read from global
+  // memory between the output stores (which may alias them for the compiler), every column
+  // pair waits out a load latency; held in registers they add spills here.
+  float* vcol = reinterpret_cast<float*>(k_smem);  // [0, D): V scale, [D, 2D): V mean
+  __syncthreads();                                 // every warp is done with the K/V tiles
+  for (int i = threadIdx.x; i < T::kHeadDim; i += T::kThreads) {
+    vcol[i] = v_scale != nullptr ? v_scale[i] : 1.0f;
+    vcol[T::kHeadDim + i] = v_mean != nullptr ? v_mean[i] : 0.0f;
+  }
+  __syncthreads();
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -473,12 +483,12 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
         if (c >= d) continue;
         float v0 = o[m][n][2 * h] * inv_l, v1 = o[m][n][2 * h + 1] * inv_l;
         if constexpr (T::kFp8PV) {
-          v0 *= v_scale[c];
-          v1 *= v_scale[c + 1];
+          v0 *= vcol[c];
+          v1 *= vcol[c + 1];
         }
         if (v_mean) {
-          v0 += v_mean[c];
-          v1 += v_mean[c + 1];
+          v0 += vcol[T::kHeadDim + c];
+          v1 += vcol[T::kHeadDim + c + 1];
         }
         const uint32_t packed = out_bf16 ? pack_16bit<PVType::kBf16>(v0, v1) : pack_16bit<PVType::kFp16>(v0, v1);
         if (paired_store) {

@@ -323,6 +323,22 @@ __device__ __forceinline__ void softmax_tile(uint32_t (&s)[64], RowState& st, fl
   }
 }
 
+// Per-channel constants (the V scales) of the output columns one thread stores: pairs
+// (c, c + 1), c = 8 n + 2 t, n < kCols; `fill` where p is null or past d. Load them before the
+// first output store: a store may alias them as far as the compiler knows, so loads placed
+// between stores each wait out a full load latency (docs/notes-wgmma.md, session 5: most of a
+// CTA's fixed cost on H100).
+template <int kCols>
+__device__ __forceinline__ void load_column_pairs(const float* p, int t, int d, float fill,
+                                                  float2 (&out)[kCols]) {
+#pragma unroll
+  for (int n = 0; n < kCols; ++n) {
+    const int c = 8 * n + 2 * t;
+    out[n].x = p != nullptr && c < d ? p[c] : fill;
+    out[n].y = p != nullptr && c + 1 < d ? p[c + 1] : fill;
+  }
+}
+
 // P as the A operand of the PV wgmma, straight from the S accumulator registers.
 // fp8 (k32 steps): slot 4t+j of each 16-key group holds key {2t, 2t+1, 2t+8, 2t+9}[j], which is
 // the order V^T's tokens are stored in.
@@ -676,15 +692,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
                                    : nullptr;
   const bool out_bf16 = T::kFp8PV ? p.out_bf16 != 0 : T::kBf16PV;
   const int64_t head_offset = batch * p.o_stride_b + head * p.o_stride_h;
+  float2 vs[D / 8];
+  load_column_pairs(v_scale, t, p.head_dim, 1.0f, vs);
 #pragma unroll
   for (int cb = 0; cb < D / 8; ++cb) {
     const int col = cb * 8 + 2 * t;
     if (col >= p.head_dim) continue;
-    float vs0 = 1.0f, vs1 = 1.0f;
-    if constexpr (T::kFp8PV) {
-      vs0 = v_scale[col];
-      vs1 = v_scale[col + 1];
-    }
+    const float vs0 = vs[cb].x, vs1 = vs[cb].y;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = row0 + 8 * rr;
