@@ -694,6 +694,41 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int64_t head_offset = batch * p.o_stride_b + head * p.o_stride_h;
   float2 vs[D / 8];
   load_column_pairs(v_scale, t, p.head_dim, 1.0f, vs);
+  // Whole 16-byte-aligned rows (the usual case): each warp stages its 16 x D outputs, 8 rows at
+  // a time, in its own slice of the Q tile (read for the last time by this warpgroup's last QK,
+  // which has retired) and writes them as 16-byte stores, one full row per 8 or 16 lanes.
+  // Straight from the accumulator layout every instruction would write 8 rows x 16 B, and a
+  // warpgroup's 32 such stores per thread took most of a CTA's 3.9 us epilogue (notes, session 5).
+  const bool whole_rows = p.head_dim == D && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 &&
+                          p.o_stride_n % 8 == 0 && p.o_stride_h % 8 == 0 && p.o_stride_b % 8 == 0;
+  if (whole_rows) {
+    constexpr int kChunks = D / 8;               // 16-byte chunks per output row
+    constexpr int kRowsPerStore = 32 / kChunks;  // rows one warp-wide 16-byte store covers
+    // Chunk c of staged row r sits at chunk c ^ r: conflict-free for both access patterns.
+    uint32_t* staged = reinterpret_cast<uint32_t*>(s_q + (wg * 64 + warp * 16) * D);
+    uint16_t* out = static_cast<uint16_t*>(p.out) + head_offset;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+#pragma unroll
+      for (int cb = 0; cb < D / 8; ++cb) {
+        const float y0 = o[4 * cb + 2 * rr] * inv_l[rr] * vs[cb].x;
+        const float y1 = o[4 * cb + 2 * rr + 1] * inv_l[rr] * vs[cb].y;
+        staged[(g * kChunks + (cb ^ g)) * 4 + t] =
+            out_bf16 ? sm90::pack_half2<true>(y0, y1) : sm90::pack_half2<false>(y0, y1);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < 8 / kRowsPerStore; ++i) {
+        const int r = i * kRowsPerStore + lane / kChunks, c = lane % kChunks;
+        const uint4 v = reinterpret_cast<const uint4*>(staged)[r * kChunks + (c ^ r)];
+        const int row = slice * 16 + 8 * rr + r;
+        if (row < p.num_q)
+          *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * p.o_stride_n + c * 8) = v;
+      }
+      __syncwarp();  // the next pass overwrites what these lanes just read
+    }
+    return;
+  }
 #pragma unroll
   for (int cb = 0; cb < D / 8; ++cb) {
     const int col = cb * 8 + 2 * t;
