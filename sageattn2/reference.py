@@ -380,24 +380,28 @@ def _truncate_mantissa(x: Tensor, mantissa_bits: int) -> Tensor:
     return (x.view(torch.int32) & -(1 << drop)).view(torch.float32)
 
 
-def _tile_pv(p_hat: Tensor, v_tile: Tensor, acc_mantissa_bits: int | None) -> Tensor:
-    """R = P_hat . V for one key tile, accumulated from zero (the inner accumulator level)."""
+def _tile_pv(p_hat: Tensor, v_tile: Tensor, acc_mantissa_bits: int | None, acc: Tensor | None = None) -> Tensor:
+    """acc + P_hat . V over one key tile in the PV accumulator (the inner level; from zero
+    when acc is None), truncated after every 32-key step when acc_mantissa_bits is set."""
     if acc_mantissa_bits is None:
-        return p_hat @ v_tile
-    r = None
+        return p_hat @ v_tile if acc is None else acc + p_hat @ v_tile
+    r = acc
     for start in range(0, p_hat.shape[-1], FP8_MMA_K_STEP):
         step = p_hat[..., start : start + FP8_MMA_K_STEP] @ v_tile[..., start : start + FP8_MMA_K_STEP, :]
         r = _truncate_mantissa(step if r is None else r + step, acc_mantissa_bits)
     return r
 
 
-def _check_acc_bits(bits: int | None, cfg: AttnConfig) -> None:
-    if bits is None:
-        return
-    if cfg.pv_dtype is not PVDType.FP8:
-        raise ValueError("fp8_acc_mantissa_bits only applies to fp8 PV")
-    if not isinstance(bits, int) or not 1 <= bits <= 23:
+def _check_acc_bits(bits: int | None, flush_tiles: int | None, cfg: AttnConfig) -> None:
+    if (bits is not None or flush_tiles is not None) and cfg.pv_dtype is not PVDType.FP8:
+        raise ValueError("fp8_acc_mantissa_bits and fp8_flush_tiles only apply to fp8 PV")
+    if bits is not None and (not isinstance(bits, int) or not 1 <= bits <= 23):
         raise ValueError(f"fp8_acc_mantissa_bits must be an int in 1..23, got {bits!r}")
+    if flush_tiles is not None and (isinstance(flush_tiles, bool) or not isinstance(flush_tiles, int)
+                                    or flush_tiles < 1):
+        raise ValueError(f"fp8_flush_tiles must be a positive int, got {flush_tiles!r}")
+    if flush_tiles is not None and cfg.family is not Family.WGMMA:
+        raise ValueError("fp8_flush_tiles models the wgmma kernels (row sums from the PV accumulator)")
 
 
 def reference_attention(
@@ -411,6 +415,7 @@ def reference_attention(
     sm_scale: float | None = None,
     return_lse: bool = False,
     fp8_acc_mantissa_bits: int | None = None,
+    fp8_flush_tiles: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """What a SageAttention2 kernel configured by `cfg` computes (docs/numerics.md), in fp32.
 
@@ -418,13 +423,16 @@ def reference_attention(
     layout and, when return_lse, lse (B, Hq, Nq) float32 in natural-log units including the
     K-smoothing correction. `fp8_acc_mantissa_bits` (fp8 PV only) truncates each tile's
     partial PV sum to that many mantissa bits after every 32-key step, as Hopper's FP8
-    wgmma accumulator does with 13.
+    wgmma accumulator does with 13. `fp8_flush_tiles` (fp8 PV only) models a kernel whose PV
+    accumulator is not restarted every tile: it carries its sum (rescaled by alpha in fp32)
+    across that many key tiles and only then adds it into the fp32 O; None is the two-level
+    scheme of today's kernels (numerics.md step 6), the same as 1.
 
     Integer dot products go through fp32 matmuls, which are exact here; on CUDA keep TF32
     matmuls off (the default) so fp32 P is not rounded when the inputs are fp32.
     """
     B, Hq, Hkv, Nq, Nk, d = _check_qkv(q, k, v, tensor_layout, INPUT_DTYPES)
-    _check_acc_bits(fp8_acc_mantissa_bits, cfg)
+    _check_acc_bits(fp8_acc_mantissa_bits, fp8_flush_tiles, cfg)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     device = q.device
     fp8_pv = cfg.pv_dtype is PVDType.FP8
@@ -451,7 +459,8 @@ def reference_attention(
     m = torch.full((B, Hq, nq_pad), float("-inf"), device=device)
     l = torch.zeros((B, Hq, nq_pad), device=device)
     o = torch.zeros((B, Hq, nq_pad, D), device=device)
-    for start in range(0, nk_pad, tile.k_tile):
+    o_acc = l_acc = None  # fp8_flush_tiles: the PV accumulator carried across tiles
+    for tile_index, start in enumerate(range(0, nk_pad, tile.k_tile)):
         tile_keys = keys[start : start + tile.k_tile]
         k_hat = kq.values[:, kv_head, start : start + tile.k_tile].to(torch.float32)
         k_scale_tile = k_scale[:, kv_head, start : start + tile.k_tile]
@@ -474,12 +483,23 @@ def reference_attention(
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(x - m_new[..., None] + p_offset)
         p_hat = _e4m3(p) if fp8_pv else p.to(q.dtype).to(torch.float32)
-        if sum_rounded_p:  # the PV wgmma's ones column: same operand, same accumulator
+        if fp8_flush_tiles is not None:
+            ones = torch.ones((p_hat.shape[-1], 1), device=device)
+            l, o = alpha * l, alpha[..., None] * o
+            l_acc = _tile_pv(p_hat, ones, fp8_acc_mantissa_bits,
+                             None if l_acc is None else alpha[..., None] * l_acc)
+            o_acc = _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits,
+                             None if o_acc is None else alpha[..., None] * o_acc)
+            if (tile_index + 1) % fp8_flush_tiles == 0 or start + tile.k_tile >= nk_pad:
+                l, o = l + l_acc[..., 0], o + o_acc
+                l_acc = o_acc = None
+        elif sum_rounded_p:  # the PV wgmma's ones column: same operand, same accumulator
             ones = torch.ones((p_hat.shape[-1], 1), device=device)
             l = alpha * l + _tile_pv(p_hat, ones, fp8_acc_mantissa_bits)[..., 0]
+            o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
         else:
             l = alpha * l + p.sum(dim=-1)
-        o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
+            o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
         m = m_new
 
     out = _epilogue(o, l, vq, kv_head, fp8_pv)[:, :, :Nq, :d].to(q.dtype)
