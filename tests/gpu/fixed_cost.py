@@ -4,7 +4,7 @@ device times, so host overhead is not counted). What a CTA spends outside its st
 tile loop (launch, Q and first K/V loads, pipeline fill, the slowest warpgroup's tail,
 epilogue) is `fixed`; at N = 4096 a CTA runs 32 tiles.
 
-    python3 tests/gpu/fixed_cost.py   (after install.py built the library)
+    python3 tests/gpu/fixed_cost.py [pv:schedule:rows_per_cta:head_dim ...]   (after install.py)
 """
 import statistics
 import sys
@@ -77,7 +77,13 @@ def waves(pv, schedule, rows_per_cta, d=128, nq=4096):
 
 
 if __name__ == "__main__":
-    waves("fp8", "sequential3wg", 192)
-    sweep("fp8", "sequential3wg", 192)
-    sweep("fp8", "sequential3wg", 192, d=64)
-    sweep("fp16", "overlap", 128)
+    # Cases as pv:schedule:rows_per_cta:head_dim (default: the default schedules and a wave sweep).
+    if len(sys.argv) > 1:
+        for case in sys.argv[1:]:
+            pv, schedule, rows, d = case.split(":")
+            sweep(pv, schedule, int(rows), d=int(d))
+    else:
+        waves("fp8", "sequential3wg", 192)
+        sweep("fp8", "sequential3wg", 192)
+        sweep("fp8", "sequential3wg", 192, d=64)
+        sweep("fp16", "overlap", 128)
