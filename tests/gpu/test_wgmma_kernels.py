@@ -331,6 +331,31 @@ def test_fused_quantizers_match_torch_oracle(case):
 
 
 @pytest.mark.parametrize("pv", [PVDType.FP8, PVDType.FP16], ids=lambda p: p.value)
+@pytest.mark.parametrize("d,schedule", [(128, s) for s in wgmma.schedules_for(128)] +
+                         [(64, s) for s in wgmma.schedules_for(64)])
+def test_output_store_paths_agree(d, schedule, pv):
+    """Whole 16-byte-aligned rows are staged through shared memory and stored as 16-byte
+    vectors; any other output takes the per-pair stores. The same call must write the same
+    bits either way: into an aligned tensor, and into a view 2 bytes (one element) off."""
+    b, hq, hkv, nq, nk = 2, 3, 1, 333, 300  # GQA, a partial last CTA, rows past nq unwritten
+    q, k, v = make_inputs(b, hq, hkv, nq, nk, d, torch.bfloat16, "NHD")
+    cfg = AttnConfig(pv_dtype=pv, family=Family.WGMMA)
+    _require_backend(q, k, v, "NHD", cfg, True)
+    prep = wgmma.prepare(q, k, v, layout="NHD", cfg=cfg, is_causal=True, sm_scale=d**-0.5)
+    shape = (b, nq, hq, d)
+    aligned = torch.full(shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    buffer = torch.full((aligned.numel() + 1,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    shifted = buffer[1:].view(shape)
+    assert shifted.data_ptr() % 16 != 0
+    out_a, _ = wgmma.run(prep, schedule=schedule, out=aligned)
+    out_s, _ = wgmma.run(prep, schedule=schedule, out=shifted)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out_a).all() and torch.isfinite(out_s).all()
+    assert torch.equal(out_a, out_s)
+    assert torch.isnan(buffer[0]), "a store before the view"
+
+
+@pytest.mark.parametrize("pv", [PVDType.FP8, PVDType.FP16], ids=lambda p: p.value)
 def test_long_sequence_slice(pv):
     """119056 tokens, one head: 208 rows at each end against the reference and fp64."""
     n, d = 119056, 128
