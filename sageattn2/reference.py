@@ -459,7 +459,9 @@ def reference_attention(
     m = torch.full((B, Hq, nq_pad), float("-inf"), device=device)
     l = torch.zeros((B, Hq, nq_pad), device=device)
     o = torch.zeros((B, Hq, nq_pad, D), device=device)
-    o_acc = l_acc = None  # fp8_flush_tiles: the PV accumulator carried across tiles
+    o_acc = l_acc = None  # wgmma: the PV accumulator, carried across flush_tiles tiles
+    flush_tiles = fp8_flush_tiles or 1
+    ones = torch.ones((tile.k_tile, 1), device=device)
     for tile_index, start in enumerate(range(0, nk_pad, tile.k_tile)):
         tile_keys = keys[start : start + tile.k_tile]
         k_hat = kq.values[:, kv_head, start : start + tile.k_tile].to(torch.float32)
@@ -483,20 +485,16 @@ def reference_attention(
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(x - m_new[..., None] + p_offset)
         p_hat = _e4m3(p) if fp8_pv else p.to(q.dtype).to(torch.float32)
-        if fp8_flush_tiles is not None:
-            ones = torch.ones((p_hat.shape[-1], 1), device=device)
+        if sum_rounded_p:
+            # wgmma: the row sums come from the PV operand through a ones column, in the same
+            # accumulator as R; R restarts every fp8_flush_tiles tiles (default 1: two-level).
             l, o = alpha * l, alpha[..., None] * o
-            l_acc = _tile_pv(p_hat, ones, fp8_acc_mantissa_bits,
-                             None if l_acc is None else alpha[..., None] * l_acc)
-            o_acc = _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits,
-                             None if o_acc is None else alpha[..., None] * o_acc)
-            if (tile_index + 1) % fp8_flush_tiles == 0 or start + tile.k_tile >= nk_pad:
+            carried = lambda acc: None if acc is None else alpha[..., None] * acc
+            l_acc = _tile_pv(p_hat, ones, fp8_acc_mantissa_bits, carried(l_acc))
+            o_acc = _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits, carried(o_acc))
+            if (tile_index + 1) % flush_tiles == 0 or start + tile.k_tile >= nk_pad:
                 l, o = l + l_acc[..., 0], o + o_acc
                 l_acc = o_acc = None
-        elif sum_rounded_p:  # the PV wgmma's ones column: same operand, same accumulator
-            ones = torch.ones((p_hat.shape[-1], 1), device=device)
-            l = alpha * l + _tile_pv(p_hat, ones, fp8_acc_mantissa_bits)[..., 0]
-            o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
         else:
             l = alpha * l + p.sum(dim=-1)
             o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)

@@ -31,16 +31,21 @@ def device_us(fn, reps=20):
     return statistics.median(times)
 
 
+def prepared(pv, heads, nq, nk, d):
+    """Quantized random operands (1, heads, n, d) for one kernel launch."""
+    q = torch.randn(1, heads, nq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, heads, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cfg = AttnConfig(pv_dtype=PVDType(pv), family=Family.WGMMA)
+    return wgmma.prepare(q, k, v, layout="HND", cfg=cfg, is_causal=False)
+
+
 def sweep(pv, schedule, rows_per_cta, d=128, nq=4096):
     heads = max(1, SMS // (nq // rows_per_cta))  # one wave (or just under)
     ctas = heads * -(-nq // rows_per_cta)
     print(f"== {pv} {schedule} d{d}: 1x{heads}x{nq} queries, {ctas} CTAs on {SMS} SMs")
     xs, ys = [], []
     for nk in (128, 512, 1024, 2048, 4096, 8192, 16384):
-        q = torch.randn(1, heads, nq, d, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, heads, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        prep = wgmma.prepare(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype=PVDType(pv), family=Family.WGMMA),
-                             is_causal=False)
+        prep = prepared(pv, heads, nq, nk, d)
         t = device_us(lambda: wgmma.run(prep, schedule=schedule))
         tiles = nk // 128
         xs.append(tiles)
@@ -65,10 +70,7 @@ def waves(pv, schedule, rows_per_cta, d=128, nq=4096):
         pts = []
         for w in (1, 2, 4, 8):
             heads = base_heads * w
-            q = torch.randn(1, heads, nq, d, device="cuda", dtype=torch.bfloat16)
-            k, v = (torch.randn(1, heads, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-            prep = wgmma.prepare(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype=PVDType(pv), family=Family.WGMMA),
-                                 is_causal=False)
+            prep = prepared(pv, heads, nq, nk, d)
             pts.append((w, device_us(lambda: wgmma.run(prep, schedule=schedule))))
         mx, my = statistics.mean(w for w, _ in pts), statistics.mean(t for _, t in pts)
         slope = sum((w - mx) * (t - my) for w, t in pts) / sum((w - mx) ** 2 for w, _ in pts)
