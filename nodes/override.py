@@ -124,6 +124,9 @@ class PatchState:
     """One Patch Sage Attention node applied to one model: settings, schedule, log-once
     set, learned layer counts, counters of what was served and declined."""
 
+    # Subclasses whose start_forward reads forward.sigma set this (calibration's step count).
+    reads_sigma = False
+
     def __init__(self, settings: PatchSettings, schedule: Schedule | None = None):
         self.settings = settings
         self.schedule = schedule if schedule is not None and schedule.rules else None
@@ -164,6 +167,9 @@ class PatchState:
 
     # -- per model evaluation --------------------------------------------------------------
 
+    def needs_sigma(self) -> bool:
+        return self.reads_sigma or self.schedule is not None or self.trace is not None
+
     def override_on_top_of(self, current) -> SageOverride:
         if isinstance(current, SageOverride) and current.state is self:
             return current
@@ -185,7 +191,9 @@ class PatchState:
             return executor(*args, **kwargs)
         try:
             self.bind(getattr(executor.class_obj, "model_sampling", None))
-            sigma = _sigma_value(args[1] if len(args) > 1 else kwargs.get("t"))
+            # Reading sigma waits for the GPU (it lives there): only when something uses it.
+            sigma = (_sigma_value(args[1] if len(args) > 1 else kwargs.get("t"))
+                     if self.needs_sigma() else None)
             top = self.override_on_top_of(to.get(OVERRIDE_KEY))
         except Exception as e:  # never stop sampling over bookkeeping: run the model as it is
             self.note(f"model evaluation left unprepared ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
@@ -296,7 +304,7 @@ class PatchState:
         if forward is None or (not forward.deferred_check and forward.sigmas_ref is not sigmas):
             # No APPLY_MODEL wrapper ran (the diffusion model was called some other way): keep
             # the state in the per-call dict, check outputs call by call.
-            forward = ForwardState(_sigma_value(sigmas), sigmas_ref=sigmas)
+            forward = ForwardState(_sigma_value(sigmas) if self.needs_sigma() else None, sigmas_ref=sigmas)
             to[FORWARD_KEY] = forward
         return forward
 

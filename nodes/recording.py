@@ -31,6 +31,8 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 class CalibrationState(PatchState):
+    reads_sigma = True  # start_forward counts sampling steps by sigma
+
     def __init__(self, settings: PatchSettings, node_id=None):
         super().__init__(settings)
         self.race = None  # calibration runs every candidate level: no whole-forward race

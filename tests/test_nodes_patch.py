@@ -190,6 +190,21 @@ def test_schedule_rebinds_when_model_sampling_changes(dit):
     assert [lvl for _, _, lvl in state.trace] == ["int8+fp16"] * n + ["exact"] * n
 
 
+def test_sigma_is_read_only_when_something_uses_it(dit, monkeypatch):
+    # Reading sigma waits for the GPU, once per model evaluation: a plain patch must not.
+    reads = []
+    real = ov._sigma_value
+    monkeypatch.setattr(ov, "_sigma_value", lambda t: reads.append(t) or real(t))
+    plain, state = patch(FakePatcher(FlowSampling(1.0)), "int8+fp16")
+    state.trace = None
+    out = sample(plain, dit, [1.0, 0.5, 0.0])
+    assert reads == [] and all(torch.isfinite(o).all() for o in out)
+    assert counts(state) == {("sage", "int8+fp16"): 2 * dit.attention_calls_per_forward()}
+    scheduled, _ = patch(FakePatcher(FlowSampling(1.0)), "exact", schedule="0-50%: int8+fp16")
+    sample(scheduled, dit, [1.0, 0.5, 0.0])
+    assert len(reads) == 2
+
+
 def test_discrete_model_percent_windows():
     ms = DiscreteSampling()
     dit = TinyDiT(blocks=(("double", 1),))
