@@ -4,7 +4,7 @@ built through ComfyUI's own classes, timed with stock attention and with our pat
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_e2e.py [--models wan14b,flux] [--out FILE]
 
 Each row: the diffusion model's forward (BaseModel.apply_model, bf16, transformer_options as
-the sampler builds them, median of --iters after 2 warm-ups), speed-up against stock (stock
+the sampler builds them, median of --iters pairs after 2 warm-ups), speed-up against stock (stock
 and the variant alternate, the speed-up is the median of the per-pair ratios), the same
 timed back to back as a sampler runs it ("in a row": alternating blocks of one side's
 forwards, see in_a_row), cosine of the output against stock. `auto` rows name the
@@ -263,7 +263,8 @@ def stage_breakdown(fn) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", default="wan14b,wan1.3b,flux,sdxl,hunyuan")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=None,
+                    help="pairs per row (default: about 1.5 s of stock forwards, 5 to 60)")
     ap.add_argument("--levels", default=",".join(LEVELS), help="patch-node levels to time")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--syncs", action="store_true",
@@ -301,17 +302,20 @@ def main(argv=None) -> int:
         stock = forward_fn(model, kw)
         ref = stock().float()
         rows = []
+        # Host-bound slices (Flux, SDXL) have bimodal forward times: 5 pairs left Flux's `auto`
+        # row 1 % either side of stock from run to run, 60 pairs settle it (session 6, run 7).
+        iters = args.iters or max(5, min(60, round(1500 / max(_once_ms(stock), 1e-3))))
         zero = forward_fn(model, kw, override=zero_attention)
-        t_stock, t_zero, _ = paired_ms(stock, zero, args.iters)
+        t_stock, t_zero, _ = paired_ms(stock, zero, iters)
         # Blocks of back-to-back forwards take long on the largest slices: fewer there.
-        row_iters, rounds = (args.iters, 2) if t_stock < 500 else (2, 1)
+        row_iters, rounds = (iters, 2) if t_stock < 500 else (2, 1)
         if args.syncs:
             print(f"== host syncs, {label}, stock:", *host_syncs(stock), sep="\n  ")
 
         def timed_cells(fn, warmups=2):
             """A row's cells after its name: the forward alternating with stock, then in blocks."""
             out = fn().float()
-            _, t, speedup = paired_ms(stock, fn, args.iters, warmups)
+            _, t, speedup = paired_ms(stock, fn, iters, warmups)
             row_t, row_speedup = in_a_row(stock, fn, row_iters, rounds)
             return f"{t:.1f} | {speedup:.2f}x | {row_t:.1f}, {row_speedup:.2f}x | {cosine(out, ref):.6f} |"
 
