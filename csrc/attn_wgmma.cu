@@ -282,6 +282,8 @@ SA2_EXPORT int sa2_wgmma_attention(const void* q, const void* k, const void* v,
   p.out_bf16 = out_bf16 != 0;
   p.out_vec2 = reinterpret_cast<uintptr_t>(out) % 4 == 0 && p.o_stride_b % 2 == 0 &&
                p.o_stride_h % 2 == 0 && p.o_stride_n % 2 == 0;
+  p.out_rows16 = head_dim == dpad && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                 p.o_stride_b % 8 == 0 && p.o_stride_h % 8 == 0 && p.o_stride_n % 8 == 0;
   p.scale_log2 = sm_scale * 1.4426950408889634f;
   a.batch = (int)batch;
   a.heads_q = (int)heads_q;

@@ -46,7 +46,9 @@ struct Params {
   int64_t o_stride_b, o_stride_h, o_stride_n;
   int64_t lse_stride_b, lse_stride_h;
   int num_q, num_k, group_size, head_dim;  // head_dim: true d (<= padded D)
-  int causal, out_bf16, out_vec2;          // out_vec2: 4-byte aligned pair stores are legal
+  int causal, out_bf16;
+  int out_vec2;    // 4-byte aligned pair stores are legal
+  int out_rows16;  // every output row is whole (head_dim == D) and 16-byte aligned
   float scale_log2;                        // sm_scale * log2(e)
 };
 
@@ -697,14 +699,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   const int64_t head_offset = batch * p.o_stride_b + head * p.o_stride_h;
   float2 vs[D / 8];
   load_column_pairs(v_scale, t, p.head_dim, 1.0f, vs);
+  // Output columns (8 cb + 2 t, + 1) of row row0 + 8 rr, as both store paths write them.
+  auto output_pair = [&](int cb, int rr) {
+    return make_float2(o[4 * cb + 2 * rr] * inv_l[rr] * vs[cb].x,
+                       o[4 * cb + 2 * rr + 1] * inv_l[rr] * vs[cb].y);
+  };
   // Whole 16-byte-aligned rows (the usual case): each warp stages its 16 x D outputs, 8 rows at
   // a time, in its own slice of the Q tile (read for the last time by this warpgroup's last QK,
   // which has retired) and writes them as 16-byte stores, one full row per 8 or 16 lanes.
   // Straight from the accumulator layout every instruction would write 8 rows x 16 B, and a
   // warpgroup's 32 such stores per thread took most of a CTA's 3.9 us epilogue (notes, session 5).
-  const bool whole_rows = p.head_dim == D && reinterpret_cast<uintptr_t>(p.out) % 16 == 0 &&
-                          p.o_stride_n % 8 == 0 && p.o_stride_h % 8 == 0 && p.o_stride_b % 8 == 0;
-  if (whole_rows) {
+  if (p.out_rows16) {
     constexpr int kChunks = D / 8;               // 16-byte chunks per output row
     constexpr int kRowsPerStore = 32 / kChunks;  // rows one warp-wide 16-byte store covers
     // Chunk c of staged row r sits at chunk c ^ r: conflict-free for both access patterns.
@@ -714,10 +719,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     for (int rr = 0; rr < 2; ++rr) {
 #pragma unroll
       for (int cb = 0; cb < D / 8; ++cb) {
-        const float y0 = o[4 * cb + 2 * rr] * inv_l[rr] * vs[cb].x;
-        const float y1 = o[4 * cb + 2 * rr + 1] * inv_l[rr] * vs[cb].y;
+        const float2 y = output_pair(cb, rr);
         staged[(g * kChunks + (cb ^ g)) * 4 + t] =
-            out_bf16 ? sm90::pack_half2<true>(y0, y1) : sm90::pack_half2<false>(y0, y1);
+            out_bf16 ? sm90::pack_half2<true>(y.x, y.y) : sm90::pack_half2<false>(y.x, y.y);
       }
       __syncwarp();
 #pragma unroll
@@ -736,13 +740,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   for (int cb = 0; cb < D / 8; ++cb) {
     const int col = cb * 8 + 2 * t;
     if (col >= p.head_dim) continue;
-    const float vs0 = vs[cb].x, vs1 = vs[cb].y;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = row0 + 8 * rr;
       if (row >= p.num_q) continue;
-      const float y0 = o[4 * cb + 2 * rr] * inv_l[rr] * vs0;
-      const float y1 = o[4 * cb + 2 * rr + 1] * inv_l[rr] * vs1;
+      const float2 y = output_pair(cb, rr);
+      const float y0 = y.x, y1 = y.y;
       const int64_t off = head_offset + static_cast<int64_t>(row) * p.o_stride_n + col;
       const bool both = col + 1 < p.head_dim;
       if (out_bf16) {
