@@ -10,16 +10,20 @@ import json
 import math
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
+from .layers import layers_text
 from .levels import ACCURACY_RANK, EXACT
 
 FILE_FORMAT = "sageattn2-calibration"
 FILE_VERSION = 1
+# Far above any real file (Flux, 50 steps, four levels measured: about 1.3 MB).
+MAX_FILE_BYTES = 64 << 20
 
 
 class Recorder:
@@ -104,29 +108,6 @@ def step_boundaries(percent_to_sigma: Callable[[float], float], sigmas: list[flo
     return bounds
 
 
-def _split_name(name: str) -> tuple[str, int]:
-    kind, index = name.rsplit(" ", 1)
-    return kind, int(index)
-
-
-def layers_text(names: list[str]) -> str:
-    """['double 0', 'double 1', 'double 2', 'single 5'] -> 'double 0-2, single 5'."""
-    groups: dict[str, list[int]] = {}
-    for name in names:
-        kind, index = _split_name(name)
-        groups.setdefault(kind, []).append(index)
-    parts = []
-    for kind, indices in groups.items():
-        indices = sorted(set(indices))
-        runs, start = [], indices[0]
-        for prev, cur in zip(indices, indices[1:] + [None]):
-            if cur != prev + 1:
-                runs.append(f"{start}-{prev}" if prev != start else f"{start}")
-                start = cur
-        parts.append(f"{kind} {', '.join(runs)}")
-    return ", ".join(parts)
-
-
 def schedule_text(choice: dict, layers: list[str], bounds: list[float]) -> str:
     """Rules reproducing `choice` ((layer, step) -> level) with windows from `bounds`: the
     most common level for everything, then one rule per (window, level) listing layers."""
@@ -187,7 +168,7 @@ class CalibrationResult:
             "schedule": self.schedule,
             "targets": {"min_cosine": self.min_cosine, "max_rel_l1": self.max_rel_l1},
             "cost_order": list(self.order),
-            "steps": [{"sigma": s, "percent_start": b} for s, b in zip(self.sigmas, self.bounds)],
+            "steps": [{"sigma": num(s), "percent_start": b} for s, b in zip(self.sigmas, self.bounds)],
             "layers": self.layers,
             "cells": cells,
             **self.extra,
@@ -209,32 +190,75 @@ def calibrate(recorder: Recorder, percent_to_sigma, min_cosine: float, max_rel_l
                              schedule_text(choice, layers, bounds), dict(extra or {}))
 
 
+def inside(root: str, relative: str, what: str) -> str:
+    """root/relative with '..' and symbolic links resolved. ValueError when that is not
+    inside root (an absolute path, '..', a link to elsewhere): files are written only in
+    ComfyUI's output folder, and read only from it."""
+    if "\0" in relative:
+        raise ValueError(f"{what} {relative!r} contains a NUL character")
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(real_root, relative))
+    try:
+        ok = os.path.commonpath([os.path.normcase(real_root), os.path.normcase(target)]) == os.path.normcase(real_root)
+    except ValueError:  # another drive (Windows)
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} {relative!r} leads outside {root}; use a plain name such as 'calibration' "
+                         "or a subfolder such as 'flux/run1'")
+    return target
+
+
 def next_path(directory: str, prefix: str) -> str:
-    """directory/prefix_00001.json, the first number not taken."""
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(prefix) or "calibration"
-    sub = os.path.join(directory, os.path.dirname(prefix))
-    os.makedirs(sub, exist_ok=True)
-    taken = [int(m.group(1)) for f in os.listdir(sub) if (m := re.fullmatch(re.escape(base) + r"_(\d+)\.json", f))]
-    return os.path.join(sub, f"{base}_{max(taken, default=0) + 1:05d}.json")
+    """directory/prefix_00001.json, the first number not taken; the prefix may name
+    subfolders (created), never a place outside `directory` (ValueError)."""
+    sub, base = os.path.split(os.path.normpath(prefix.strip() or "."))
+    folder = inside(directory, sub, "filename_prefix")
+    if base in ("", ".", ".."):
+        base = "calibration"
+    os.makedirs(folder, exist_ok=True)
+    taken = [int(m.group(1)) for f in os.listdir(folder) if (m := re.fullmatch(re.escape(base) + r"_(\d+)\.json", f))]
+    return os.path.join(folder, f"{base}_{max(taken, default=0) + 1:05d}.json")
 
 
 def save(result: CalibrationResult, path: str) -> str:
-    with open(path, "w") as f:
-        json.dump(result.to_json(), f, indent=1)
+    """Writes a new file (never replaces one, never follows a link planted at `path`);
+    strict JSON: unknown numbers are null."""
+    text = json.dumps(result.to_json(), indent=1, allow_nan=False)
+    with open(path, "x") as f:
+        f.write(text)
     return path
+
+
+def _read_regular_file(path: str, limit: int) -> bytes:
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit / (1 << 20):g} MiB")
+    return data
 
 
 def load_schedule_text(path: str) -> str:
     """The schedule stored in a calibration file; ValueError if it is not one."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read calibration file {path}: {e}") from None
+        data = json.loads(_read_regular_file(path, MAX_FILE_BYTES))
+    except (OSError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        raise ValueError(f"cannot read calibration file {path}: {reason}") from None
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
         raise ValueError(f"{path} is not a Sage Attention calibration file (no format {FILE_FORMAT!r})")
-    return data["schedule"]
+    text = data.get("schedule")
+    if not isinstance(text, str):
+        raise ValueError(f"calibration file {path} has no schedule text "
+                         f"('schedule' is {type(text).__name__ if text is not None else 'missing'})")
+    return text
 
 
 # ---------------------------------------------------------------------------------------

@@ -46,14 +46,46 @@ def output_directory() -> str:
     return folder_paths.get_output_directory()
 
 
+def calibration_root() -> str:
+    return os.path.abspath(os.path.join(output_directory(), CALIBRATION_DIR))
+
+
 def calibration_files() -> list[str]:
-    root = os.path.join(output_directory(), CALIBRATION_DIR)
+    """Calibration files the Schedule node offers: regular files under output/sageattn2/
+    (links leading elsewhere are left out: they could not be read)."""
+    root = calibration_root()
     found = []
     for dirpath, _, files in os.walk(root):
         for f in files:
-            if f.endswith(".json"):
-                found.append(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+            name = os.path.relpath(os.path.join(dirpath, f), root)
+            try:
+                readable = f.endswith(".json") and os.path.isfile(calibration_module.inside(root, name, "file"))
+            except ValueError:
+                readable = False
+            if readable:
+                found.append(name.replace(os.sep, "/"))
     return sorted(found)
+
+
+def check_prefix(prefix: str) -> str:
+    """output/sageattn2/, after checking that `prefix` stays inside it (ValueError).
+    Resolves links and creates nothing (ComfyUI's own check does neither)."""
+    root = calibration_root()
+    calibration_module.inside(root, os.path.dirname(os.path.normpath(prefix.strip() or ".")), "filename_prefix")
+    return root
+
+
+def calibration_save_path(prefix: str) -> str:
+    """A new output/sageattn2/<prefix>_NNNNN.json; a prefix leading outside that folder is
+    refused before anything is created."""
+    root = check_prefix(prefix)
+    try:
+        import folder_paths
+    except ImportError:
+        return calibration_module.next_path(root, prefix)
+    # ComfyUI's own check, and its %year%/%month%/... fields, as in its image savers.
+    folder, name, *_ = folder_paths.get_save_image_path(prefix.strip() or "calibration", root)
+    return calibration_module.next_path(root, os.path.relpath(os.path.join(folder, name), root))
 
 
 def _smooth_q(choice: str) -> bool | None:
@@ -175,9 +207,9 @@ class SageAttn2Schedule:
     def build(self, schedule, calibration_file):
         rules = Schedule(())
         if calibration_file != NO_FILE:
-            path = os.path.join(output_directory(), CALIBRATION_DIR, calibration_file)
+            path = calibration_module.inside(calibration_root(), calibration_file, "calibration_file")
             try:
-                rules = parse(calibration_module.load_schedule_text(path))
+                rules = parse(calibration_module.load_schedule_text(path), origin=calibration_file)
             except ScheduleError as e:
                 raise ValueError(f"in {calibration_file}: {e}") from None
         return (rules + parse(schedule),)
@@ -261,6 +293,17 @@ class SageAttn2CalibrationSchedule:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        """Refuses a prefix leading outside the output folder at queue time, before sampling."""
+        if filename_prefix is None:  # linked from another node: checked when the node runs
+            return True
+        try:
+            check_prefix(filename_prefix)
+        except ValueError as e:
+            return str(e)
+        return True
+
     def build(self, calibration: CalibrationState, samples, min_cosine, max_rel_l1, filename_prefix):
         if calibration.recorder.calls == 0:
             raise ValueError(
@@ -274,7 +317,7 @@ class SageAttn2CalibrationSchedule:
             extra={"settings": {"qk_granularity": s.granularity, "smooth_k": s.smooth_k,
                                 "smooth_q": s.smooth_q, "smooth_v": s.smooth_v, "backend": s.backend}},
         )
-        path = calibration_module.next_path(os.path.join(output_directory(), CALIBRATION_DIR), filename_prefix)
+        path = calibration_save_path(filename_prefix)
         calibration_module.save(result, path)
         heatmap = torch.from_numpy(calibration_module.render_heatmap(result).astype(np.float32) / 255.0)[None]
         return {"ui": {"text": [f"saved {path}\n{result.schedule}"]},

@@ -88,18 +88,42 @@ class ForwardState:
         key = layer_key(to, self.calls)
         self.calls += 1
         block = self.blocks.setdefault(key, len(self.blocks))
-        if key[0] == "call":
-            return key, LayerPosition(None, block, None, block, memory.block_total)
+        if key[0] != "call":
+            in_kind = self.kind_keys.setdefault(key[0], {})
+            in_kind.setdefault(key, len(in_kind))
+        total = to.get("total_blocks") if key[0] in DIT_KINDS else None
+        return key, self._position(key, block, memory, None if total is None else int(total))
+
+    def layers(self, memory: LayerMemory) -> list[LayerPosition]:
+        """Every layer this forward ran, with the counts `memory` has learned."""
+        return [self._position(key, block, memory) for key, block in self.blocks.items()]
+
+    def _position(self, key: tuple, block: int, memory: LayerMemory, kind_total: int | None = None) -> LayerPosition:
         kind = key[0]
-        in_kind = self.kind_keys.setdefault(kind, {})
-        order = in_kind.setdefault(key, len(in_kind))
-        if kind in DIT_KINDS:
-            total = to.get("total_blocks")
-            return key, LayerPosition(
-                kind, key[1], int(total) if total is not None else memory.kind_totals.get(kind),
-                block, memory.block_total,
-            )
-        return key, LayerPosition(kind, order, memory.kind_totals.get(kind), block, memory.block_total)
+        if kind == "call":
+            return LayerPosition(None, block, None, block, memory.block_total)
+        if kind_total is None:
+            kind_total = memory.kind_totals.get(kind)
+        index = key[1] if kind in DIT_KINDS else self.kind_keys[kind][key]
+        return LayerPosition(kind, index, kind_total, block, memory.block_total)
+
+
+def layers_text(names: list[str]) -> str:
+    """['double 0', 'double 1', 'double 2', 'single 5'] -> 'double 0-2, single 5'."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        kind, index = name.rsplit(" ", 1)
+        groups.setdefault(kind, []).append(int(index))
+    parts = []
+    for kind, indices in groups.items():
+        indices = sorted(set(indices))
+        runs, start = [], indices[0]
+        for prev, cur in zip(indices, indices[1:] + [None]):
+            if cur != prev + 1:
+                runs.append(f"{start}-{prev}" if prev != start else f"{start}")
+                start = cur
+        parts.append(f"{kind} {', '.join(runs)}")
+    return ", ".join(parts)
 
 
 def step_of(sample_sigmas: list[float], sigma: float) -> int:

@@ -38,7 +38,7 @@ from .adapter import (
     structural_decline,
     to_kernel_layout,
 )
-from .layers import FORWARD_KEY, ForwardState, LayerMemory
+from .layers import FORWARD_KEY, ForwardState, LayerMemory, layers_text
 from .levels import AUTO, EXACT, LEVELS
 from .race import SAGE, STOCK, ForwardRace, input_key
 from .schedule import Schedule
@@ -138,6 +138,7 @@ class PatchState:
         self.stats: Counter = Counter()
         self.exact_for_run = False
         self.trace: list | None = None  # set to [] to record (sigma, layer, level) per call
+        self.rules_checked = False  # rules matching no layer are reported after the first forward
         self._logged: set[str] = set()
         self._on_top: dict[int, tuple[object, SageOverride]] = {}
         # Unmasked call signatures `auto` gave to stock: later calls skip straight to stock
@@ -234,6 +235,7 @@ class PatchState:
         out, forward = run(self.exact_for_run)
         mark = self.race_clock(race, key, "stop", start) if timed else None
         self.memory.learn(forward)
+        self.report_unmatched_rules(forward)
         if forward.output_sum is not None and not bool(torch.isfinite(forward.output_sum)):
             self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
                       "attention, and the rest of that sampling run uses stock attention", logging.WARNING)
@@ -245,6 +247,22 @@ class PatchState:
         elif key is not None and key not in race.verdicts:
             self.race_record(race, key, SAGE, mark)
         return out
+
+    def report_unmatched_rules(self, forward: ForwardState) -> None:
+        """Once the model's layers are known: the schedule rules that select none of them."""
+        if self.schedule is None or self.rules_checked or forward.calls == 0:
+            return
+        self.rules_checked = True
+        try:
+            layers = forward.layers(self.memory)
+            unmatched = self.schedule.unmatched(layers)
+            names = layers_text([p.name for p in layers])
+        except Exception as e:  # bookkeeping only: sampling goes on
+            self.note(f"schedule check failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+            return
+        for rule in unmatched:
+            self.note(f"schedule rule on {rule.where} matches no attention layer of this model, so it does "
+                      f"nothing (the model's attention layers: {names})", logging.WARNING)
 
     def race_for(self, args, kwargs):
         """(race, input key) when this evaluation belongs to a whole-forward race or verdict:

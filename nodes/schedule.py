@@ -26,7 +26,7 @@ Pure Python: no ComfyUI or torch imports.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .levels import LEVELS, most_accurate
@@ -89,6 +89,15 @@ class Rule:
     windows: tuple[tuple[float, float], ...]  # percent ranges [a, b)
     groups: tuple[LayerGroup, ...]
     level: str
+    # Where the rule was written (messages only; not part of what the rule means).
+    line: int = field(default=0, compare=False)
+    written: str = field(default="", compare=False)
+    origin: str = field(default="", compare=False)
+
+    @property
+    def where(self) -> str:
+        at = f"line {self.line}" + (f" of {self.origin}" if self.origin else "")
+        return f"{at} ('{_shown(self.written or self.text(), 80)}')"
 
     def text(self) -> str:
         parts = [", ".join(f"{_num(a)}-{_num(b)}%" for a, b in self.windows)] if self.windows else []
@@ -113,6 +122,12 @@ class Schedule:
         """Turn percent windows into sigma windows with the model's own mapping (None: the
         model has no mapping, so windowed rules count as 'not known')."""
         return BoundSchedule(self, percent_to_sigma)
+
+    def unmatched(self, layers) -> list[Rule]:
+        """Rules whose layer selector matches none of `layers` (the LayerPositions of one
+        whole model evaluation): they can never apply to that model."""
+        return [rule for rule in self.rules
+                if rule.groups and not any(_layers_match(rule.groups, pos) is not False for pos in layers)]
 
     def __add__(self, other: "Schedule") -> "Schedule":
         return Schedule(self.rules + other.rules)
@@ -196,24 +211,43 @@ _TOKEN = re.compile(
 )
 
 
-def parse(text: str) -> Schedule:
-    """Parse schedule text; raise ScheduleError naming the line, column and fix."""
-    rules = []
+# Layer numbers longer than this are refused with a clear message (Python refuses to
+# convert integers of more than 4300 digits, and no model has a billion layers).
+MAX_NUMBER_DIGITS = 9
+
+
+def parse(text: str, origin: str = "") -> Schedule:
+    """Parse schedule text; raise ScheduleError naming the line, column and fix of every
+    bad rule. `origin` says where the text came from (shown in later messages)."""
+    rules, errors = [], []
     for line_no, line in enumerate(text.splitlines(), 1):
         code = line.split("#", 1)[0]
         start = 0
         for piece in code.split(";"):
             if piece.strip():
-                rules.append(_parse_rule(piece, line, line_no, start))
+                try:
+                    rules.append(_parse_rule(piece, line, line_no, start, origin))
+                except ScheduleError as e:
+                    errors.append(str(e))
             start += len(piece) + 1
+    if errors:
+        raise ScheduleError("\n".join(errors))
     return Schedule(tuple(rules))
 
 
+def _shown(text: str, limit: int = 24) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _error(line: str, line_no: int, col: int, message: str) -> ScheduleError:
-    return ScheduleError(f"schedule line {line_no}, column {col + 1}: {message}\n  {line}\n  {' ' * col}^")
+    # No caret under the column: ComfyUI shows errors centred in a proportional font.
+    near = _shown(line.split("#", 1)[0][col:])
+    where = f"near '{near}'" if near else "at the end of the line"
+    return ScheduleError(f"schedule line {line_no}, column {col + 1}, {where}: {message}")
 
 
-def _parse_rule(piece: str, line: str, line_no: int, offset: int) -> Rule:
+def _parse_rule(piece: str, line: str, line_no: int, offset: int, origin: str) -> Rule:
     fail = lambda col, msg: _error(line, line_no, offset + col, msg)  # noqa: E731
     if ":" not in piece:
         lead = len(piece) - len(piece.lstrip())
@@ -225,9 +259,9 @@ def _parse_rule(piece: str, line: str, line_no: int, offset: int) -> Rule:
     if level not in LEVELS:
         col = colon + 1 + (len(piece[colon + 1 :]) - len(piece[colon + 1 :].lstrip()))
         shown = piece[colon + 1 :].strip() or "nothing"
-        raise fail(col, f"unknown precision level {shown!r}; expected one of {', '.join(LEVELS)}")
+        raise fail(col, f"unknown precision level '{_shown(shown)}'; expected one of {', '.join(LEVELS)}")
     windows, groups = _parse_selector(piece[:colon], fail)
-    return Rule(tuple(windows), tuple(groups), level)
+    return Rule(tuple(windows), tuple(groups), level, line_no, piece.strip(), origin)
 
 
 def _parse_selector(sel: str, fail):
@@ -245,21 +279,24 @@ def _parse_selector(sel: str, fail):
         pos = m.end()
         if kind == "sep":
             continue
+        shown = _shown(value)
+        if kind in ("number", "range") and any(len(d) > MAX_NUMBER_DIGITS for d in re.findall(r"\d+", value)):
+            raise fail(col, f"layer number '{shown}' is too large (at most {MAX_NUMBER_DIGITS} digits)")
         if kind == "lone_percent":
-            raise fail(col, f"time window {value!r} needs a start and an end, e.g. '0-{value.strip()}'")
+            raise fail(col, f"time window '{shown}' needs a start and an end, e.g. '0-{shown}'")
         if kind == "decimal":
-            raise fail(col, f"layer numbers are whole numbers, got {value!r}; time windows end with '%'")
+            raise fail(col, f"layer numbers are whole numbers, got '{shown}'; time windows end with '%'")
         if pending_word is not None and kind != "number":
             raise fail(pending_word[1], f"'{pending_word[0]}' needs a count after it, e.g. '{pending_word[0]} 2'")
         if kind == "window":
             a, b = (float(x) for x in re.findall(r"\d+(?:\.\d+)?", value))
             if not (0.0 <= a < b <= 100.0):
-                raise fail(col, f"time window {value!r} must satisfy 0 <= start < end <= 100")
+                raise fail(col, f"time window '{shown}' must satisfy 0 <= start < end <= 100")
             windows.append((a, b))
         elif kind == "word":
             word = value.lower()
             if word not in _WORDS:
-                raise fail(col, f"unknown word {value!r}; expected a layer kind ({', '.join(LAYER_KINDS)}), "
+                raise fail(col, f"unknown word '{shown}'; expected a layer kind ({', '.join(LAYER_KINDS)}), "
                                 "'first N', 'last N', or 'all'")
             if word == "all":
                 saw_all = col
@@ -278,12 +315,12 @@ def _parse_selector(sel: str, fail):
                 pending_word = None
                 continue
             if not groups:
-                raise fail(col, f"layer number {value!r} needs a layer kind before it, e.g. 'double {value}' "
-                                f"or 'blocks {value}'; time windows end with '%'")
+                raise fail(col, f"layer number '{shown}' needs a layer kind before it, e.g. 'double {shown}' "
+                                f"or 'blocks {shown}'; time windows end with '%'")
             if kind == "range":
                 a, b = (int(x) for x in re.findall(r"\d+", value))
                 if a > b:
-                    raise fail(col, f"layer range {value!r} runs backwards; write '{b}-{a}'")
+                    raise fail(col, f"layer range '{shown}' runs backwards; write '{b}-{a}'")
                 groups[-1][1].append(LayerItem("range", a, b))
             else:
                 groups[-1][1].append(LayerItem("index", int(value)))

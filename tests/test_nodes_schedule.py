@@ -1,11 +1,15 @@
 """Schedule grammar, its errors, percent -> sigma windows and layer positions."""
+import logging
+import random
+import re
+
 import pytest
 import torch
 
 import sageattn2
 from test_nodes_support import DiscreteSampling, FlowSampling  # noqa: F401  (loads the pack)
 
-from sageattn2_pack.nodes import layers, levels, schedule
+from sageattn2_pack.nodes import comfy_nodes, layers, levels, schedule
 from sageattn2_pack.nodes.layers import ForwardState, LayerMemory, LayerPosition, step_of
 from sageattn2_pack.nodes.schedule import ScheduleError, parse
 
@@ -72,12 +76,61 @@ def test_errors_name_line_column_and_the_problem(text, line, col, words):
     with pytest.raises(ScheduleError) as e:
         parse(text)
     msg = str(e.value)
-    assert msg.startswith(f"schedule line {line}, column {col}:"), msg
-    assert words in msg
-    # The caret sits under the reported column of the quoted line.
-    quoted, caret = msg.splitlines()[1:3]
-    assert quoted.strip() == text.splitlines()[line - 1].strip()
-    assert caret.index("^") - 2 == col - 1
+    m = re.fullmatch(r"schedule line (\d+), column (\d+), near '([^']*)': (.*)", msg)
+    assert m, msg
+    assert (int(m[1]), int(m[2])) == (line, col) and words in m[4]
+    # One line that reads right in any font: what is at the column is quoted, no caret.
+    assert text.splitlines()[line - 1][col - 1 :].startswith(m[3])
+
+
+def test_every_bad_rule_is_reported():
+    text = "double 5-2: exact\nall: int8+fp8\nblocks first: exact; 0-20%: int9\n\n# ok\nsingle 1: exact"
+    with pytest.raises(ScheduleError) as e:
+        parse(text)
+    lines = str(e.value).splitlines()
+    assert [re.match(r"schedule line (\d+), column (\d+)", x).groups() for x in lines] == \
+        [("1", "8"), ("3", "8"), ("3", "29")]
+    assert "runs backwards" in lines[0] and "needs a count" in lines[1] and "'int9'" in lines[2]
+    assert str(e.value).count("at the end of the line") == 0
+    with pytest.raises(ScheduleError, match=r"column 7, at the end of the line: unknown precision level 'nothing'"):
+        parse("0-20%:")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("double " + "9" * 5000 + ": exact", "too large"),
+    ("double 1-" + "9" * 5000 + ": exact", "too large"),
+    ("blocks first " + "9" * 5000 + ": exact", "too large"),
+    ("blocks " + "1" * 10 + ": exact", "too large"),
+    ("0-" + "9" * 5000 + "%: exact", "0 <= start < end <= 100"),
+    ("9" * 5000 + "%: exact", "needs a start and an end"),
+    ("double 1." + "9" * 5000 + ": exact", "whole numbers"),
+    ("9" * 5000 + ": exact", "too large"),
+], ids=["index", "range", "first", "ten-digits", "window", "lone-percent", "decimal", "bare"])
+def test_huge_numbers_give_a_short_schedule_error(text, words):
+    with pytest.raises(ScheduleError, match=words) as e:
+        parse(text)
+    assert len(str(e.value)) < 300
+    assert comfy_nodes.SageAttn2Schedule.VALIDATE_INPUTS(schedule=text) == str(e.value)
+    assert parse("blocks " + "9" * 9 + ": exact").rules[0].groups[0].items[0].a == 999999999
+
+
+def test_random_text_gives_a_schedule_or_a_schedule_error():
+    """Whatever is typed, the Schedule node's check answers with a message (ComfyUI turns any
+    other exception into an internal validation error), and what parses round-trips."""
+    rng = random.Random(17)
+    alphabet = list("0123456789-%:;,. \n#") + ["double", "single", "blocks", "first", "last", "all", "input",
+                                                "int8+fp8", "exact", "auto", "9" * 30, "\u00e9", "\0"]
+    parsed = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        try:
+            s = parse(text)
+        except ScheduleError as e:
+            assert str(e).startswith("schedule line "), (text, str(e))
+            continue
+        parsed += 1
+        assert parse(s.text) == s, text
+    assert parsed > 100
 
 
 def test_schedule_error_is_a_value_error():
@@ -200,3 +253,57 @@ def test_step_of_uses_last_step_at_or_above_sigma():
     assert [step_of(sigmas, s) for s in (1.0, 0.9, 0.8, 0.65, 0.5, 0.2, 0.1, 1e-4)] == [0, 0, 1, 1, 2, 3, 3, 3]
     # float32 round-off at a step sigma still maps to that step
     assert step_of(sigmas, float(torch.tensor(0.8, dtype=torch.float32))) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Rules that match no layer of the model
+
+
+def test_rules_matching_no_layer_are_logged_once_with_their_line(caplog):
+    from test_nodes_support import FakePatcher, TinyDiT, sample
+
+    from sageattn2_pack.nodes import override as ov
+
+    text = ("blocks 999: int8+fp16\n0-50%: int8+fp8; single 50: exact\ninput 0-3: exact\ndouble 1: exact\n"
+            "single last 1, 7: int4+fp8\nblocks 4: exact\nsingle 3-9, double 5: exact")
+    dit = TinyDiT(blocks=(("double", 2), ("single", 3)))  # 5 layers (self + cross attention): blocks 0-4
+    state = ov.PatchState(ov.PatchSettings(precision="int8+fp16", min_seq_len=0, backend="reference"), parse(text))
+    model = ov.install(FakePatcher(), state)
+    with caplog.at_level(logging.INFO, logger="sageattn2.nodes"):
+        for _ in range(2):
+            sample(model, dit, [1.0, 0.5, 0.0])
+    found = [r.message for r in caplog.records if "matches no attention layer" in r.message]
+    assert [re.search(r"rule on (line \d+ \('[^']*'\))", m)[1] for m in found] == [
+        "line 1 ('blocks 999: int8+fp16')", "line 2 ('single 50: exact')", "line 3 ('input 0-3: exact')",
+        "line 7 ('single 3-9, double 5: exact')"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if "matches no" in r.message)
+    assert all("the model's attention layers: double 0-1, single 0-2)" in m for m in found)
+
+
+def test_unmatched_rules_for_every_kind_of_layer_naming():
+    def layers_of(tos):
+        fwd, mem = ForwardState(0.5), LayerMemory()
+        for to in tos:
+            fwd.position(to, mem)
+        mem.learn(fwd)
+        return fwd.layers(mem)
+
+    unet = layers_of([{"block": ("input", b), "block_index": 0} for b in (4, 5, 7, 8)]
+                     + [{"block": ("middle", 0), "block_index": i} for i in range(2)]
+                     + [{"block": ("output", b), "block_index": 0} for b in range(3)])
+    assert [p.name for p in unet] == ["input 0", "input 1", "input 2", "input 3", "middle 0", "middle 1",
+                                      "output 0", "output 1", "output 2"]
+    s = parse("input 3: exact\ninput 4: exact\nmiddle last 2: exact\noutput 0-9: exact\ndouble: exact\n"
+              "blocks 8: exact\nblocks 9: exact\nall: exact\n0-10%: exact\nsingle first 1, input last 1: exact")
+    assert [r.line for r in s.unmatched(unet)] == [2, 5, 7]
+    unlabelled = layers_of([{}] * 6)
+    assert [p.name for p in unlabelled] == [f"blocks {i}" for i in range(6)]
+    s = parse("blocks last 6: exact\nblocks 6: exact\ndouble 0: exact\nblocks first 1: exact")
+    assert [r.line for r in s.unmatched(unlabelled)] == [2, 3]
+
+
+def test_rules_say_where_they_were_written():
+    s = parse("# comment\n  double 1 : exact ; all: auto", origin="flux_00001.json")
+    assert [r.where for r in s.rules] == ["line 2 of flux_00001.json ('double 1 : exact')",
+                                          "line 2 of flux_00001.json ('all: auto')"]
+    assert parse("double 1: exact") == s.__class__(s.rules[:1])  # where a rule was written is not its meaning

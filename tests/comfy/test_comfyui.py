@@ -9,6 +9,7 @@ on CUDA it is the built kernels (backend="auto": a missing kernel makes these te
 since every call must be served).
 """
 import json
+import logging
 import os
 import re
 import subprocess
@@ -274,6 +275,56 @@ def test_calibrate_then_schedule(tmp_path, monkeypatch):
     wan.sample(patched, steps=5)
     for sigma, layer, level in state.trace:
         assert level == choice[(layer, step_of(rec.sigmas, sigma))], (sigma, layer)
+
+
+def test_unmatched_schedule_rules_are_logged_with_their_line(caplog):
+    """On Flux, rules naming layers it does not have are reported once after the first
+    model evaluation; rules that match are not."""
+    flux = tiny_flux()
+    schedule = "blocks 999: int8+fp16\nsingle 50: int8+fp16\ninput 0-3: exact\ndouble 1: int4+fp8\nblocks last 1: exact"
+    patched, state = patch(flux.patcher, "int8+fp8", schedule=schedule)
+    with caplog.at_level(logging.INFO, logger="sageattn2.nodes"):
+        flux.sample(patched, steps=3)
+        flux.sample(patched, steps=3)
+    found = [r.message for r in caplog.records if "matches no attention layer" in r.message]
+    assert [m.split("schedule rule on ")[1].split(")")[0] + ")" for m in found] == [
+        "line 1 ('blocks 999: int8+fp16')", "line 2 ('single 50: int8+fp16')", "line 3 ('input 0-3: exact')"]
+    assert all("layers: double 0-1, single 0-1)" in m for m in found)
+    # Rules that match do apply ('blocks last 1' is the more accurate candidate until the count is known).
+    assert {level for _, layer, level in state.trace if layer == "double 1"} == {"int4+fp8", "exact"}
+    assert {level for _, layer, level in state.trace if layer == "single 1"} == {"exact"}
+
+
+def test_calibration_files_stay_in_comfyuis_output_folder(tmp_path, monkeypatch):
+    """With ComfyUI's folder_paths (its own check and %date% fields) and ours (links)."""
+    import time
+
+    import folder_paths
+
+    from sageattn2_pack.nodes.override import PatchSettings
+    from sageattn2_pack.nodes.recording import CalibrationState
+
+    output, outside = tmp_path / "output", tmp_path / "outside"
+    output.mkdir(), outside.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    (output / "sageattn2").mkdir()
+    os.symlink(outside, output / "sageattn2" / "link")
+    calibration = CalibrationState(PatchSettings(backend=BACKEND))
+    calibration.recorder.order = ("int8+fp8", "exact")
+    calibration.recorder.add("double 0", 0, "int8+fp8", 0.9999, 0.01)
+    calibration.recorder.calls = 1
+    node = comfy_nodes.SageAttn2CalibrationSchedule()
+    for prefix in ["../x", "../../x", str(outside / "x"), "link/x", "%year%/../../x", "sub/../link/y/x"]:
+        assert "leads outside" in node.VALIDATE_INPUTS(filename_prefix=prefix), prefix
+        with pytest.raises(ValueError, match="leads outside"):
+            node.build(calibration, {"samples": None}, 0.999, 0.0, prefix)
+    assert not list(outside.iterdir()) and sorted(os.listdir(tmp_path)) == ["output", "outside"]
+    node.build(calibration, {"samples": None}, 0.999, 0.0, "%year%/run")
+    node.build(calibration, {"samples": None}, 0.999, 0.0, "%year%/run")
+    year = str(time.localtime().tm_year)
+    assert sorted(os.listdir(output / "sageattn2" / year)) == ["run_00001.json", "run_00002.json"]
+    (schedule,) = comfy_nodes.SageAttn2Schedule().build("", f"{year}/run_00002.json")
+    assert schedule.text == "all: int8+fp8"
 
 
 def run_comfyui_process(cmd, cwd):
