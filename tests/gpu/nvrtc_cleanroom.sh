@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Clean-room check of the NVRTC build (issue 13 "Done when"), logs under $OUT (default ./cleanroom_out).
+#   bash tests/gpu/nvrtc_cleanroom.sh            (repo root, a GPU machine with a CUDA torch)
+# The device has torch 2.11+cu130 system-wide and no internet, so the venv sees the system
+# site-packages (`--system-site-packages` is NOT a clean room for Python packages); what is made
+# unreachable is the toolchain: PATH holds only the venv and the basic system tools, with nvcc,
+# gcc, g++, cc and ninja removed, and CUDA_HOME / CUDA_PATH unset.
+# Then: install.py (timed) + self-check, both GPU suites, and an A/B of the attention benchmark
+# (kernel and whole-call TOPS, error, host time per call) against the previous commit's nvcc build.
+set -uo pipefail
+OUT=${OUT:-$PWD/cleanroom_out}; mkdir -p "$OUT"
+fail=0
+python3 -m venv --system-site-packages /tmp/sa2_venv
+BIN=/tmp/sa2_bin; rm -rf "$BIN"; mkdir -p "$BIN"
+for t in bash sh env ls cat mkdir rm cp mv tar grep sed awk head tail tee date nproc timeout git uname dirname basename readlink; do
+  p=$(command -v $t) && ln -sf "$p" "$BIN/$t"
+done
+CLEAN="env -u CUDA_HOME -u CUDA_PATH PATH=/tmp/sa2_venv/bin:$BIN HOME=$HOME SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache"
+rm -rf /tmp/sa2_cleanroom_cache
+for t in nvcc gcc g++ cc ninja; do
+  $CLEAN bash -c "command -v $t" >/dev/null && { echo "CLEAN ROOM BROKEN: $t reachable" | tee -a "$OUT/summary.txt"; fail=1; }
+done
+start=$(date +%s)
+$CLEAN python install.py 2>&1 | tee "$OUT/install.log"; rc=${PIPESTATUS[0]}
+echo "install.py + selfcheck: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"; [ $rc = 0 ] || fail=1
+start=$(date +%s)
+$CLEAN python install.py --no-selfcheck > "$OUT/install_again.log" 2>&1
+echo "second install (cache hit): $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+for suite in test_mma_kernels test_wgmma_kernels; do
+  $CLEAN SA2_TEST_LOG="$OUT/$suite.jsonl" timeout 1800 python -m pytest -q -x tests/gpu/$suite.py > "$OUT/$suite.log" 2>&1
+  rc=$?; echo "$suite: rc=$rc $(tail -1 "$OUT/$suite.log")" | tee -a "$OUT/summary.txt"; [ $rc = 0 ] || fail=1
+done
+# A/B: the previous commit's nvcc build (the normal PATH: it needs nvcc and ninja) beside this one.
+PREV=/tmp/sa2_prev; rm -rf "$PREV"; mkdir -p "$PREV"
+git archive "${BEFORE_REV:-HEAD~1}" | tar x -C "$PREV"
+(cd "$PREV" && TORCH_CUDA_ARCH_LIST=9.0 timeout 1200 python3 install.py -j 16 --no-selfcheck) > "$OUT/prev_build.log" 2>&1 \
+  || echo "previous build failed (see prev_build.log)" | tee -a "$OUT/summary.txt"
+for side in prev new; do
+  dir=$PWD; [ $side = prev ] && dir=$PREV
+  (cd "$dir" && SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache timeout 900 python3 bench/bench_attention.py) \
+    > "$OUT/bench_$side.md" 2>&1 || echo "bench $side failed" | tee -a "$OUT/summary.txt"
+  (cd "$dir" && SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache timeout 600 python3 -m sageattn2.selfcheck) \
+    > "$OUT/selfcheck_$side.md" 2>&1
+done
+echo "host µs/call: see the 'host µs/call' column of selfcheck_prev.md / selfcheck_new.md" >> "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+exit $fail
