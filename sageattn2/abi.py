@@ -145,18 +145,29 @@ def enum_asserts() -> str:
 class ParamTemplate:
     """A struct's bytes with every per-call-constant field filled in, and where its per-call
     fields are. `new()` returns a fresh copy (a ctypes array of 64-bit words) for one launch:
-    each call fills its own buffer, so concurrent calls can never see each other's pointers."""
+    each call fills its own buffer, so concurrent calls can never see each other's pointers.
+    One extra word at the end holds the buffer's own address: the driver's `kernelParams`
+    array (one parameter: the struct) without a second object per call."""
 
-    __slots__ = ("data", "words", "offsets")
+    __slots__ = ("data", "words", "offsets", "_sizes", "self_slot")
 
     def __init__(self, instance: ctypes.Structure):
-        self.data = bytes(instance)
-        self.words = ctypes.c_uint64 * (-(-len(self.data) // 8))
-        self.data += b"\0" * (ctypes.sizeof(self.words) - len(self.data))
-        self.offsets = {path: off for path, off, _ in field_offsets(type(instance))}
+        raw = bytes(instance)
+        self.self_slot = -(-len(raw) // 8)
+        self.words = ctypes.c_uint64 * (self.self_slot + 1)
+        self.data = raw + b"\0" * (ctypes.sizeof(self.words) - len(raw))
+        fields = field_offsets(type(instance))
+        self.offsets = {path: off for path, off, _ in fields}
+        self._sizes = [(off, size) for _, off, size in fields]
 
     def new(self):
         return self.words.from_buffer_copy(self.data)
+
+    def kernel_params(self, buf) -> int:
+        """The address to pass as cuLaunchKernel's kernelParams for `buf`."""
+        addr = ctypes.addressof(buf)
+        buf[self.self_slot] = addr
+        return addr + 8 * self.self_slot
 
     def slot(self, path: str) -> int:
         """Word index of an 8-byte field (a pointer or int64)."""
@@ -164,13 +175,15 @@ class ParamTemplate:
         assert off % 8 == 0, path
         return off // 8
 
-    def int32_setter(self, path: str):
-        """A function (buffer, value) that stores a 32-bit int field."""
+    def word_slot(self, path: str) -> int:
+        """Word index of a 32-bit field that shares its 8-byte word with padding only, so a call
+        may store the whole word (value in the low half, little-endian)."""
         off = self.offsets[path]
-        index, shift = off // 8, (off % 8) * 8
-        mask = ~(0xFFFFFFFF << shift) & 0xFFFFFFFFFFFFFFFF
+        assert off % 8 == 0 and not any(off < o < off + 8 for o, _ in self._sizes), path
+        return off // 8
 
-        def store(buf, value: int) -> None:
-            buf[index] = (buf[index] & mask) | ((value & 0xFFFFFFFF) << shift)
-
-        return store
+    def diff(self, other: "ParamTemplate") -> tuple[tuple[int, int], ...]:
+        """(word index, value) where `other`'s words differ from this template's."""
+        mine = self.words.from_buffer_copy(self.data)
+        theirs = other.words.from_buffer_copy(other.data)
+        return tuple((i, theirs[i]) for i in range(self.self_slot) if mine[i] != theirs[i])

@@ -103,15 +103,6 @@ class Driver:
             self.check(self.lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         done.add(device)
 
-    def launch(self, kernel: int, grid: tuple[int, int, int], threads: int, smem: int, stream: int,
-               params: ctypes.Structure, what: str) -> None:
-        """One launch whose only kernel parameter is the struct `params` (its bytes are copied by
-        the driver during the call, so the caller may reuse nothing and race with nobody)."""
-        args = (_vp * 1)(ctypes.addressof(params))
-        rc = self.launch_raw(kernel, grid[0], grid[1], grid[2], threads, 1, 1, smem, stream, args, None)
-        if rc != 0:
-            raise DriverError(f"launching {what} failed: CUDA error {rc} ({self.error_string(rc)})")
-
 
 _driver: Driver | None = None
 _driver_why: str | None = None

@@ -7,6 +7,7 @@ lacks it, with one log line per process), raising KernelBuildError when it canno
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import threading
@@ -23,15 +24,25 @@ class KernelBuildError(RuntimeError):
 class Loaded:
     """One kernel loaded on one device, and its launch constants (threads, smem, ...)."""
 
-    __slots__ = ("name", "handle", "info", "threads", "smem", "device", "drv")
+    __slots__ = ("name", "handle", "info", "threads", "smem", "device", "drv", "_raw")
 
     def __init__(self, name, handle, info, device, drv):
         self.name, self.handle, self.info, self.device, self.drv = name, handle, info, device, drv
         self.threads, self.smem = info["threads"], info.get("smem", 0)
+        self._raw = drv.launch_raw
 
-    def launch(self, grid, params, stream: int, smem: int | None = None) -> None:
-        self.drv.launch(self.handle, grid, self.threads, self.smem if smem is None else smem, stream, params,
-                        self.name)
+    def launch(self, grid, kernel_params: int, stream: int, smem: int | None = None) -> None:
+        """`kernel_params`: the address of a one-entry array pointing at the parameter struct
+        (abi.ParamTemplate.kernel_params)."""
+        rc = self._raw(self.handle, grid[0], grid[1], grid[2], self.threads, 1, 1,
+                       self.smem if smem is None else smem, stream, kernel_params, None)
+        if rc != 0:
+            raise driver.DriverError(f"launching {self.name} failed: CUDA error {rc} ({self.drv.error_string(rc)})")
+
+    def launch_struct(self, grid, params, stream: int, smem: int | None = None) -> None:
+        """A launch with a ctypes.Structure as the parameter (the slow path, no template)."""
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self.launch(grid, ctypes.addressof(args), stream, smem)
 
 
 class DeviceKernels:

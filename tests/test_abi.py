@@ -109,9 +109,10 @@ class YieldingKernel:
         self.info, self.threads, self.smem = info, 256, 0
         self.seen = []
 
-    def launch(self, grid, params, stream, smem=None):
+    def launch(self, grid, kernel_params, stream, smem=None):
+        struct_addr = ctypes.c_uint64.from_address(kernel_params).value
         time.sleep(0.0005)
-        self.seen.append((threading.get_ident(), bytes(params)))
+        self.seen.append((threading.get_ident(), ctypes.string_at(struct_addr, ctypes.sizeof(abi.QuantizeParams))))
 
 
 class FakeDeviceKernels:

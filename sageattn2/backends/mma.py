@@ -138,6 +138,7 @@ class Quantized:
 
 _ALIGN = 256  # byte alignment of each operand inside the workspace (TMA needs 16)
 _counter_sets: dict = {}  # (device index, stream) -> int32 tickets, zero between launches
+_retired_counters: list = []
 
 
 def _counters(device, stream: int, slots: int) -> int:
@@ -146,6 +147,8 @@ def _counters(device, stream: int, slots: int) -> int:
     key = (device.index, stream)
     t = _counter_sets.get(key)
     if t is None or t.numel() < slots:
+        if t is not None:
+            _retired_counters.append(t)  # plans keep its address: never freed
         t = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
         _counter_sets[key] = t
     return t.data_ptr()
@@ -294,60 +297,65 @@ class _QkvPlan:
             kernel = dk.get(kernels.quant_kernel(bf16, dpad, name), QUANT_MAX_SMEM)
             self.launches.append((kernel, (ctas, 1, 1), smem, abi.ParamTemplate(lp)))
 
-        # Per-call fields: word slots in the template (the same in every launch's template).
-        t = self.launches[0][3]
-        self._slot = {path: t.slot(path) for path in t.offsets if _is_pointer(path)}
-        self._vec = {which: t.int32_setter(path) for which, path in (
-            ("q", "rows[0].vec"), ("k", "rows[1].vec"), ("v", "v.vec"),
-            ("stats0", "stats.job[0].vec"), ("stats1", "stats.job[1].vec"))}
-        self._stats_inputs = stats_inputs
-        self._vec_strides = {"q": _strides_vec_ok(q_h), "k": _strides_vec_ok(k_h), "v": _strides_vec_ok(v_h)}
-        self._per_job = b * hk * chunks * 3 * dpad * 4  # bytes of one statistics job's partials
-        self._dot = with_dot
-        self._smooth_k, self._smooth_v = smooth_k, cfg.smooth_v
+        # Per-call fields, as word slots of the first launch's template; a later launch reuses
+        # the call's buffer, patched where its template differs (the segments).
+        first = self.launches[0][3]
+        self._patches = [first.diff(t) for _, _, _, t in self.launches]
+        slot = first.slot
+        inputs = {"q": ["rows[0].x.ptr"], "k": ["rows[1].x.ptr"], "v": ["v.x.ptr"] if self.fp8 else []}
+        vec_words = {"q": ["rows[0].vec"], "k": ["rows[1].vec"], "v": ["v.vec"]}
+        from_base = [("rows[0].out", "q"), ("rows[0].scale", "q_scale"), ("rows[1].out", "k"),
+                     ("rows[1].scale", "k_scale"), ("rows[0].qbar", "qbar"), ("rows[0].qbar_scale", "qbar_scale"),
+                     ("rows[0].dot_out", "q_dot_kbar"), ("rows[1].mean", "kbar"), ("v.mean", "vbar"),
+                     ("v.inv", "v_inv"), ("v.out", "v")]
+        if with_dot:
+            from_base.append(("rows[0].dot_vec", "kbar"))
+        per_job = b * hk * chunks * 3 * dpad * 4  # bytes of one statistics job's partials
+        base_slots, counter_slots = [], []
+        for i, which in enumerate(stats_inputs):
+            j = f"stats.job[{i}]."
+            inputs[which].append(j + "x.ptr")
+            vec_words[which].append(j + "vec")
+            base_slots.append((slot(j + "partial"), self.offsets["stats"] + i * per_job))
+            counter_slots.append((slot(j + "counter"), i * slots * 4))
+            from_base.append((j + "mean", "kbar" if which == "k" else "vbar"))
+            if which == "v" and self.fp8:
+                from_base += [(j + "fp8_scale", "v_scale"), (j + "fp8_inv", "v_inv")]
+        base_slots += [(slot(path), self.offsets[part]) for path, part in from_base if part in self.offsets]
+        self._base_slots = tuple(base_slots)
+        self._counter_slots = tuple(counter_slots)
+        self._input_slots = tuple(tuple(slot(p) for p in inputs[x]) for x in ("q", "k", "v"))
+        self._vec_slots = tuple(tuple(first.word_slot(p) for p in vec_words[x]) for x in ("q", "k", "v"))
+        self._vec_strides = (_strides_vec_ok(q_h), _strides_vec_ok(k_h), _strides_vec_ok(v_h))
+        self._counters_of: dict[int, int] = {}  # stream -> its ticket counters (kept alive in _counter_sets)
 
     def pointer(self, base: int, name: str) -> int | None:
         off = self.offsets.get(name)
         return None if off is None else base + off
 
     def enqueue(self, q_ptr: int, k_ptr: int, v_ptr: int, base: int, device, stream: int):
-        ptr, s = self.pointer, self._slot
-        values = {
-            "rows[0].x.ptr": q_ptr, "rows[1].x.ptr": k_ptr, "v.x.ptr": v_ptr if self.fp8 else 0,
-            "rows[0].out": ptr(base, "q"), "rows[0].scale": ptr(base, "q_scale"),
-            "rows[1].out": ptr(base, "k"), "rows[1].scale": ptr(base, "k_scale"),
-            "rows[0].qbar": ptr(base, "qbar"), "rows[0].qbar_scale": ptr(base, "qbar_scale"),
-            "rows[0].dot_vec": ptr(base, "kbar") if self._dot else 0, "rows[0].dot_out": ptr(base, "q_dot_kbar"),
-            "rows[1].mean": ptr(base, "kbar"),
-            "v.mean": ptr(base, "vbar"), "v.inv": ptr(base, "v_inv"), "v.out": ptr(base, "v"),
-        }
-        vec = {x: self._vec_strides[x] and p % 16 == 0 for x, p in (("q", q_ptr), ("k", k_ptr), ("v", v_ptr))}
-        if self._stats_inputs:
-            ws = ptr(base, "stats")
-            counters = _counters(device, stream, self.counter_slots)
-            slots = self.counter_slots // 2
-            for i, which in enumerate(self._stats_inputs):
-                j = f"stats.job[{i}]."
-                values[j + "x.ptr"] = k_ptr if which == "k" else v_ptr
-                values[j + "partial"] = ws + i * self._per_job
-                values[j + "counter"] = counters + i * slots * 4
-                if which == "k":
-                    values[j + "mean"] = ptr(base, "kbar")
-                else:
-                    values[j + "mean"] = ptr(base, "vbar")
-                    if self.fp8:
-                        values[j + "fp8_scale"], values[j + "fp8_inv"] = ptr(base, "v_scale"), ptr(base, "v_inv")
-        for kernel, grid, smem, template in self.launches:
-            buf = template.new()
-            for path, value in values.items():
-                if value:
-                    buf[s[path]] = value
-            self._vec["q"](buf, vec["q"])
-            self._vec["k"](buf, vec["k"])
-            self._vec["v"](buf, vec["v"])
-            for i, which in enumerate(self._stats_inputs):
-                self._vec[f"stats{i}"](buf, vec[which])
-            kernel.launch(grid, buf, stream, smem)
+        first = self.launches[0][3]
+        buf = first.new()
+        for i, off in self._base_slots:
+            buf[i] = base + off
+        if self._counter_slots:
+            counters = self._counters_of.get(stream)
+            if counters is None:
+                counters = self._counters_of[stream] = _counters(device, stream, self.counter_slots)
+            for i, off in self._counter_slots:
+                buf[i] = counters + off
+        for ptr, slots, vec_slots, strides_ok in zip((q_ptr, k_ptr, v_ptr), self._input_slots, self._vec_slots,
+                                                     self._vec_strides):
+            vec = int(strides_ok and ptr % 16 == 0)
+            for i in slots:
+                buf[i] = ptr
+            for i in vec_slots:
+                buf[i] = vec
+        params = first.kernel_params(buf)
+        for (kernel, grid, smem, _), patch in zip(self.launches, self._patches):
+            for i, value in patch:  # the driver copied the previous launch's parameters already
+                buf[i] = value
+            kernel.launch(grid, params, stream, smem)
 
     def view(self, buf: torch.Tensor, name: str) -> torch.Tensor | None:
         for part, shape, dtype in self.parts:
@@ -355,14 +363,6 @@ class _QkvPlan:
                 off = self.offsets[name]
                 return buf[off:off + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         return None
-
-
-_POINTER_FIELDS = ("ptr", "out", "scale", "qbar", "qbar_scale", "dot_vec", "dot_out", "mean", "inv", "partial",
-                   "counter", "fp8_scale", "fp8_inv")
-
-
-def _is_pointer(path: str) -> bool:
-    return path.rsplit(".", 1)[-1] in _POINTER_FIELDS
 
 
 def _device_kernels(device) -> DeviceKernels:
@@ -384,7 +384,7 @@ def _smooth_v16(dk: DeviceKernels, v_h: torch.Tensor, dpad: int, vbar: torch.Ten
     p.out, p.vec = out.data_ptr(), int(_v16_direct_ok(v_h))
     kernel = dk.get(kernels.smooth_v16_kernel(v_h.dtype == torch.bfloat16))
     blocks = min(-(-(n * (dpad // 8)) // kernel.threads), 1024)
-    kernel.launch((blocks, h, b), p, stream, 0)
+    kernel.launch_struct((blocks, h, b), p, stream, 0)
     return out
 
 
@@ -498,8 +498,10 @@ def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_
     return a
 
 
-def _check_attention(a: abi.MmaAttnParams, kernel) -> None:
+def _check_attention(a: abi.MmaAttnParams, kernel, arch) -> None:
     """What the kernel assumes of its arguments (checked once per plan)."""
+    if a.pv_type == abi.PV_FP8 and not arch.fp8_mma:
+        raise KernelError(f"FP8 PV needs e4m3 mma.sync (sm_89 or newer); this GPU is {arch.target}")
     if a.heads_q % a.heads_kv:
         raise KernelError(f"heads_q {a.heads_q} is not a multiple of heads_kv {a.heads_kv}")
     if a.batch > 65535 or a.heads_q > 65535:
@@ -517,10 +519,6 @@ def _check_attention(a: abi.MmaAttnParams, kernel) -> None:
             raise KernelError("FP8 V^T tile offsets must fit in 31 bits")
     elif 2 * 64 * a.v_stride_n >= 2**31:
         raise KernelError("V token stride too large for 32-bit tile offsets")
-
-
-_ATTN_POINTERS = ("q", "k", "q_scale", "k_scale", "qbar", "qbar_scale", "q_dot_kbar", "v", "v_scale", "v_mean",
-                  "out", "lse")
 
 
 class _AttentionPlan:
@@ -548,10 +546,16 @@ class _AttentionPlan:
         v_pad, v_strides = (self.qkv.v_pad, (0, 0, 0)) if fp8 else (0, tuple(v_h.stride()[:3]))
         a = _attention_params(cfg, q_h, k_h, dpad, tile, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, v_strides,
                               _contiguous_bhn_strides(q.shape, layout), is_causal, float(sm_scale))
-        _check_attention(a, self.kernel)
+        _check_attention(a, self.kernel, dk.arch)
         self.grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
         self.template = abi.ParamTemplate(a)
-        self.slot = {name: self.template.slot(name) for name in _ATTN_POINTERS}
+        t, offsets = self.template, self.qkv.offsets
+        self.base_slots = tuple((t.slot(field), offsets[part]) for field, part in (
+            ("q", "q"), ("k", "k"), ("q_scale", "q_scale"), ("k_scale", "k_scale"), ("q_dot_kbar", "q_dot_kbar"),
+            ("qbar", "qbar"), ("qbar_scale", "qbar_scale"), ("v_scale", "v_scale"), ("v_mean", "vbar"))
+            if part in offsets)
+        self.v_slot, self.v_offset = t.slot("v"), offsets.get("v", 0)
+        self.out_slot, self.lse_slot = t.slot("out"), t.slot("lse")
 
     def __call__(self, q, k, v):
         if not self.fast or (not self.fp8 and v.data_ptr() % 16):
@@ -567,16 +571,14 @@ class _AttentionPlan:
         plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
         out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
-        a, s, ptr = self.template.new(), self.slot, plan.pointer
-        for name, value in (("q", ptr(base, "q")), ("k", ptr(base, "k")), ("q_scale", ptr(base, "q_scale")),
-                            ("k_scale", ptr(base, "k_scale")), ("q_dot_kbar", ptr(base, "q_dot_kbar")),
-                            ("qbar", ptr(base, "qbar")), ("qbar_scale", ptr(base, "qbar_scale")),
-                            ("v", ptr(base, "v") if self.fp8 else v.data_ptr()), ("v_scale", ptr(base, "v_scale")),
-                            ("v_mean", ptr(base, "vbar")), ("out", out.data_ptr()),
-                            ("lse", None if lse is None else lse.data_ptr())):
-            if value:
-                a[s[name]] = value
-        self.kernel.launch(self.grid, a, stream)
+        a = self.template.new()
+        for i, off in self.base_slots:
+            a[i] = base + off
+        a[self.v_slot] = base + self.v_offset if self.fp8 else v.data_ptr()
+        a[self.out_slot] = out.data_ptr()
+        if lse is not None:
+            a[self.lse_slot] = lse.data_ptr()
+        self.kernel.launch(self.grid, self.template.kernel_params(a), stream)
         return out, lse
 
 
@@ -645,11 +647,11 @@ def launch(dk: DeviceKernels, qz: Quantized, q, k, *, layout, cfg, is_causal, sm
         raise KernelError(str(e)) from None
     a = _attention_params(cfg, q_h, k_h, qz.padded_head_dim, qz.tile, qz.q.shape[2], qz.k.shape[2], v_pad,
                           v_strides, tuple(out_h.stride()[:3]), is_causal, float(sm_scale))
-    _check_attention(a, kernel)
+    _check_attention(a, kernel, dk.arch)
     for name, t in (("q", qz.q), ("k", qz.k), ("q_scale", qz.q_scale), ("k_scale", qz.k_scale),
                     ("qbar", qz.qbar), ("qbar_scale", qz.qbar_scale), ("q_dot_kbar", qz.q_dot_kbar), ("v", qz.v),
                     ("v_scale", qz.v_scale), ("v_mean", qz.vbar), ("out", out), ("lse", lse)):
         setattr(a, name, None if t is None else t.data_ptr())
     dk.drv.ensure_context(dk.index)
-    kernel.launch((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device))
+    kernel.launch_struct((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device))
     return out, lse
