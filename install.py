@@ -10,6 +10,7 @@ source) are compiled on first use.
     python install.py                                  # visible GPUs, then the self-check
     TORCH_CUDA_ARCH_LIST="8.9;9.0" python install.py   # these archs, GPU or not
     python install.py --compile-only --jobs 2          # CI: every product kernel, exit 1 on a failure
+    python install.py --all --no-selfcheck             # also what only the GPU tests and benchmarks use
 
 The build, cache and ABI are described in docs/building.md.
 """
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", "-j", type=int, default=None, help="parallel compiles (default: CPU count)")
     ap.add_argument("--no-selfcheck", action="store_true", help="build only")
+    ap.add_argument("--all", action="store_true",
+                    help="also the kernels only tests and benchmarks use (every wgmma schedule, emulated INT4)")
     ap.add_argument("--compile-only", action="store_true",
                     help="compile every product kernel, no self-check; exit 1 if any fails (CI)")
     args = ap.parse_args(argv)
@@ -117,16 +120,19 @@ def main(argv=None) -> int:
         print(f"{PREFIX} skipped: {e}. {STOCK}")
         return 1 if args.compile_only else 0
 
-    jobs = [(k, a) for a in targets for k in kernels.product_kernels(a)]
+    listed = kernels.test_kernels if args.all else kernels.product_kernels
+    jobs = [(k, a) for a in targets for k in listed(a)]
     workers = args.jobs or os.cpu_count() or 1
     print(f"{PREFIX} NVRTC {nv.version[0]}.{nv.version[1]} from {nv.found.origin}; {len(jobs)} kernels for "
           f"{', '.join(a.target for a in targets)} ({origin}) on {workers} threads; cache {root}", flush=True)
     builder = build.Builder(nv, root)
 
-    def progress(done, total, kernel, arch, err):
+    def progress(done, total, kernel, arch, err, log):
         status = "FAILED" if err else "ok"
         print(f"{PREFIX} [{done}/{total}] {arch.target} {kernel.name} {status} ({time.time() - t0:.0f} s)",
               flush=True)
+        if log:  # warnings, or the ptxas report SAGEATTN2_NVRTC_FLAGS="-Xptxas -v" asks for
+            print(log, flush=True)
 
     root.mkdir(parents=True, exist_ok=True)
     with build.FileLock(root / ".install.lock"):  # a concurrent install waits, then finds the cache filled

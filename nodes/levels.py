@@ -36,7 +36,7 @@ def cost_order(capability: tuple[int, int] | None) -> tuple[str, ...]:
         from ..sageattn2 import archs  # the arch table (imports torch: only when asked about a GPU)
 
         arch = archs.arch(*capability)
-    has_fp8 = arch is None or arch.fp8_mma or arch.wgmma
+    has_fp8 = arch is None or arch.fp8_mma
     has_int4 = arch is None or arch.int4_mma
     order = [
         level

@@ -73,4 +73,4 @@ def why_unsupported(major: int, minor: int) -> str:
 
 def default_precision(a: Arch) -> str:
     """What `auto` means on this arch: FP8 PV where the tensor cores have it, else FP16 PV."""
-    return "int8+fp8" if a.fp8_mma or a.wgmma else "int8+fp16"
+    return "int8+fp8" if a.fp8_mma else "int8+fp16"

@@ -71,6 +71,7 @@ class Entry:
     symbol: str
     info: dict[str, int]
     cubin: bytes
+    log: str = ""  # the compiler's messages when compiled now (ptxas -v output, warnings)
 
 
 class FileLock:
@@ -167,32 +168,52 @@ class Builder:
             entry = read_entry(path, kernel)  # another process may have built it meanwhile
             if entry is not None:
                 return entry, False
-            cubin, lowered, _ = self.nv.compile(kernel.source(), f"{kernel.name}.cu", self.headers,
-                                                kernels.options(arch, self.extra), [kernel.expr])
-            entry = Entry(kernel, lowered[kernel.expr], kernels.launch_info(kernel, cubin), cubin)
+            cubin, lowered, log = self.nv.compile(kernel.source(), f"{kernel.name}.cu", self.headers,
+                                                  kernels.options(arch, self.extra), [kernel.expr])
+            entry = Entry(kernel, lowered[kernel.expr], kernels.launch_info(kernel, cubin), cubin, log)
             write_entry(path, entry, self.nv.version)
             return entry, True
 
     def build_all(self, jobs: list[tuple[kernels.Kernel, Arch]], workers: int, progress=None) -> list[tuple]:
         """Compiles `jobs` on `workers` threads (NVRTC runs without the GIL). Returns
         [(kernel, arch, error message or None)] in job order; `progress(done, total, kernel, arch,
-        error)` is called as each finishes."""
+        error, compiler log)` is called as each finishes."""
         results: list = [None] * len(jobs)
         done = 0
 
         def one(i):
             kernel, arch = jobs[i]
             try:
-                self.get(kernel, arch)
-                return i, None
+                return i, None, self.get(kernel, arch)[0].log
             except (NvrtcError, OSError, ValueError, KeyError) as e:
-                return i, str(e)
+                return i, str(e), ""
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for future in as_completed([pool.submit(one, i) for i in range(len(jobs))]):
-                i, err = future.result()
+                i, err, log = future.result()
                 results[i] = (jobs[i][0], jobs[i][1], err)
                 done += 1
                 if progress:
-                    progress(done, len(jobs), jobs[i][0], jobs[i][1], err)
+                    progress(done, len(jobs), jobs[i][0], jobs[i][1], err, log)
         return results
+
+
+def extract(cache: Path, out: Path) -> int:
+    """Writes every cached kernel as a plain `<target>/<name>.cubin` under `out` (for
+    cuobjdump / nvdisasm); returns how many."""
+    n = 0
+    for path in sorted(cache.glob("*/*.bin")):
+        head, _, cubin = path.read_bytes().partition(b"\n")
+        name = json.loads(head)["kernel"]
+        (out / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (out / path.parent.name / f"{name}.cubin").write_bytes(cubin)
+        n += 1
+    return n
+
+
+if __name__ == "__main__":
+    # python -m sageattn2.build extract OUT_DIR [CACHE_DIR]: cubins for SASS dumps.
+    if len(sys.argv) >= 3 and sys.argv[1] == "extract":
+        print(extract(Path(sys.argv[3]) if len(sys.argv) > 3 else cache_dir(), Path(sys.argv[2])), "cubins")
+    else:
+        print("usage: python -m sageattn2.build extract OUT_DIR [CACHE_DIR]")

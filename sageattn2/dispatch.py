@@ -147,7 +147,7 @@ def plan_for_library(
         precision = default_precision(capability)
     cfg = _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, Family.MMA)
 
-    if cfg.pv_dtype is PVDType.FP8 and not (arch.fp8_mma or arch.wgmma):
+    if cfg.pv_dtype is PVDType.FP8 and not arch.fp8_mma:
         log_once(f"{lib.tag} has no FP8 tensor cores: running {cfg.qk_dtype.value}+fp16 instead of +fp8")
         cfg = cfg.with_(pv_dtype=PVDType.FP16)
     if cfg.qk_dtype is QKDType.INT4 and not arch.int4_mma and not force_int4_emulation:

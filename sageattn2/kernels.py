@@ -115,6 +115,21 @@ def product_kernels(arch: Arch) -> list[Kernel]:
     return out
 
 
+def test_kernels(arch: Arch) -> list[Kernel]:
+    """The product kernels plus those only tests and benchmarks reach: every wgmma schedule, and
+    INT4 QK where the arch emulates it (`install.py --all`; otherwise they compile on first use)."""
+    out = product_kernels(arch)
+    names = {k.name for k in out}
+    extra = []
+    if not arch.int4_mma:
+        pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
+        extra += [mma_kernel(d, True, pv) for d in MMA_HEAD_DIMS for pv in pvs]
+    if arch.wgmma:
+        extra += [wgmma_kernel(d, pv, s) for d in WGMMA_HEAD_DIMS for pv in (abi.PV_FP8, abi.PV_FP16, abi.PV_BF16)
+                  for s in WGMMA_SCHEDULES if d == 128 or s in WGMMA_HEAD_DIM_64]
+    return out + [k for k in extra if k.name not in names]
+
+
 def headers() -> dict[str, str]:
     """Every header a unit may include, by include name ("sa2/attn_mma.cuh")."""
     return {p.relative_to(CSRC_INCLUDE).as_posix(): p.read_text() for p in sorted(CSRC_INCLUDE.rglob("*.cuh"))}

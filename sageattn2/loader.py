@@ -52,6 +52,7 @@ class DeviceKernels:
         self.families = arch.families
         self._loaded: dict[str, Loaded] = {}
         self._failed: dict[str, str] = {}
+        self._images: list[bytes] = []
         self._lock = threading.Lock()
 
     def get(self, kernel: kernels.Kernel, max_dynamic_smem: int | None = None) -> Loaded:
@@ -69,6 +70,7 @@ class DeviceKernels:
                 if compiled:
                     _log_first_compile(self.arch, self.builder)
                 handle = self.drv.get_kernel(self.drv.load_library(entry.cubin), entry.symbol)
+                self._images.append(entry.cubin)  # alive for the process: the driver may load lazily from it
                 smem = max_dynamic_smem if max_dynamic_smem is not None else entry.info.get("smem", 0)
                 if smem > 48 * 1024:
                     self.drv.set_max_dynamic_smem(handle, self.index, smem)

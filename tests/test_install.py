@@ -102,20 +102,60 @@ def test_one_failing_arch_keeps_the_others(monkeypatch, capsys, fake_build):
 
 def test_read_only_pack_folder_uses_the_user_cache(tmp_path, monkeypatch):
     pack = tmp_path / "pack" / "kernels"
-    pack.parent.mkdir()
-    pack.parent.chmod(0o500)
-    try:
-        if build.writable(pack):
-            pytest.skip("running as a user that ignores permissions")
-        env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
-        assert build.cache_dir(env, pack) == tmp_path / "xdg" / "sageattn2"
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
-        with pytest.raises(OSError, match="SAGEATTN2_CACHE_DIR"):
-            build.cache_dir({"XDG_CACHE_HOME": str(locked)}, pack)
-    finally:
-        pack.parent.chmod(0o700)
+    monkeypatch.setattr(build, "writable", lambda folder: folder != pack)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert build.cache_dir(env, pack) == tmp_path / "xdg" / "sageattn2"
+    monkeypatch.setattr(build, "writable", lambda folder: False)
+    with pytest.raises(OSError, match="SAGEATTN2_CACHE_DIR"):
+        build.cache_dir(env, pack)
+    monkeypatch.setattr(build, "writable", lambda folder: True)
+    assert build.cache_dir(env, pack) == pack
+
+
+def test_writable_probe(tmp_path):
+    assert build.writable(tmp_path / "new" / "dir")
+    (tmp_path / "file").write_text("")
+    assert not build.writable(tmp_path / "file" / "sub")  # a file where the folder should be
+
+
+def test_concurrent_installs_compile_each_kernel_once(monkeypatch, capsys, fake_build):
+    import threading
+    import time
+
+    class Counting(FakeNvrtc):
+        def __init__(self):
+            super().__init__()
+            self.names, self.lock = [], threading.Lock()
+
+        def compile(self, source, name, *rest):
+            time.sleep(0.002)
+            with self.lock:
+                self.names.append(name)
+            return super().compile(source, name, *rest)
+
+    nv = Counting()
+    cache = fake_build(nv)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
+    rcs = []
+    threads = [threading.Thread(target=lambda: rcs.append(install.main(["--no-selfcheck", "-j", "2"])))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert rcs == [0, 0]
+    assert sorted(nv.names) == sorted(set(nv.names))  # nothing compiled twice
+    assert len(nv.names) == len(kernels.product_kernels(archs.arch(8, 9)))
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_dollar_and_space_in_the_cache_path(monkeypatch, capsys, fake_build, tmp_path):
+    fake_build(FakeNvrtc())
+    cache = tmp_path / "Comfy UI $HOME ${x}"
+    monkeypatch.setenv("SAGEATTN2_CACHE_DIR", str(cache))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    assert install.main(["--no-selfcheck"]) == 0
+    assert len(list((cache / "sm_80").glob("*.bin"))) == len(kernels.product_kernels(archs.arch(8, 0)))
 
 
 def test_nothing_writable_is_a_message(monkeypatch, capsys, fake_build):

@@ -19,17 +19,7 @@ from sageattn2 import archs, kernels  # noqa: E402
 
 
 def all_kernels():
-    out = {}
-    for cc in archs.PRODUCT_ARCHS:
-        for k in kernels.product_kernels(archs.arch(*cc)):
-            out[k.name] = k
-    for d in kernels.WGMMA_HEAD_DIMS:
-        for pv in (0, 1, 2):
-            for s in kernels.WGMMA_SCHEDULES:
-                if d == 128 or s in kernels.WGMMA_HEAD_DIM_64:
-                    k = kernels.wgmma_kernel(d, pv, s)
-                    out[k.name] = k
-    return out
+    return {k.name: k for cc in archs.PRODUCT_ARCHS for k in kernels.test_kernels(archs.arch(*cc))}
 
 
 def main() -> int:

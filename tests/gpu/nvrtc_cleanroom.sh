@@ -26,18 +26,27 @@ echo "install.py + selfcheck: rc=$rc in $(( $(date +%s) - start )) s" | tee -a "
 start=$(date +%s)
 $CLEAN python install.py --no-selfcheck > "$OUT/install_again.log" 2>&1
 echo "second install (cache hit): $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+# The kernels only the suites use (every wgmma schedule, emulated INT4), so no test times out compiling.
+$CLEAN python install.py --all --no-selfcheck > "$OUT/install_all.log" 2>&1
+echo "install.py --all: rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
 for suite in test_mma_kernels test_wgmma_kernels; do
   $CLEAN SA2_TEST_LOG="$OUT/$suite.jsonl" timeout 1800 python -m pytest -q -x tests/gpu/$suite.py > "$OUT/$suite.log" 2>&1
   rc=$?; echo "$suite: rc=$rc $(tail -1 "$OUT/$suite.log")" | tee -a "$OUT/summary.txt"; [ $rc = 0 ] || fail=1
 done
-# A/B: the previous commit's nvcc build (the normal PATH: it needs nvcc and ninja) beside this one.
-PREV=/tmp/sa2_prev; rm -rf "$PREV"; mkdir -p "$PREV"
-git archive "${BEFORE_REV:-HEAD~1}" | tar x -C "$PREV"
-(cd "$PREV" && TORCH_CUDA_ARCH_LIST=9.0 timeout 1200 python3 install.py -j 16 --no-selfcheck) > "$OUT/prev_build.log" 2>&1 \
-  || echo "previous build failed (see prev_build.log)" | tee -a "$OUT/summary.txt"
-for side in prev new; do
+# A/B: the last nvcc revision, exported beside the tree and carried (the device copy has no git):
+#   rm -rf .before && git archive --prefix=.before/ $(git log -1 --format=%H -- csrc/attn_mma.cu)^ | tar x
+# built with the normal PATH (it needs nvcc and ninja).
+PREV=${BEFORE:-.before}
+if [ -d "$PREV" ]; then
+  (cd "$PREV" && TORCH_CUDA_ARCH_LIST=9.0 timeout 1200 python3 install.py -j 16 --no-selfcheck) > "$OUT/prev_build.log" 2>&1 \
+    || echo "previous build failed (see prev_build.log)" | tee -a "$OUT/summary.txt"
+else
+  echo "no $PREV: A/B skipped" | tee -a "$OUT/summary.txt"; PREV=
+fi
+for side in ${PREV:+prev} new; do
   dir=$PWD; [ $side = prev ] && dir=$PREV
-  (cd "$dir" && SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache timeout 900 python3 bench/bench_attention.py) \
+  (cd "$dir" && SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache timeout 900 python3 bench/bench_attention.py --breakdown \
+    1x24x4608x128,1x40x32760x128) \
     > "$OUT/bench_$side.md" 2>&1 || echo "bench $side failed" | tee -a "$OUT/summary.txt"
   (cd "$dir" && SAGEATTN2_CACHE_DIR=/tmp/sa2_cleanroom_cache timeout 600 python3 -m sageattn2.selfcheck) \
     > "$OUT/selfcheck_$side.md" 2>&1
