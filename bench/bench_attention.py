@@ -173,7 +173,7 @@ def host_us_per_call(fn, calls=HOST_CALLS):
 
 
 def _is_quantizer(name):
-    return any(x in name for x in ("quantize", "smooth_v16"))  # csrc/quant.cu
+    return any(x in name for x in ("quantize", "smooth_v16"))  # csrc/include/sa2/quant_kernels.cuh
 
 
 def quant_breakdown(specs, records):

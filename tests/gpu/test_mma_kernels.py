@@ -1,5 +1,5 @@
-"""GPU tests of the mma.sync family: the fused quantizers (csrc/quant.cu) and the attention
-kernel (csrc/attn_mma.cu) against sageattn2.reference, which computes docs/numerics.md with
+"""GPU tests of the mma.sync family: the fused quantizers (csrc/include/sa2/quant_kernels.cuh) and the attention
+kernel (csrc/include/sa2/attn_mma.cuh) against sageattn2.reference, which computes docs/numerics.md with
 the same groups in fp32.
 
 Skipped without CUDA or without a kernel library that has the mma family (build it with
@@ -214,7 +214,7 @@ QUANT_FIELDS = ("q", "q_scale", "k", "k_scale", "kbar", "qbar", "qbar_scale", "q
 @pytest.mark.parametrize("noncontig", [False, True], ids=["dense", "strided"])
 @pytest.mark.parametrize("d,nq,nk,precision,gran,smoothing,dtype,layout,family", QUANT_CASES)
 def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype, layout, family, noncontig):
-    """sa2_quantize_qkv (every output) against the PyTorch reference quantizers, and a second
+    """The fused quantizers (every output) against the PyTorch reference quantizers, and a second
     call bit for bit against the first (the statistics' ticket counters must come back to 0)."""
     sk, sq, sv = QUANT_SMOOTHINGS[smoothing]
     qk, pv = precision.split("+")

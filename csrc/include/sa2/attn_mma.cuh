@@ -1,7 +1,7 @@
 // The mma.sync attention kernel (sm80/86/89/120, and sm90 through emulation of INT4/FP8):
 // one template, specialised by AttnMmaTraits<head dim, QK type, PV type>.
 //
-// Inputs come from the fused quantizers (csrc/quant.cu), all zero-padded:
+// Inputs come from the fused quantizers (quant_kernels.cuh), all zero-padded:
 //   Q_hat (B, Hq, Nq_pad, QB) and K_hat (B, Hkv, Nk_pad, QB) int8, QB = D (INT8) or D/2 (INT4,
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the

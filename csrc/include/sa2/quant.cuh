@@ -1,5 +1,5 @@
 // Quantization rules shared by every kernel family (docs/numerics.md §1), plus the layout
-// facts the fused quantizers (csrc/quant.cu) and the attention kernels must agree on.
+// facts the fused quantizers (quant_kernels.cuh) and the attention kernels must agree on.
 //
 // Family-neutral: nothing here depends on mma.sync or wgmma. The constants mirror
 // sageattn2/config.py; the reference (sageattn2/reference.py) implements the same rules.
