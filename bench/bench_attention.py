@@ -15,7 +15,7 @@ already quantized) and end to end (quantization included, in parentheses).
 `attention()` call, its host time (perf_counter around back-to-back calls without a sync: what
 the CPU spends enqueueing one call) and the device time of each quantizer kernel
 (torch.profiler). --json writes those numbers; --package-root imports `sageattn2` from another
-tree (e.g. an export of an older commit, with SAGEATTN2_BUILD_DIR pointing at a built library)
+tree (e.g. an export of an older commit; SAGEATTN2_CACHE_DIR, or SAGEATTN2_BUILD_DIR for nvcc-built trees, says where its kernels are)
 so two versions can be timed on one machine; --compare prints their before/after table.
 The markdown table also goes to --out (default $OUT/bench_attention.md when $OUT is set).
 """
@@ -173,7 +173,7 @@ def host_us_per_call(fn, calls=HOST_CALLS):
 
 
 def _is_quantizer(name):
-    return any(x in name for x in ("quantize", "smooth_v16"))  # csrc/quant.cu
+    return any(x in name for x in ("quantize", "smooth_v16"))  # csrc/include/sa2/quant_kernels.cuh
 
 
 def quant_breakdown(specs, records):

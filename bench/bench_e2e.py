@@ -248,7 +248,7 @@ def stage_breakdown(fn) -> dict[str, float]:
         if not us or evt.key.startswith("ProfilerStep"):
             continue
         key = evt.key.lower()
-        if "quantize_" in key or "smooth_v16" in key:  # csrc/quant.cu
+        if "quantize_" in key or "smooth_v16" in key:  # csrc/include/sa2/quant_kernels.cuh
             group = "ours: quantization"
         elif "attn_mma_kernel" in key or "attn_wgmma" in key or "sa2::" in key:
             group = "ours: attention kernel"

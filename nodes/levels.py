@@ -28,12 +28,16 @@ def cost_order(capability: tuple[int, int] | None) -> tuple[str, ...]:
     Q.K^T and P.V cost the same number of MACs, so the time of a level is roughly
     1/rate(QK) + 1/rate(PV) with INT4 = 4x, INT8 = FP8 = 2x, FP16 = 1x: int4+fp8 (0.75) <
     int8+fp8 (1.0) < int4+fp16 (1.25) < int8+fp16 (1.5). Levels the GPU runs as another one
-    are left out: Ampere (sm80/86) has no FP8 tensor cores (fp8 runs as fp16); Hopper and
-    datacenter Blackwell have no INT4 MMA (int4 runs as int8).
+    (sageattn2/archs.py: no FP8 MMA -> fp16 PV, no INT4 MMA -> INT8 QK) are left out.
     `capability=None` (the CPU reference emulation) keeps all four.
     """
-    has_fp8 = capability is None or capability >= (8, 9)
-    has_int4 = capability is None or capability < (9, 0) or capability >= (12, 0)
+    arch = None
+    if capability is not None:
+        from ..sageattn2 import archs  # the arch table (imports torch: only when asked about a GPU)
+
+        arch = archs.arch(*capability)
+    has_fp8 = arch is None or arch.fp8_mma
+    has_int4 = arch is None or arch.int4_mma
     order = [
         level
         for level in ("int4+fp8", "int8+fp8", "int4+fp16", "int8+fp16")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import loader
+from . import archs, loader
 from .config import (
     MAX_HEAD_DIM,
     AttnConfig,
@@ -44,8 +44,9 @@ class Plan:
 
 
 def default_precision(capability: tuple[int, int]) -> str:
-    """What `auto` means on a GPU: FP8 PV where the tensor cores have it, else FP16 PV."""
-    return "int8+fp8" if capability >= (8, 9) else "int8+fp16"
+    """What `auto` means on a GPU (sageattn2/archs.py)."""
+    arch = archs.arch(*capability)
+    return archs.default_precision(arch) if arch else "int8+fp16"
 
 
 def backend_module(name: str):
@@ -123,7 +124,7 @@ def _plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_
     if head_dim > MAX_HEAD_DIM:
         return _exact(f"head dim {head_dim} > {MAX_HEAD_DIM}")
 
-    lib, why = loader.library_for_device(q.device)
+    lib, why = loader.kernels_for_device(q.device)
     if lib is None:
         return _exact(why)
 
@@ -139,16 +140,18 @@ def plan_for_library(
     q, k, v, lib, capability: tuple[int, int], *, layout, precision, granularity, smooth_k, smooth_q,
     smooth_v, is_causal, force_int4_emulation=False,
 ) -> Plan:
-    """The GPU part of `plan`: which family of `lib` serves this call, at which precision."""
+    """The GPU part of `plan`: which family of `lib` (the device's kernels: `tag`, `families`)
+    serves this call, at which precision; what the arch can do comes from sageattn2/archs.py."""
+    arch = archs.arch(*capability)
     if precision == "auto":
         precision = default_precision(capability)
     cfg = _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, Family.MMA)
 
-    if cfg.pv_dtype is PVDType.FP8 and not lib.fp8_mma and "wgmma" not in lib.families:
+    if cfg.pv_dtype is PVDType.FP8 and not arch.fp8_mma:
         log_once(f"{lib.tag} has no FP8 tensor cores: running {cfg.qk_dtype.value}+fp16 instead of +fp8")
         cfg = cfg.with_(pv_dtype=PVDType.FP16)
-    if cfg.qk_dtype is QKDType.INT4 and capability == (9, 0) and not force_int4_emulation:
-        log_once("Hopper has no INT4 tensor cores: running INT8 QK for int4 requests")
+    if cfg.qk_dtype is QKDType.INT4 and not arch.int4_mma and not force_int4_emulation:
+        log_once(f"{lib.tag} has no INT4 tensor cores: running INT8 QK for int4 requests")
         # Q smoothing was on only because INT4 defaults to it; INT8 does not need it, and
         # keeping it would bar the (faster) wgmma family, which does not implement it.
         cfg = cfg.with_(qk_dtype=QKDType.INT8, smooth_q=cfg.smooth_q if smooth_q is not None else False)

@@ -1,71 +1,103 @@
-"""Finds and loads the kernel library that install.py built for this GPU.
+"""The kernels of one CUDA device: found in the cache or compiled by NVRTC on first use, loaded
+through the driver API, launched on torch's current stream.
 
-The library is a plain C-ABI shared object (no torch symbols), loaded with ctypes, so a
-torch upgrade never breaks it. One library per GPU architecture lives under
-`sageattn2/_build/<arch tag>/`, listed in `sageattn2/_build/manifest.json`.
+`kernels_for_device(device)` -> (DeviceKernels, None) or (None, why not: old GPU, no NVRTC,
+no driver). `DeviceKernels.get(kernel)` -> a Loaded kernel (compiling it first if the cache
+lacks it, with one log line per process), raising KernelBuildError when it cannot be built.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
-import os
-import sys
-from pathlib import Path
+import logging
+import threading
 
-BUILD_DIR = Path(os.environ.get("SAGEATTN2_BUILD_DIR", Path(__file__).resolve().parent / "_build"))
-MANIFEST = "manifest.json"
-ABI_VERSION = 2
-LIB_NAME = "sageattn2.dll" if sys.platform == "win32" else "libsageattn2.so"
+from . import archs, build, driver, kernels, nvrtc
+
+log = logging.getLogger("sageattn2")
 
 
-def arch_tag(major: int, minor: int) -> str:
-    """Compute capability -> build tag. Hopper gets the `a` target (wgmma, setmaxnreg)."""
-    return "sm_90a" if (major, minor) == (9, 0) else f"sm_{major}{minor}"
+class KernelBuildError(RuntimeError):
+    """A kernel could not be compiled or loaded (the message says which and why)."""
 
 
-def read_manifest(build_dir: Path = BUILD_DIR) -> dict:
-    try:
-        return json.loads((build_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {"archs": {}}
+class Loaded:
+    """One kernel loaded on one device, and its launch constants (threads, smem, ...)."""
+
+    __slots__ = ("name", "handle", "info", "threads", "smem", "device", "drv", "_raw")
+
+    def __init__(self, name, handle, info, device, drv):
+        self.name, self.handle, self.info, self.device, self.drv = name, handle, info, device, drv
+        self.threads, self.smem = info["threads"], info.get("smem", 0)
+        self._raw = drv.launch_raw
+
+    def launch(self, grid, kernel_params: int, stream: int, smem: int | None = None) -> None:
+        """`kernel_params`: the address of a one-entry array pointing at the parameter struct
+        (abi.ParamTemplate.kernel_params)."""
+        rc = self._raw(self.handle, grid[0], grid[1], grid[2], self.threads, 1, 1,
+                       self.smem if smem is None else smem, stream, kernel_params, None)
+        if rc != 0:
+            raise driver.DriverError(f"launching {self.name} failed: CUDA error {rc} ({self.drv.error_string(rc)})")
+
+    def launch_struct(self, grid, params, stream: int, smem: int | None = None) -> None:
+        """A launch with a ctypes.Structure as the parameter (the slow path, no template)."""
+        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self.launch(grid, ctypes.addressof(args), stream, smem)
 
 
-class Library:
-    """A loaded kernel library and what it contains."""
+class DeviceKernels:
+    def __init__(self, index: int, arch: archs.Arch, builder: build.Builder, drv: driver.Driver):
+        self.index, self.arch, self.builder, self.drv = index, arch, builder, drv
+        self.tag = arch.target
+        self.families = arch.families
+        self._loaded: dict[str, Loaded] = {}
+        self._failed: dict[str, str] = {}
+        self._images: list[bytes] = []
+        self._lock = threading.Lock()
 
-    def __init__(self, tag: str, path: Path, info: dict):
-        self.tag = tag
-        self.path = path
-        self.families = tuple(info.get("families", ()))
-        self.fp8_mma = bool(info.get("fp8_mma", False))
-        self.cdll = ctypes.CDLL(str(path))
-        self.cdll.sa2_last_error.restype = ctypes.c_char_p
-        self.cdll.sa2_abi_version.restype = ctypes.c_int
+    def get(self, kernel: kernels.Kernel, max_dynamic_smem: int | None = None) -> Loaded:
+        k = self._loaded.get(kernel.name)
+        if k is not None:
+            return k
+        with self._lock:
+            k = self._loaded.get(kernel.name)
+            if k is not None:
+                return k
+            if kernel.name in self._failed:
+                raise KernelBuildError(self._failed[kernel.name])
+            try:
+                entry, compiled = self.builder.get(kernel, self.arch)
+                if compiled:
+                    _log_first_compile(self.arch, self.builder)
+                handle = self.drv.get_kernel(self.drv.load_library(entry.cubin), entry.symbol)
+                self._images.append(entry.cubin)  # alive for the process: the driver may load lazily from it
+                smem = max_dynamic_smem if max_dynamic_smem is not None else entry.info.get("smem", 0)
+                if smem > 48 * 1024:
+                    self.drv.set_max_dynamic_smem(handle, self.index, smem)
+            except (nvrtc.NvrtcError, driver.DriverError, OSError, ValueError, KeyError) as e:
+                self._failed[kernel.name] = f"kernel {kernel.name} for {self.tag}: {e}"
+                raise KernelBuildError(self._failed[kernel.name]) from None
+            k = self._loaded[kernel.name] = Loaded(kernel.name, handle, entry.info, self.index, self.drv)
+            return k
 
-    def has(self, symbol: str) -> bool:
-        return hasattr(self.cdll, symbol)
+    def available(self, kernel: kernels.Kernel, max_dynamic_smem: int | None = None) -> str | None:
+        """None when `kernel` is loaded (compiling it if needed), else why not."""
+        try:
+            self.get(kernel, max_dynamic_smem)
+            return None
+        except KernelBuildError as e:
+            return str(e)
 
-    def last_error(self) -> str:
-        return (self.cdll.sa2_last_error() or b"").decode(errors="replace")
+
+_first_compile_logged = False
 
 
-@functools.lru_cache(maxsize=None)
-def _load(tag: str) -> tuple[Library | None, str | None]:
-    info = read_manifest().get("archs", {}).get(tag)
-    if info is None:
-        return None, f"kernels not built for {tag} (run install.py)"
-    path = BUILD_DIR / info["path"]
-    if not path.exists():
-        return None, f"kernel library missing at {path} (run install.py)"
-    try:
-        lib = Library(tag, path, info)
-    except OSError as e:
-        return None, f"could not load {path}: {e}"
-    abi = lib.cdll.sa2_abi_version()
-    if abi != ABI_VERSION:
-        return None, f"{path} has ABI {abi}, this code expects {ABI_VERSION} (rerun install.py)"
-    return lib, None
+def _log_first_compile(arch, builder) -> None:
+    global _first_compile_logged
+    if not _first_compile_logged:
+        _first_compile_logged = True
+        log.info("[sageattn2] compiling kernels for %s on first use (NVRTC %d.%d, cached in %s)", arch.target,
+                 *builder.nv.version, builder.root)
 
 
 def capability(device) -> tuple[int, int]:
@@ -83,9 +115,35 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def library_for_device(device) -> tuple[Library | None, str | None]:
-    """(library, None) if kernels for this CUDA device's arch are built, else (None, reason)."""
-    major, minor = capability(device)
-    if major < 8:
-        return None, f"GPU compute capability {major}.{minor} is older than 8.0 (Ampere)"
-    return _load(arch_tag(major, minor))
+def arch_of(device) -> archs.Arch | None:
+    return archs.arch(*capability(device))
+
+
+def kernels_for_device(device) -> tuple[DeviceKernels | None, str | None]:
+    """(kernels, None) when this device can run our kernels, else (None, reason)."""
+    import torch
+
+    index = torch.device(device).index
+    return _for_index(torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _for_index(index: int) -> tuple[DeviceKernels | None, str | None]:
+    major, minor = _capability(index)
+    arch = archs.arch(major, minor)
+    if arch is None:
+        return None, archs.why_unsupported(major, minor)
+    nv, why = nvrtc.load()
+    if nv is None:
+        return None, why
+    if arch.number not in nv.archs:
+        return None, (f"NVRTC {nv.version[0]}.{nv.version[1]} ({nv.found.library}) cannot compile for "
+                      f"{arch.target}: a newer CUDA build of torch is needed")
+    drv, why = driver.get()
+    if drv is None:
+        return None, why
+    try:
+        root = build.cache_dir()
+    except OSError as e:
+        return None, str(e)
+    return DeviceKernels(index, arch, build.Builder(nv, root), drv), None

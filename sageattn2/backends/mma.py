@@ -1,22 +1,22 @@
-"""mma.sync backend (sm80/86/89/120; Hopper runs it with INT4/FP8 emulated by the compiler).
+"""mma.sync backend (sm80/86/89/120; Hopper runs it too, with INT4/FP8 emulated by the compiler).
 
-`attention()` = `quantize()` (the fused CUDA quantizers of csrc/quant.cu) + `launch()` (one
-kernel of csrc/attn_mma.cu). Both halves are public: the Hopper backend reuses `quantize()`
-with its own tile shape, and benchmarks can time the kernel alone.
+`attention()` = `quantize()` (the fused quantizers, csrc/include/sa2/quant_kernels.cuh) +
+`launch()` (one attention kernel, csrc/include/sa2/attn_mma.cuh). Both halves are public: the
+Hopper backend reuses `quantize()` with its own tile shape, and benchmarks can time the kernel
+alone.
 
-Everything runs on the current CUDA stream through ctypes; no torch C++ extension. Every
-library call returns 0 or an error code, turned into `KernelError(lib.last_error())`.
+Kernels are compiled by NVRTC and launched through the driver API on the current CUDA stream
+(sageattn2/loader.py); no torch C++ extension. A call fills a fresh copy of a per-shape
+parameter template (sageattn2/abi.py), so concurrent calls never share an argument buffer.
 
-Where the hardware lacks a precision:
-- FP8 PV needs e4m3 mma.sync (sm_89+). On sm80/86 `unsupported_reason` declines fp8 PV with
-  a reason saying so; the dispatcher then runs fp16 PV (docs/numerics.md §4).
-- INT4 QK is native on sm80-sm89/sm120 but emulated on Hopper (about 10x slower than INT8),
-  so there an int4 request runs the INT8 kernel (logged once) unless the caller passes
-  `force_int4_emulation=True`.
+Where the hardware lacks a precision (sageattn2/archs.py):
+- FP8 PV needs e4m3 mma.sync (sm_89+). Elsewhere `unsupported_reason` declines fp8 PV with a
+  reason saying so; the dispatcher then runs fp16 PV (docs/numerics.md §4).
+- INT4 QK is emulated on Hopper (about 10x slower than INT8), so there an int4 request runs
+  the INT8 kernel (logged once) unless the caller passes `force_int4_emulation=True`.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import math
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import abi, kernels
 from ..config import (
     NATIVE_HEAD_DIMS,
     AttnConfig,
@@ -37,96 +38,16 @@ from ..config import (
     padded_head_dim,
     tile_shape,
 )
-from ..loader import Library, library_for_device
+from ..loader import DeviceKernels, KernelBuildError, kernels_for_device
 from . import KernelError, input_reason
 
-SYMBOL = "sa2_mma_attention"
-QUANT_SYMBOLS = ("sa2_quantize_qkv", "sa2_smooth_v16")
-PV_CODES = {torch.float16: 0, torch.bfloat16: 1}  # AttnMmaArgs.pv_type for 16-bit PV; FP8 is 2
-PV_FP8 = 2
-GRANULARITY_CODES = {Granularity.PER_THREAD: 0, Granularity.PER_WARP: 1, Granularity.PER_BLOCK: 2}
-# V^T (FP8) token rows are padded to a multiple of this (one quantizer CTA = 64 tokens).
-V_TILE_TOKENS = 64
-
-# ---------------------------------------------------------------------------------------
-# C ABI mirrors (csrc/quant.cu, csrc/include/sa2/attn_mma.cuh): all fields 8 bytes, same order.
-
-_p = ctypes.c_void_p
-_i = ctypes.c_int64
-
-
-class _Input(ctypes.Structure):
-    _fields_ = [("ptr", _p), ("batch", _i), ("heads", _i), ("tokens", _i), ("head_dim", _i),
-                ("stride_b", _i), ("stride_h", _i), ("stride_n", _i), ("is_bf16", _i)]
-
-
-class _SmoothV16Args(ctypes.Structure):
-    _fields_ = [("x", _Input), ("padded_head_dim", _i), ("mean", _p), ("out", _p), ("stream", _p)]
-
-
-class _QkvRows(ctypes.Structure):
-    _fields_ = [("padded_tokens", _i), ("block_rows", _i), ("slice_rows", _i), ("mod_groups", _i),
-                ("mod_div", _i), ("out", _p), ("scale", _p)]
-
-
-class _QuantizeQkvArgs(ctypes.Structure):
-    _fields_ = [("q", _Input), ("k", _Input), ("v", _Input), ("padded_head_dim", _i), ("int4", _i),
-                ("q_rows", _QkvRows), ("k_rows", _QkvRows), ("q_mean_rows", _i), ("qbar", _p),
-                ("qbar_scale", _p), ("kbar", _p), ("q_dot_kbar", _p), ("vbar", _p),
-                ("v_out", _p), ("v_padded_tokens", _i), ("v_scale", _p), ("v_inv", _p),
-                ("workspace", _p), ("workspace_floats", _i), ("counters", _p), ("counter_slots", _i),
-                ("stream", _p)]
-
-
-class _AttnMmaArgs(ctypes.Structure):
-    _fields_ = [("q", _p), ("k", _p), ("q_scale", _p), ("k_scale", _p), ("qbar", _p),
-                ("qbar_scale", _p), ("q_dot_kbar", _p), ("v", _p), ("v_scale", _p), ("v_mean", _p),
-                ("out", _p), ("lse", _p), ("stream", _p),
-                ("batch", _i), ("heads_q", _i), ("heads_kv", _i), ("nq", _i), ("nk", _i),
-                ("head_dim", _i), ("padded_head_dim", _i), ("nq_pad", _i), ("nk_pad", _i),
-                ("v_pad", _i), ("v_stride_b", _i), ("v_stride_h", _i), ("v_stride_n", _i),
-                ("o_stride_b", _i), ("o_stride_h", _i), ("o_stride_n", _i), ("qk_int4", _i),
-                ("pv_type", _i), ("out_bf16", _i), ("granularity", _i), ("smooth_q", _i),
-                ("q_mean_rows", _i), ("causal", _i), ("sm_scale", ctypes.c_double)]
-
-
-_configured: set[int] = set()
-
-
-def _functions(lib: Library):
-    """Declares argtypes/restype once per library (ctypes would otherwise guess int)."""
-    if id(lib) not in _configured:
-        c = lib.cdll
-        for name, args in (("sa2_quantize_qkv", _QuantizeQkvArgs), ("sa2_smooth_v16", _SmoothV16Args),
-                           ("sa2_mma_attention", _AttnMmaArgs)):
-            if lib.has(name):
-                fn = getattr(c, name)
-                fn.argtypes = [ctypes.POINTER(args)]
-                fn.restype = ctypes.c_int
-        if lib.has("sa2_mma_has_fp8_pv"):
-            c.sa2_mma_has_fp8_pv.restype = ctypes.c_int
-        _configured.add(id(lib))
-    return lib.cdll
-
-
-def _call(lib: Library, name: str, args) -> None:
-    rc = getattr(_functions(lib), name)(ctypes.byref(args))
-    if rc != 0:
-        raise KernelError(f"{name} failed ({rc}): {lib.last_error()}")
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+# Largest dynamic shared memory a quantizer launch may ask for (every product arch has it).
+QUANT_MAX_SMEM = 96 * 1024
+V_TILE_TOKENS = 64  # FP8 V^T token rows are padded to a multiple of this (checked against the kernel)
 
 
 def _hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x if layout == "HND" else x.transpose(1, 2)
-
-
-def _input(x_hnd: torch.Tensor) -> _Input:
-    b, h, n, d = x_hnd.shape
-    sb, sh, sn, _ = x_hnd.stride()
-    return _Input(x_hnd.data_ptr(), b, h, n, d, sb, sh, sn, int(x_hnd.dtype == torch.bfloat16))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -143,7 +64,7 @@ def _stream(device) -> int:
 
 
 def _group_rule(gran: Granularity, tile: TileShape, for_q: bool) -> tuple[int, int, int]:
-    """(slice_rows, mod_groups, mod_div) of quant::GroupRule for config.q_group_of_row /
+    """(slice_rows, mod_groups, mod_div) of abi GroupRule for config.q_group_of_row /
     k_group_of_key."""
     if for_q:
         if gran is Granularity.PER_THREAD:
@@ -152,10 +73,30 @@ def _group_rule(gran: Granularity, tile: TileShape, for_q: bool) -> tuple[int, i
     return (tile.k_tile, 4, 2) if gran is Granularity.PER_THREAD else (tile.k_tile, 1, 8)
 
 
+def _strides_vec_ok(x_hnd: torch.Tensor) -> bool:
+    """16-byte loads of whole rows are legal given these strides (the base is checked per call)."""
+    return x_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in x_hnd.stride()[:3])
+
+
 def _v16_direct_ok(v_hnd: torch.Tensor) -> bool:
     """The kernel reads 16-bit V in place with 16-byte cp.async: rows must be aligned."""
-    return (v_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in v_hnd.stride()[:3])
-            and v_hnd.data_ptr() % 16 == 0)
+    return _strides_vec_ok(v_hnd) and v_hnd.data_ptr() % 16 == 0
+
+
+def _log2_exact(x: int) -> int:
+    if x <= 0 or x & (x - 1):
+        raise KernelError(f"{x} is not a power of two")
+    return x.bit_length() - 1
+
+
+def _check_input(x_hnd: torch.Tensor, dpad: int) -> None:
+    b, h, n, d = x_hnd.shape
+    if b < 1 or h < 1 or n < 1:
+        raise KernelError(f"empty input: batch {b} heads {h} tokens {n}")
+    if b > 65535 or h > 65535 or n >= 2**31:
+        raise KernelError("input too large")
+    if not (1 <= d <= dpad and dpad in (64, 128, 256)):
+        raise KernelError(f"bad head dims d {d} D {dpad} (D must be 64, 128 or 256)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,12 +136,9 @@ class Quantized:
     vbar: torch.Tensor | None
 
 
-# ---------------------------------------------------------------------------------------
-# sa2_quantize_qkv: two launches (statistics, then K / V), one workspace allocation, and a
-# plan per shape so a call only fills in data pointers.
-
 _ALIGN = 256  # byte alignment of each operand inside the workspace (TMA needs 16)
 _counter_sets: dict = {}  # (device index, stream) -> int32 tickets, zero between launches
+_retired_counters: list = []
 
 
 def _counters(device, stream: int, slots: int) -> int:
@@ -209,38 +147,52 @@ def _counters(device, stream: int, slots: int) -> int:
     key = (device.index, stream)
     t = _counter_sets.get(key)
     if t is None or t.numel() < slots:
+        if t is not None:
+            _retired_counters.append(t)  # plans keep its address: never freed
         t = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
         _counter_sets[key] = t
     return t.data_ptr()
 
 
-def fused_eligible(lib: Library, cfg: AttnConfig) -> bool:
-    """Whether `lib` has sa2_quantize_qkv, which serves every configuration (`cfg` is
-    accepted for the callers that ask per configuration)."""
-    return lib.has("sa2_quantize_qkv")
+_KIND_STATS, _KIND_Q, _KIND_KV = 0, 1, 2
 
 
 class _QkvPlan:
-    """Sizes, workspace offsets and the argument struct of sa2_quantize_qkv for one
-    (shapes, strides, dtype, cfg, tile); `enqueue` fills in the pointers."""
+    """The quantizer launches for one (shapes, strides, dtype, cfg, tile): workspace layout,
+    kernels, grids and parameter templates; `enqueue` fills in the pointers of one call."""
 
-    def __init__(self, q_h, k_h, v_h, cfg: AttnConfig, tile: TileShape, dpad: int,
+    def __init__(self, dk: DeviceKernels, q_h, k_h, v_h, cfg: AttnConfig, tile: TileShape, dpad: int,
                  v_pad_multiple: int | None, with_q_dot_kbar: bool):
+        for x in (q_h, k_h, v_h):
+            _check_input(x, dpad)
         b, hq, nq, d = q_h.shape
         hk, nk = k_h.shape[1], k_h.shape[2]
+        if (k_h.shape[0], v_h.shape[0]) != (b, b) or v_h.shape[1:3] != (hk, nk) or hq % hk:
+            raise KernelError("q, k, v shapes disagree")
         int4 = cfg.qk_dtype is QKDType.INT4
         width = dpad // 2 if int4 else dpad
+        bf16 = q_h.dtype == torch.bfloat16
         self.tile, self.head_dim, self.dpad = tile, d, dpad
         self.nq_pad, self.nk_pad = _round_up(nq, tile.cta_q), _round_up(nk, tile.k_tile)
         self.fp8 = cfg.pv_dtype is PVDType.FP8
+        if self.fp8 and not dk.arch.fp8_mma:
+            raise KernelError(f"FP8 V needs the e4m3 conversion of sm_89+; {dk.tag} has none")
+        # Launch constants come from the kernel itself (quant_kernels.cuh).
+        probe = dk.get(kernels.quant_kernel(bf16, dpad, "kvq"), QUANT_MAX_SMEM).info
+        threads, chunk_rows = probe["threads"], probe["stats_chunk_rows"]
+        stage_bytes, v_tile = probe["stats_stage_bytes"], probe["v_tile_tokens"]
+        if v_tile != V_TILE_TOKENS:
+            raise KernelError(f"the quantizer's V tile is {v_tile} tokens, this code expects {V_TILE_TOKENS}")
         self.v_pad = 0
         if self.fp8:
             multiple = v_pad_multiple or tile.k_tile
-            if multiple % V_TILE_TOKENS:
-                raise ValueError(f"v_pad_multiple must be a multiple of {V_TILE_TOKENS}, got {multiple}")
+            if multiple % v_tile:
+                raise ValueError(f"v_pad_multiple must be a multiple of {v_tile}, got {multiple}")
             self.v_pad = _round_up(nk, multiple)
-        stats_jobs = int(cfg.smooth_k) + int(self.fp8 or cfg.smooth_v)
-        stats_floats = b * hk * (-(-nk // 256)) * 3 * dpad  # 256-token partials (quant.cu kStatsChunkRows)
+        smooth_k = cfg.smooth_k
+        stats_jobs = int(smooth_k) + int(self.fp8 or cfg.smooth_v)
+        chunks = -(-nk // chunk_rows)
+        stats_floats = b * hk * chunks * 3 * dpad
         f32, i8, u8 = torch.float32, torch.int8, torch.uint8
         parts = [
             ("q", (b, hq, self.nq_pad, width), i8),
@@ -248,9 +200,10 @@ class _QkvPlan:
             ("k", (b, hk, self.nk_pad, width), i8),
             ("k_scale", (b, hk, num_k_groups(nk, tile, cfg.granularity)), f32),
         ]
-        if cfg.smooth_k:
+        with_dot = with_q_dot_kbar and smooth_k
+        if smooth_k:
             parts.append(("kbar", (b, hk, dpad), f32))
-            if with_q_dot_kbar:
+            if with_dot:
                 parts.append(("q_dot_kbar", (b, hq, self.nq_pad), f32))
         if cfg.smooth_v:
             parts.append(("vbar", (b, hk, dpad), f32))
@@ -268,38 +221,141 @@ class _QkvPlan:
             self.offsets[name] = size
             size += _round_up(math.prod(shape) * dtype.itemsize, _ALIGN)
         self.nbytes = size
-        self.counter_slots = 2 * b * hk
+        slots = b * hk
+        self.counter_slots = 2 * slots
 
-        self.args = a = _QuantizeQkvArgs()
-        for field, x in (("q", q_h), ("k", k_h), ("v", v_h)):
-            setattr(a, field, _input(x))
-        a.padded_head_dim, a.int4, a.q_mean_rows = dpad, int(int4), self.q_mean_rows
-        for field, block, n_pad, for_q in (("q_rows", tile.cta_q, self.nq_pad, True),
-                                           ("k_rows", tile.k_tile, self.nk_pad, False)):
-            rows = getattr(a, field)
-            rows.padded_tokens, rows.block_rows = n_pad, block
-            rows.slice_rows, rows.mod_groups, rows.mod_div = _group_rule(cfg.granularity, tile, for_q)
-        a.v_padded_tokens = self.v_pad
-        a.workspace_floats = stats_jobs * stats_floats
-        a.counter_slots = self.counter_slots
+        # The parameter struct, every per-call-constant field set.
+        p = abi.QuantizeParams()
+        rows_smem = []
+        for i, (x, block, n_pad, for_q) in enumerate(((q_h, tile.cta_q, self.nq_pad, True),
+                                                      (k_h, tile.k_tile, self.nk_pad, False))):
+            rows_per_pass = threads * 8 // dpad
+            if not (8 <= block <= 256 and block % rows_per_pass == 0 and n_pad % block == 0):
+                raise KernelError(f"bad block_rows {block} for head dim {dpad}")
+            slice_rows, mod_groups, mod_div = _group_rule(cfg.granularity, tile, for_q)
+            job = p.rows[i]
+            job.x.stride_b, job.x.stride_h, job.x.stride_n = x.stride()[:3]
+            job.heads, job.n, job.block_rows = x.shape[1], x.shape[2], block
+            job.blocks_per_head, job.n_pad = n_pad // block, n_pad
+            job.rule.slice_shift, job.rule.mod_groups = _log2_exact(slice_rows), mod_groups
+            job.rule.div_shift = _log2_exact(mod_div)
+            job.groups_per_block = (block >> job.rule.slice_shift) * mod_groups
+            mean_blocks = 1
+            if for_q and self.q_mean_rows:
+                if self.q_mean_rows < 8 or block % self.q_mean_rows:
+                    raise KernelError(f"q_mean_rows {self.q_mean_rows} must divide block_rows {block}")
+                job.mean_shift = _log2_exact(self.q_mean_rows)
+                mean_blocks = block // self.q_mean_rows
+            rows_smem.append(2 * block * dpad + 4 * ((mean_blocks + 1) * dpad + 2 * job.groups_per_block))
+        p.rows[0].dot_heads = hk
+        p.d, p.int4, p.kv_heads = d, int(int4), slots
+        v_smem = 0
+        if self.fp8:
+            vj = p.v
+            vj.x.stride_b, vj.x.stride_h, vj.x.stride_n = v_h.stride()[:3]
+            vj.heads, vj.n, vj.tiles_per_head, vj.n_pad = hk, nk, self.v_pad // v_tile, self.v_pad
+            v_smem = (2 * v_tile + 2 * 4) * dpad
+        stats_inputs = []
+        if smooth_k:
+            stats_inputs.append("k")
+        if cfg.smooth_v or self.fp8:
+            stats_inputs.append("v")
+        sp = p.stats
+        sp.jobs, sp.heads, sp.n, sp.chunks = len(stats_inputs), hk, nk, chunks
+        for i, which in enumerate(stats_inputs):
+            src = k_h if which == "k" else v_h
+            sp.job[i].x.stride_b, sp.job[i].x.stride_h, sp.job[i].x.stride_n = src.stride()[:3]
+
+        q_seg = (_KIND_Q, b * hq * p.rows[0].blocks_per_head)
+        kv_seg = (_KIND_KV, slots * (p.rows[1].blocks_per_head + p.v.tiles_per_head))
+        stats_seg = (_KIND_STATS, slots * len(stats_inputs) * chunks)
+        q_smem, kv_smem = rows_smem[0], max(rows_smem[1], v_smem)
+        if not stats_inputs:
+            launches = [((q_seg, kv_seg), max(q_smem, kv_smem))]
+        elif with_dot:  # the Q blocks need k-bar: after the statistics
+            launches = [((stats_seg,), stage_bytes), ((kv_seg, q_seg), max(q_smem, kv_smem))]
+        else:  # Q first, so the statistics' K / V reads are the freshest traffic for launch 2
+            launches = [((q_seg, stats_seg), max(q_smem, stage_bytes)), ((kv_seg,), kv_smem)]
+
+        self.launches = []
+        for segments, smem in launches:
+            if smem > QUANT_MAX_SMEM:
+                raise KernelError(f"quantize_qkv needs {smem} bytes of shared memory")
+            ctas = sum(c for _, c in segments)
+            if ctas == 0:
+                continue
+            if ctas >= 2**31:
+                raise KernelError("input too large for one grid")
+            kinds = 0
+            for kind, _ in segments:
+                kinds |= 1 << kind
+            name = "stats" if kinds == 1 << _KIND_STATS else "qstats" if kinds & (1 << _KIND_STATS) else "kvq"
+            lp = abi.QuantizeParams.from_buffer_copy(p)
+            lp.segments = len(segments)
+            for j, (kind, c) in enumerate(segments):
+                lp.segment[j].kind, lp.segment[j].ctas = kind, c
+            kernel = dk.get(kernels.quant_kernel(bf16, dpad, name), QUANT_MAX_SMEM)
+            self.launches.append((kernel, (ctas, 1, 1), smem, abi.ParamTemplate(lp)))
+
+        # Per-call fields, as word slots of the first launch's template; a later launch reuses
+        # the call's buffer, patched where its template differs (the segments).
+        first = self.launches[0][3]
+        self._patches = [first.diff(t) for _, _, _, t in self.launches]
+        slot = first.slot
+        inputs = {"q": ["rows[0].x.ptr"], "k": ["rows[1].x.ptr"], "v": ["v.x.ptr"] if self.fp8 else []}
+        vec_words = {"q": ["rows[0].vec"], "k": ["rows[1].vec"], "v": ["v.vec"]}
+        from_base = [("rows[0].out", "q"), ("rows[0].scale", "q_scale"), ("rows[1].out", "k"),
+                     ("rows[1].scale", "k_scale"), ("rows[0].qbar", "qbar"), ("rows[0].qbar_scale", "qbar_scale"),
+                     ("rows[0].dot_out", "q_dot_kbar"), ("rows[1].mean", "kbar"), ("v.mean", "vbar"),
+                     ("v.inv", "v_inv"), ("v.out", "v")]
+        if with_dot:
+            from_base.append(("rows[0].dot_vec", "kbar"))
+        per_job = b * hk * chunks * 3 * dpad * 4  # bytes of one statistics job's partials
+        base_slots, counter_slots = [], []
+        for i, which in enumerate(stats_inputs):
+            j = f"stats.job[{i}]."
+            inputs[which].append(j + "x.ptr")
+            vec_words[which].append(j + "vec")
+            base_slots.append((slot(j + "partial"), self.offsets["stats"] + i * per_job))
+            counter_slots.append((slot(j + "counter"), i * slots * 4))
+            from_base.append((j + "mean", "kbar" if which == "k" else "vbar"))
+            if which == "v" and self.fp8:
+                from_base += [(j + "fp8_scale", "v_scale"), (j + "fp8_inv", "v_inv")]
+        base_slots += [(slot(path), self.offsets[part]) for path, part in from_base if part in self.offsets]
+        self._base_slots = tuple(base_slots)
+        self._counter_slots = tuple(counter_slots)
+        self._input_slots = tuple(tuple(slot(p) for p in inputs[x]) for x in ("q", "k", "v"))
+        self._vec_slots = tuple(tuple(first.word_slot(p) for p in vec_words[x]) for x in ("q", "k", "v"))
+        self._vec_strides = (_strides_vec_ok(q_h), _strides_vec_ok(k_h), _strides_vec_ok(v_h))
+        self._counters_of: dict[int, int] = {}  # stream -> its ticket counters (kept alive in _counter_sets)
 
     def pointer(self, base: int, name: str) -> int | None:
         off = self.offsets.get(name)
         return None if off is None else base + off
 
-    def enqueue(self, lib: Library, q_ptr: int, k_ptr: int, v_ptr: int, base: int, device, stream: int):
-        a, ptr = self.args, self.pointer
-        a.q.ptr, a.k.ptr, a.v.ptr = q_ptr, k_ptr, v_ptr
-        a.q_rows.out, a.q_rows.scale = ptr(base, "q"), ptr(base, "q_scale")
-        a.k_rows.out, a.k_rows.scale = ptr(base, "k"), ptr(base, "k_scale")
-        a.qbar, a.qbar_scale = ptr(base, "qbar"), ptr(base, "qbar_scale")
-        a.kbar, a.q_dot_kbar, a.vbar = ptr(base, "kbar"), ptr(base, "q_dot_kbar"), ptr(base, "vbar")
-        a.v_out, a.v_scale, a.v_inv = ptr(base, "v"), ptr(base, "v_scale"), ptr(base, "v_inv")
-        a.workspace = ptr(base, "stats")
-        a.counters = _counters(device, stream, self.counter_slots) if a.workspace else None
-        a.stream = stream
-        if lib.cdll.sa2_quantize_qkv(ctypes.byref(a)) != 0:
-            raise KernelError(f"sa2_quantize_qkv failed: {lib.last_error()}")
+    def enqueue(self, q_ptr: int, k_ptr: int, v_ptr: int, base: int, device, stream: int):
+        first = self.launches[0][3]
+        buf = first.new()
+        for i, off in self._base_slots:
+            buf[i] = base + off
+        if self._counter_slots:
+            counters = self._counters_of.get(stream)
+            if counters is None:
+                counters = self._counters_of[stream] = _counters(device, stream, self.counter_slots)
+            for i, off in self._counter_slots:
+                buf[i] = counters + off
+        for ptr, slots, vec_slots, strides_ok in zip((q_ptr, k_ptr, v_ptr), self._input_slots, self._vec_slots,
+                                                     self._vec_strides):
+            vec = int(strides_ok and ptr % 16 == 0)
+            for i in slots:
+                buf[i] = ptr
+            for i in vec_slots:
+                buf[i] = vec
+        params = first.kernel_params(buf)
+        for (kernel, grid, smem, _), patch in zip(self.launches, self._patches):
+            for i, value in patch:  # the driver copied the previous launch's parameters already
+                buf[i] = value
+            kernel.launch(grid, params, stream, smem)
 
     def view(self, buf: torch.Tensor, name: str) -> torch.Tensor | None:
         for part, shape, dtype in self.parts:
@@ -309,39 +365,58 @@ class _QkvPlan:
         return None
 
 
+def _device_kernels(device) -> DeviceKernels:
+    dk, why = kernels_for_device(device)
+    if dk is None:
+        raise KernelError(why)
+    return dk
+
+
+def _smooth_v16(dk: DeviceKernels, v_h: torch.Tensor, dpad: int, vbar: torch.Tensor | None, stream: int):
+    """V - vbar (or a plain copy) as (B, Hkv, Nk, D) contiguous in V's dtype, zero-padded."""
+    b, h, n, d = v_h.shape
+    out = torch.empty((b, h, n, dpad), dtype=v_h.dtype, device=v_h.device)
+    p = abi.SmoothV16Params()
+    p.x.ptr = v_h.data_ptr()
+    p.x.stride_b, p.x.stride_h, p.x.stride_n = v_h.stride()[:3]
+    p.heads, p.n, p.d, p.D = h, n, d, dpad
+    p.mean = None if vbar is None else vbar.data_ptr()
+    p.out, p.vec = out.data_ptr(), int(_v16_direct_ok(v_h))
+    kernel = dk.get(kernels.smooth_v16_kernel(v_h.dtype == torch.bfloat16))
+    blocks = min(-(-(n * (dpad // 8)) // kernel.threads), 1024)
+    kernel.launch_struct((blocks, h, b), p, stream, 0)
+    return out
+
+
 def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = None,
              v_pad_multiple: int | None = None, with_q_dot_kbar: bool = False,
-             lib: Library | None = None) -> Quantized:
-    """Runs sa2_quantize_qkv on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with a
-    contiguous last dim) for `cfg`, on the current stream; for 16-bit PV with V smoothing or
-    a V that cannot be read in place, also sa2_smooth_v16.
+             dk: DeviceKernels | None = None) -> Quantized:
+    """Runs the fused quantizers on q, k, v (fp16/bf16, `layout` HND or NHD, any strides with a
+    contiguous last dim) for `cfg`, on the current stream; for 16-bit PV with V smoothing or a
+    V that cannot be read in place, also the V copy kernel.
 
     `tile` defaults to `tile_shape(cfg.family, D)` and sets the groups (the Hopper family passes
     its own); `v_pad_multiple` the FP8 V^T token padding (default tile.k_tile, a multiple of
     64); `with_q_dot_kbar` also returns q . kbar for the lse (needs smooth_k).
     """
-    if lib is None:
-        lib, why = library_for_device(q.device)
-        if lib is None:
-            raise KernelError(why)
-    if not fused_eligible(lib, cfg):
-        raise KernelError(f"kernel library for {lib.tag} has no sa2_quantize_qkv (rerun install.py)")
+    dk = dk or _device_kernels(q.device)
     d = q.shape[-1]
     dpad = padded_head_dim(d, cfg.family)
     tile = tile or tile_shape(cfg.family, dpad)
     q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
     stream = _stream(q.device)
-
-    plan = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, v_pad_multiple, with_q_dot_kbar and cfg.smooth_k)
+    dk.drv.ensure_context(dk.index)
+    try:
+        plan = _QkvPlan(dk, q_h, k_h, v_h, cfg, tile, dpad, v_pad_multiple, with_q_dot_kbar)
+    except KernelBuildError as e:
+        raise KernelError(str(e)) from None
     buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=q.device)
-    _functions(lib)
-    plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
+    plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
     vbar = plan.view(buf, "vbar")
     if plan.fp8:
         v_op = plan.view(buf, "v")
     elif cfg.smooth_v or not _v16_direct_ok(v_h):
-        v_op = torch.empty((v_h.shape[0], v_h.shape[1], v_h.shape[2], dpad), dtype=v.dtype, device=q.device)
-        _call(lib, "sa2_smooth_v16", _SmoothV16Args(_input(v_h), dpad, _ptr(vbar), v_op.data_ptr(), stream))
+        v_op = _smooth_v16(dk, v_h, dpad, vbar, stream)
     else:
         v_op = v_h
     view = functools.partial(plan.view, buf)
@@ -357,28 +432,28 @@ def _shape_reason(q, k, v, layout) -> str | None:
     return input_reason(q, k, v, layout, NATIVE_HEAD_DIMS[Family.MMA][-1])
 
 
+def attention_kernel_for(cfg: AttnConfig, dtype: torch.dtype, head_dim: int) -> kernels.Kernel:
+    pv = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[dtype]
+    return kernels.mma_kernel(padded_head_dim(head_dim, Family.MMA), cfg.qk_dtype is QKDType.INT4, pv)
+
+
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
     why = _shape_reason(q, k, v, layout)
     if why:
         return why
     if cfg.family is not Family.MMA:
         return f"config is laid out for the {cfg.family.value} family"
-    lib, why = library_for_device(q.device)
-    if lib is None:
+    dk, why = kernels_for_device(q.device)
+    if dk is None:
         return why
-    if "mma" not in lib.families or not lib.has(SYMBOL) or not all(lib.has(s) for s in QUANT_SYMBOLS):
-        return f"kernel library for {lib.tag} was built without the mma family"
-    if cfg.pv_dtype is PVDType.FP8 and not _functions(lib).sa2_mma_has_fp8_pv():
-        return f"FP8 PV needs e4m3 mma.sync (sm_89+); {lib.tag} has none: use fp16 PV"
-    return None
+    if "mma" not in dk.families:
+        return f"{dk.tag} has no mma family"
+    if cfg.pv_dtype is PVDType.FP8 and not dk.arch.fp8_mma:
+        return f"FP8 PV needs e4m3 mma.sync (sm_89+); {dk.tag} has none: use fp16 PV"
+    return dk.available(attention_kernel_for(cfg, q.dtype, q.shape[-1]))
 
 
 _int4_note_logged = False
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
 
 
 def _contiguous_bhn_strides(shape, layout: str) -> tuple[int, int, int]:
@@ -406,59 +481,104 @@ def current_device_guard(device):
     return torch.cuda.device(device)
 
 
-class _AttentionPlan:
-    """mma.attention for one key: the quantizer plan, the prebuilt kernel arguments and the
-    output layout. Calls whose 16-bit V cannot be read in place take the general path."""
+def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_pad: int, nk_pad: int, v_pad: int,
+                      v_strides, o_strides, is_causal: bool, sm_scale: float) -> abi.MmaAttnParams:
+    b, hq, nq, d = q_h.shape
+    hk, nk = k_h.shape[1], k_h.shape[2]
+    a = abi.MmaAttnParams()
+    a.batch, a.heads_q, a.heads_kv, a.nq, a.nk, a.head_dim, a.padded_head_dim = b, hq, hk, nq, nk, d, dpad
+    a.nq_pad, a.nk_pad, a.v_pad = nq_pad, nk_pad, v_pad
+    a.v_stride_b, a.v_stride_h, a.v_stride_n = v_strides
+    a.o_stride_b, a.o_stride_h, a.o_stride_n = o_strides
+    a.qk_int4 = int(cfg.qk_dtype is QKDType.INT4)
+    a.pv_type = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[q_h.dtype]
+    a.out_bf16 = int(q_h.dtype == torch.bfloat16)
+    a.granularity = abi.GRANULARITY_CODES[cfg.granularity]
+    a.smooth_q, a.q_mean_rows, a.causal, a.sm_scale = int(cfg.smooth_q), tile.q_mean_rows, int(is_causal), sm_scale
+    return a
 
-    def __init__(self, lib: Library, q, k, v, layout, cfg: AttnConfig, is_causal, sm_scale, return_lse):
-        self.lib, self.layout, self.cfg = lib, layout, cfg
+
+def _check_attention(a: abi.MmaAttnParams, kernel, arch) -> None:
+    """What the kernel assumes of its arguments (checked once per plan)."""
+    if a.pv_type == abi.PV_FP8 and not arch.fp8_mma:
+        raise KernelError(f"FP8 PV needs e4m3 mma.sync (sm_89 or newer); this GPU is {arch.target}")
+    if a.heads_q % a.heads_kv:
+        raise KernelError(f"heads_q {a.heads_q} is not a multiple of heads_kv {a.heads_kv}")
+    if a.batch > 65535 or a.heads_q > 65535:
+        raise KernelError("batch and heads must be <= 65535")
+    if a.nq >= 2**31 or a.nk >= 2**31:
+        raise KernelError("sequence lengths must fit in 31 bits")
+    if a.nq_pad % kernel.info["cta_q"] or a.nk_pad % kernel.info["k_tile"]:
+        raise KernelError("padded lengths must be whole tiles")
+    if a.smooth_q and (a.q_mean_rows <= 0 or a.q_mean_rows % kernel.info["warp_q"]):
+        raise KernelError(f"q_mean_rows {a.q_mean_rows} must be a multiple of warp_q {kernel.info['warp_q']}")
+    if a.pv_type == abi.PV_FP8:
+        if a.v_pad % V_TILE_TOKENS or a.v_pad < a.nk_pad:
+            raise KernelError("FP8 V^T needs v_pad covering the keys in whole tiles")
+        if a.padded_head_dim * a.v_pad >= 2**31:
+            raise KernelError("FP8 V^T tile offsets must fit in 31 bits")
+    elif 2 * 64 * a.v_stride_n >= 2**31:
+        raise KernelError("V token stride too large for 32-bit tile offsets")
+
+
+class _AttentionPlan:
+    """mma.attention for one key: the quantizer plan, the attention kernel, its grid and
+    parameter template, and the output layout. Calls whose 16-bit V cannot be read in place take
+    the general path."""
+
+    def __init__(self, dk: DeviceKernels, q, k, v, layout, cfg: AttnConfig, is_causal, sm_scale, return_lse):
+        self.dk, self.layout, self.cfg = dk, layout, cfg
         self.is_causal, self.sm_scale, self.return_lse = is_causal, sm_scale, return_lse
         q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
         b, hq, nq, d = q_h.shape
-        hk, nk = k_h.shape[1], k_h.shape[2]
         dpad = padded_head_dim(d, cfg.family)
         tile = tile_shape(cfg.family, dpad)
         fp8 = cfg.pv_dtype is PVDType.FP8
         # 16-bit V read in place needs 16-byte rows: the strides are fixed by the key, the
         # base address is checked per call.
-        v_strided_ok = v_h.shape[-1] % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
-        self.fast = fused_eligible(lib, cfg) and (fp8 or (not cfg.smooth_v and v_strided_ok))
+        self.fast = fp8 or (not cfg.smooth_v and _strides_vec_ok(v_h))
         if not self.fast:
             return
-        self.qkv = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)
+        self.qkv = _QkvPlan(dk, q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)
         self.fp8 = fp8
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
-        _functions(lib)
-        v_pad, v_strides = (self.qkv.v_pad, (0, 0, 0)) if fp8 else (0, v_h.stride()[:3])
-        self.args = _AttnMmaArgs(
-            None, None, None, None, None, None, None, None, None, None, None, None, None,
-            b, hq, hk, nq, nk, d, dpad, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, *v_strides,
-            *_contiguous_bhn_strides(q.shape, layout), int(cfg.qk_dtype is QKDType.INT4),
-            PV_FP8 if fp8 else PV_CODES[q.dtype], int(q.dtype == torch.bfloat16),
-            GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q), tile.q_mean_rows, int(is_causal),
-            float(sm_scale))
+        self.kernel = dk.get(attention_kernel_for(cfg, q.dtype, d))
+        v_pad, v_strides = (self.qkv.v_pad, (0, 0, 0)) if fp8 else (0, tuple(v_h.stride()[:3]))
+        a = _attention_params(cfg, q_h, k_h, dpad, tile, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, v_strides,
+                              _contiguous_bhn_strides(q.shape, layout), is_causal, float(sm_scale))
+        _check_attention(a, self.kernel, dk.arch)
+        self.grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
+        self.template = abi.ParamTemplate(a)
+        t, offsets = self.template, self.qkv.offsets
+        self.base_slots = tuple((t.slot(field), offsets[part]) for field, part in (
+            ("q", "q"), ("k", "k"), ("q_scale", "q_scale"), ("k_scale", "k_scale"), ("q_dot_kbar", "q_dot_kbar"),
+            ("qbar", "qbar"), ("qbar_scale", "qbar_scale"), ("v_scale", "v_scale"), ("v_mean", "vbar"))
+            if part in offsets)
+        self.v_slot, self.v_offset = t.slot("v"), offsets.get("v", 0)
+        self.out_slot, self.lse_slot = t.slot("out"), t.slot("lse")
 
     def __call__(self, q, k, v):
         if not self.fast or (not self.fp8 and v.data_ptr() % 16):
-            qz = quantize(q, k, v, layout=self.layout, cfg=self.cfg, lib=self.lib,
+            qz = quantize(q, k, v, layout=self.layout, cfg=self.cfg, dk=self.dk,
                           with_q_dot_kbar=self.return_lse and self.cfg.smooth_k)
-            return launch(self.lib, qz, q, k, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
+            return launch(self.dk, qz, q, k, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
                           sm_scale=self.sm_scale, return_lse=self.return_lse)
-        dev, plan, lib = q.device, self.qkv, self.lib
+        dev, plan = q.device, self.qkv
+        self.dk.drv.ensure_context(self.dk.index)
         stream = _stream(dev)
         buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
         base = buf.data_ptr()
-        plan.enqueue(lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
+        plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
         out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
-        a, ptr = self.args, plan.pointer
-        a.q, a.k, a.q_scale, a.k_scale = ptr(base, "q"), ptr(base, "k"), ptr(base, "q_scale"), ptr(base, "k_scale")
-        a.q_dot_kbar, a.qbar, a.qbar_scale = ptr(base, "q_dot_kbar"), ptr(base, "qbar"), ptr(base, "qbar_scale")
-        a.v = ptr(base, "v") if self.fp8 else v.data_ptr()
-        a.v_scale, a.v_mean = ptr(base, "v_scale"), ptr(base, "vbar")
-        a.out, a.lse, a.stream = out.data_ptr(), None if lse is None else lse.data_ptr(), stream
-        if lib.cdll.sa2_mma_attention(ctypes.byref(a)) != 0:
-            raise KernelError(f"{SYMBOL} failed: {lib.last_error()}")
+        a = self.template.new()
+        for i, off in self.base_slots:
+            a[i] = base + off
+        a[self.v_slot] = base + self.v_offset if self.fp8 else v.data_ptr()
+        a[self.out_slot] = out.data_ptr()
+        if lse is not None:
+            a[self.lse_slot] = lse.data_ptr()
+        self.kernel.launch(self.grid, self.template.kernel_params(a), stream)
         return out, lse
 
 
@@ -484,28 +604,30 @@ def _make_plan(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4
     """Validates once per key (the dispatcher already asked `unsupported_reason`; a direct
     caller gets the same ValueError as before)."""
     global _int4_note_logged
+    dk = _device_kernels(q.device)
+    if cfg.qk_dtype is QKDType.INT4 and not dk.arch.int4_mma and not force_int4_emulation:
+        if not _int4_note_logged:
+            logging.getLogger("sageattn2").info(
+                f"[sageattn2] {dk.tag} has no INT4 tensor cores: the mma backend runs int4 requests with INT8 QK")
+            _int4_note_logged = True
+        cfg = cfg.with_(qk_dtype=QKDType.INT8)
     why = unsupported_reason(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal)
     if why:
         raise ValueError(f"mma backend cannot run this call: {why}")
-    if cfg.qk_dtype is QKDType.INT4 and _capability(q.device.index) == (9, 0) and not force_int4_emulation:
-        if not _int4_note_logged:
-            logging.getLogger("sageattn2").info(
-                "[sageattn2] Hopper has no INT4 tensor cores: the mma backend runs int4 requests with INT8 QK")
-            _int4_note_logged = True
-        cfg = cfg.with_(qk_dtype=QKDType.INT8)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
-    lib, _ = library_for_device(q.device)
     with torch.cuda.device(q.device):
-        return _AttentionPlan(lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+        try:
+            return _AttentionPlan(dk, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+        except KernelBuildError as e:
+            raise KernelError(str(e)) from None
 
 
-def launch(lib: Library, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scale, return_lse):
+def launch(dk: DeviceKernels, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scale, return_lse):
     """One attention kernel over `quantize()`'s buffers; allocates O (q's dtype and layout,
     contiguous) and lse (B, Hq, Nq) float32."""
     q_h, k_h = _hnd(q, layout), _hnd(k, layout)
     b, hq, nq, d = q_h.shape
-    hk, nk = k_h.shape[1], k_h.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     out_h = _hnd(out, layout)
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q.device) if return_lse else None
@@ -513,14 +635,23 @@ def launch(lib: Library, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scal
     if fp8:
         v_pad, v_strides = qz.v.shape[-1], (0, 0, 0)
     else:
-        v_pad, v_strides = 0, qz.v.stride()[:3]
-    args = _AttnMmaArgs(
-        qz.q.data_ptr(), qz.k.data_ptr(), qz.q_scale.data_ptr(), qz.k_scale.data_ptr(), _ptr(qz.qbar),
-        _ptr(qz.qbar_scale), _ptr(qz.q_dot_kbar), qz.v.data_ptr(), _ptr(qz.v_scale), _ptr(qz.vbar),
-        out.data_ptr(), _ptr(lse), _stream(q.device),
-        b, hq, hk, nq, nk, d, qz.padded_head_dim, qz.q.shape[2], qz.k.shape[2], v_pad, *v_strides,
-        *out_h.stride()[:3], int(cfg.qk_dtype is QKDType.INT4), PV_FP8 if fp8 else PV_CODES[q.dtype],
-        int(q.dtype == torch.bfloat16), GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q),
-        qz.tile.q_mean_rows, int(is_causal), float(sm_scale))
-    _call(lib, SYMBOL, args)
+        v_pad, v_strides = 0, tuple(qz.v.stride()[:3])
+        # Rows are read in whole 16-byte chunks: d % 8 == 0, or a padded copy whose rows hold them.
+        sb, sh, sn = v_strides
+        if not ((d % 8 == 0 or sn >= _round_up(d, 8)) and sb % 8 == 0 and sh % 8 == 0 and sn % 8 == 0
+                and qz.v.data_ptr() % 16 == 0):
+            raise KernelError("16-bit V needs head_dim % 8 == 0, strides % 8 == 0 and a 16-byte aligned pointer")
+    try:
+        kernel = dk.get(attention_kernel_for(cfg, q.dtype, d))
+    except KernelBuildError as e:
+        raise KernelError(str(e)) from None
+    a = _attention_params(cfg, q_h, k_h, qz.padded_head_dim, qz.tile, qz.q.shape[2], qz.k.shape[2], v_pad,
+                          v_strides, tuple(out_h.stride()[:3]), is_causal, float(sm_scale))
+    _check_attention(a, kernel, dk.arch)
+    for name, t in (("q", qz.q), ("k", qz.k), ("q_scale", qz.q_scale), ("k_scale", qz.k_scale),
+                    ("qbar", qz.qbar), ("qbar_scale", qz.qbar_scale), ("q_dot_kbar", qz.q_dot_kbar), ("v", qz.v),
+                    ("v_scale", qz.v_scale), ("v_mean", qz.vbar), ("out", out), ("lse", lse)):
+        setattr(a, name, None if t is None else t.data_ptr())
+    dk.drv.ensure_context(dk.index)
+    kernel.launch_struct((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device))
     return out, lse

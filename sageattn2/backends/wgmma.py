@@ -1,6 +1,6 @@
-"""Hopper (sm_90a) backend: INT8 QK^T with FP8 or fp16/bf16 PV on wgmma (csrc/attn_wgmma.cu).
+"""Hopper (sm_90a) backend: INT8 QK^T with FP8 or fp16/bf16 PV on wgmma (csrc/include/sa2/attn_wgmma.cuh).
 
-`attention()` = `prepare()` (the fused CUDA quantizers of csrc/quant.cu, through
+`attention()` = `prepare()` (the fused CUDA quantizers of csrc/include/sa2/quant_kernels.cuh, through
 `mma.quantize` with this family's tile) + `run()` (one kernel launch). The two halves are
 public so benchmarks can time the kernel alone.
 
@@ -29,41 +29,38 @@ from ..config import (
     padded_head_dim,
     tile_shape,
 )
-from ..loader import capability, library_for_device
+from .. import abi, driver, kernels
+from ..loader import KernelBuildError, arch_of, kernels_for_device
 from . import KernelError, input_reason, mma
 
-SYMBOL = "sa2_wgmma_attention"
-# Schedule codes of the C entry point (Schedule in attn_wgmma.cuh). "sequential3wg" runs three
-# consumer warpgroups (192-row CTAs); padded head dim 64 builds only the two sequential ones.
-SCHEDULES = {"overlap": 2, "pingpong": 1, "sequential": 0, "sequential3wg": 3}
-_HEAD_DIM_64 = ("sequential", "sequential3wg")
+# Schedules (kernels.WGMMA_SCHEDULES): "sequential3wg" runs three consumer warpgroups (192-row
+# CTAs); padded head dim 64 builds only the two sequential ones. Only the default schedule of
+# each (PV type, head dim) is in the product build; the others compile on first use.
+SCHEDULES = tuple(kernels.WGMMA_SCHEDULES)
 
 
 def schedules_for(head_dim: int) -> tuple[str, ...]:
-    """Schedules the kernel library has for this head dim."""
+    """Schedules that exist for this head dim."""
     dpad = padded_head_dim(head_dim, Family.WGMMA)
-    return tuple(s for s in SCHEDULES if dpad == 128 or s in _HEAD_DIM_64)
-
-
-# Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v6).
-_DEFAULT_SCHEDULES = {
-    (PVDType.FP8, 128): "sequential3wg",
-    (PVDType.FP8, 64): "sequential3wg",
-    (PVDType.FP16, 128): "overlap",
-    (PVDType.FP16, 64): "sequential3wg",
-}
+    return tuple(s for s in SCHEDULES if dpad == 128 or s in kernels.WGMMA_HEAD_DIM_64)
 
 
 def default_schedule(pv_dtype: PVDType, head_dim: int) -> str:
-    return _DEFAULT_SCHEDULES[(PVDType(pv_dtype), padded_head_dim(head_dim, Family.WGMMA))]
+    """Fastest measured schedule per (PV type, padded head dim) on H100 (docs/notes-wgmma.md, v6)."""
+    return kernels.WGMMA_DEFAULT_SCHEDULE[(PVDType(pv_dtype) is PVDType.FP8, padded_head_dim(head_dim, Family.WGMMA))]
+
+
+def kernel_for(pv_code: int, head_dim: int, schedule: str) -> kernels.Kernel:
+    return kernels.wgmma_kernel(padded_head_dim(head_dim, Family.WGMMA), pv_code, schedule)
 
 
 
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "inputs are not on a CUDA device"
-    if capability(q.device) != (9, 0):
-        return "wgmma kernels need compute capability 9.0 (Hopper)"
+    arch = arch_of(q.device)
+    if arch is None or not arch.wgmma:
+        return "wgmma kernels need Hopper (sm_90a)"
     if cfg.family is not Family.WGMMA:
         return f"config is laid out for the {cfg.family.value} family"
     if cfg.qk_dtype is not QKDType.INT8:
@@ -77,12 +74,11 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
     why = input_reason(q, k, v, layout, max(NATIVE_HEAD_DIMS[Family.WGMMA]))
     if why:
         return why
-    lib, reason = library_for_device(q.device)
-    if lib is None:
+    dk, reason = kernels_for_device(q.device)
+    if dk is None:
         return reason
-    if "wgmma" not in lib.families or not lib.has(SYMBOL) or not all(lib.has(x) for x in mma.QUANT_SYMBOLS):
-        return f"kernel library for {lib.tag} was built without the wgmma family"
-    return None
+    pv = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[q.dtype]
+    return dk.available(kernel_for(pv, q.shape[-1], default_schedule(cfg.pv_dtype, q.shape[-1])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +101,7 @@ class Prepared:
     dpad: int
     heads_kv: int
     num_k: int
-    pv_mode: int
+    pv: int  # abi PV code
     q_int8: torch.Tensor
     q_scale: torch.Tensor
     k_int8: torch.Tensor
@@ -121,44 +117,139 @@ def prepare(q, k, v, *, layout, cfg, is_causal, sm_scale=None, return_lse=False)
     `run(..., return_lse=True)` needs when K is smoothed."""
     d = q.shape[-1]
     dpad = padded_head_dim(d, Family.WGMMA)
-    lib, reason = library_for_device(q.device)
-    if lib is None:
-        raise KernelError(reason)
+    dk = mma._device_kernels(q.device)
     with torch.cuda.device(q.device):
         qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, tile=tile_shape(Family.WGMMA, dpad),
-                          with_q_dot_kbar=return_lse and cfg.smooth_k, lib=lib)
-    if cfg.pv_dtype is PVDType.FP8:
-        pv_mode = 0
-    else:
-        pv_mode = 2 if q.dtype == torch.bfloat16 else 1
+                          with_q_dot_kbar=return_lse and cfg.smooth_k, dk=dk)
+    pv = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[q.dtype]
     k_h = _hnd(k, layout)
     return Prepared(
         q=q, layout=layout, is_causal=bool(is_causal),
         sm_scale=float(sm_scale if sm_scale is not None else d**-0.5),
-        head_dim=d, dpad=dpad, heads_kv=k_h.shape[1], num_k=k_h.shape[2], pv_mode=pv_mode,
+        head_dim=d, dpad=dpad, heads_kv=k_h.shape[1], num_k=k_h.shape[2], pv=pv,
         q_int8=qz.q, q_scale=qz.q_scale, k_int8=qz.k, k_scale=qz.k_scale, kbar=qz.kbar,
         q_dot_kbar=qz.q_dot_kbar, v_op=qz.v, v_scale=qz.v_scale,
     )
 
 
-def _kernel(device):
-    lib, reason = library_for_device(device)
-    if lib is None:
-        raise KernelError(reason)
-    fn = getattr(lib.cdll, SYMBOL)
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p] * 8 + [
-            ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64),
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-            ctypes.c_void_p,
-        ]
-        fn.restype = ctypes.c_int
-    return lib, fn
-
-
 def _bhn_strides(t: torch.Tensor):
     """Element strides of (B, H, N) for a tensor laid out as (B, H, N, ...)."""
-    return [t.stride(0), t.stride(1), t.stride(2)]
+    return (t.stride(0), t.stride(1), t.stride(2))
+
+
+_u64x4, _u64x3, _u32x4 = ctypes.c_uint64 * 4, ctypes.c_uint64 * 3, ctypes.c_uint32 * 4
+_ONES = _u32x4(1, 1, 1, 1)
+
+
+class _TensorMap:
+    """The constant part of one 4-D tiled TMA descriptor (dims innermost first, element strides
+    of dims 1..3, a 2-D box); `encode` writes the descriptor of one base address. Out-of-bound
+    box elements are zero-filled by the copy engine."""
+
+    def __init__(self, what: str, dtype: int, elem_bytes: int, dims, strides, box_inner: int, box_outer: int,
+                 swizzle: int):
+        for i, n in enumerate(dims):
+            if not 1 <= n <= 0xFFFFFFFF:
+                raise KernelError(f"{what}: dim {i} ({n}) out of range for a tensor map")
+        byte_strides = [s * elem_bytes for s in strides]
+        for i, st in enumerate(byte_strides):
+            if st <= 0 or st % 16 or st >= 2**40:
+                raise KernelError(f"{what}: stride {i + 1} ({st} bytes) must be a positive multiple of 16 "
+                                  "below 2^40")
+        self.what, self.dtype, self.swizzle = what, dtype, swizzle
+        self.dims, self.strides = _u64x4(*dims), _u64x3(*byte_strides)
+        self.box = _u32x4(box_inner, box_outer, 1, 1)
+
+    def encode(self, drv, dst: int, base: int) -> None:
+        if base % 16:
+            raise KernelError(f"{self.what}: base address not 16-byte aligned")
+        if drv.encode_tiled is None:
+            raise KernelError("cuTensorMapEncodeTiled is not available from the driver")
+        rc = drv.encode_tiled(dst, self.dtype, 4, base, self.dims, self.strides, self.box, _ONES, 0, self.swizzle,
+                              driver.TMA_L2_256B, 0)
+        if rc != 0:
+            raise KernelError(f"{self.what}: cuTensorMapEncodeTiled failed: CUDA error {rc} "
+                              f"({drv.error_string(rc)})")
+
+
+class _Launch:
+    """Everything of one wgmma launch but the data pointers: kernel, grid, tensor maps and the
+    parameter template."""
+
+    _MAP_OFFSETS = (abi.WgmmaAttnParams.tm_q.offset, abi.WgmmaAttnParams.tm_k.offset,
+                    abi.WgmmaAttnParams.tm_v.offset)
+    _MAPS_BYTES = abi.WgmmaAttnParams.p.offset  # the three descriptors come first
+
+    def __init__(self, dk, kernel, *, b, hq, hk, nq, nk, dpad, d, pv, bf16_out, causal, sm_scale,
+                 q_strides, k_strides, v_strides, qs_strides, ks_strides, vs_strides, o_strides, lse_strides,
+                 out_align: int):
+        if not 1 <= b <= 65535 or not 1 <= hq <= 65535 or hq % hk:
+            raise KernelError("batch / heads out of range")
+        if not (1 <= nq < 2**31 and 1 <= nk < 2**31 - 128):
+            raise KernelError("sequence lengths out of range")
+        if pv != abi.PV_FP8 and bf16_out != (pv == abi.PV_BF16):
+            raise KernelError("16-bit PV writes its own dtype")
+        self.dk, self.kernel = dk, kernel
+        qk_swizzle = driver.TMA_SWIZZLE_128B if dpad == 128 else driver.TMA_SWIZZLE_64B
+        self.maps = (
+            _TensorMap("q", driver.TMA_UINT8, 1, (dpad, nq, hq, b), q_strides[::-1], dpad, kernel.info["cta_q"],
+                       qk_swizzle),
+            _TensorMap("k", driver.TMA_UINT8, 1, (dpad, nk, hk, b), k_strides[::-1], dpad, kernel.info["k_tile"],
+                       qk_swizzle),
+            # FP8: tokens are permuted inside each group of 16, so the map covers whole groups: keys
+            # [nk, round_up(nk, 16)) are read from the buffer (zeros by contract), not zero-filled.
+            _TensorMap("v", driver.TMA_UINT8, 1, (-(-nk // 16) * 16, dpad, hk, b), v_strides[::-1], 128, dpad,
+                       driver.TMA_SWIZZLE_128B) if pv == abi.PV_FP8 else
+            _TensorMap("v", driver.TMA_BFLOAT16 if pv == abi.PV_BF16 else driver.TMA_FLOAT16, 2, (d, nk, hk, b),
+                       v_strides[::-1], 64, 128, driver.TMA_SWIZZLE_128B),
+        )
+        a = abi.WgmmaAttnParams()
+        p = a.p
+        p.q_scale_stride_b, p.q_scale_stride_h = qs_strides
+        p.k_scale_stride_b, p.k_scale_stride_h = ks_strides
+        p.v_scale_stride_b, p.v_scale_stride_h = vs_strides
+        p.o_stride_b, p.o_stride_h, p.o_stride_n = o_strides
+        p.lse_stride_b, p.lse_stride_h = lse_strides
+        p.num_q, p.num_k, p.group_size, p.head_dim = nq, nk, hq // hk, d
+        p.causal, p.out_bf16 = int(causal), int(bf16_out)
+        # out_align: the output base address modulo 16 (pair stores need 4 bytes, row stores 16).
+        p.out_vec2 = int(out_align % 4 == 0 and all(s % 2 == 0 for s in o_strides))
+        p.out_rows16 = int(d == dpad and out_align == 0 and all(s % 8 == 0 for s in o_strides))
+        # In float32, as the kernel's other scale products: both factors rounded to float32 first
+        # (their double product is exact, so storing it rounds once, like a float32 multiply).
+        p.scale_log2 = ctypes.c_float(sm_scale).value * ctypes.c_float(1.4426950408889634).value
+        self.template = abi.ParamTemplate(a)
+        self.slots = tuple(self.template.slot(f"p.{f}") for f in ("q_scale", "k_scale", "v_scale", "out", "lse"))
+        self.grid = (-(-nq // kernel.info["cta_q"]), hq, b)
+        self._last_maps = None
+
+    def __call__(self, q_ptr, k_ptr, v_ptr, q_scale, k_scale, v_scale, out_ptr, lse_ptr, stream):
+        drv, t = self.dk.drv, self.template
+        buf = t.new()
+        base = ctypes.addressof(buf)
+        ptrs = (q_ptr, k_ptr, v_ptr)
+        last = self._last_maps  # (pointers, descriptor bytes): torch's allocator often repeats them
+        if last is not None and last[0] == ptrs:
+            ctypes.memmove(base, last[1], self._MAPS_BYTES)
+        else:
+            for m, off, ptr in zip(self.maps, self._MAP_OFFSETS, ptrs):
+                m.encode(drv, base + off, ptr)
+            self._last_maps = (ptrs, ctypes.string_at(base, self._MAPS_BYTES))
+        for i, value in zip(self.slots, (q_scale, k_scale, v_scale, out_ptr, lse_ptr)):
+            if value:
+                buf[i] = value
+        drv.ensure_context(self.dk.index)
+        self.kernel.launch(self.grid, t.kernel_params(buf), stream)
+
+
+def _get(dk, kernel):
+    try:
+        return dk.get(kernel)
+    except KernelBuildError as e:
+        raise KernelError(str(e)) from None
+
+
+_run_launches: dict = {}
 
 
 def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None,
@@ -169,7 +260,7 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
     if return_lse and prep.kbar is not None and prep.q_dot_kbar is None:
         raise ValueError("the lse of a smoothed-K call needs prepare(..., return_lse=True)")
     if schedule is None:
-        schedule = default_schedule(PVDType.FP8 if prep.pv_mode == 0 else PVDType.FP16, prep.dpad)
+        schedule = default_schedule(PVDType.FP8 if prep.pv == abi.PV_FP8 else PVDType.FP16, prep.dpad)
     if schedule not in schedules_for(prep.dpad):
         raise ValueError(f"schedule {schedule!r} does not exist at head dim {prep.head_dim}")
     b = q.shape[0]
@@ -183,29 +274,26 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
         lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
     if not return_lse:
         lse = None
-
+    dk = mma._device_kernels(q.device)
     v_scale = prep.v_scale
-    shape = (ctypes.c_int64 * 7)(b, hq, prep.heads_kv, nq, prep.num_k, prep.dpad, d)
-    strides = (ctypes.c_int64 * 20)(
-        *_bhn_strides(prep.q_int8), *_bhn_strides(prep.k_int8), *_bhn_strides(prep.v_op),
-        prep.q_scale.stride(0), prep.q_scale.stride(1),
-        prep.k_scale.stride(0), prep.k_scale.stride(1),
-        *(v_scale.stride()[:2] if v_scale is not None else (0, 0)),
-        *_bhn_strides(out_h),
-        *(lse.stride()[:2] if lse is not None else (0, 0)),
-    )
-    lib, fn = _kernel(q.device)
+    geometry = dict(
+        b=b, hq=hq, hk=prep.heads_kv, nq=nq, nk=prep.num_k, dpad=prep.dpad, d=d, pv=prep.pv,
+        bf16_out=q.dtype == torch.bfloat16, causal=prep.is_causal, sm_scale=prep.sm_scale,
+        q_strides=_bhn_strides(prep.q_int8), k_strides=_bhn_strides(prep.k_int8), v_strides=_bhn_strides(prep.v_op),
+        qs_strides=tuple(prep.q_scale.stride()[:2]), ks_strides=tuple(prep.k_scale.stride()[:2]),
+        vs_strides=tuple(v_scale.stride()[:2]) if v_scale is not None else (0, 0), o_strides=_bhn_strides(out_h),
+        lse_strides=tuple(lse.stride()[:2]) if lse is not None else (0, 0), out_align=out.data_ptr() % 16)
+    key = (q.device.index, schedule, tuple(geometry.values()))
+    launch = _run_launches.get(key)
+    if launch is None:  # benchmarks call run() in a loop: build the launch once per geometry
+        launch = _Launch(dk, _get(dk, kernel_for(prep.pv, d, schedule)), **geometry)
+        if len(_run_launches) >= mma._MAX_PLANS:
+            _run_launches.clear()
+        _run_launches[key] = launch
     with torch.cuda.device(q.device):
-        rc = fn(
-            prep.q_int8.data_ptr(), prep.k_int8.data_ptr(), prep.v_op.data_ptr(),
-            prep.q_scale.data_ptr(), prep.k_scale.data_ptr(),
-            v_scale.data_ptr() if v_scale is not None else None,
-            out.data_ptr(), lse.data_ptr() if lse is not None else None,
-            shape, strides, prep.pv_mode, int(q.dtype == torch.bfloat16), int(prep.is_causal),
-            SCHEDULES[schedule], prep.sm_scale, torch.cuda.current_stream(q.device).cuda_stream,
-        )
-    if rc != 0:
-        raise KernelError(f"{SYMBOL} failed ({rc}): {lib.last_error()}")
+        launch(prep.q_int8.data_ptr(), prep.k_int8.data_ptr(), prep.v_op.data_ptr(), prep.q_scale.data_ptr(),
+               prep.k_scale.data_ptr(), v_scale.data_ptr() if v_scale is not None else None, out.data_ptr(),
+               lse.data_ptr() if lse is not None else None, mma._stream(q.device))
     if lse is not None and prep.kbar is not None:
         # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
         lse.add_(prep.q_dot_kbar[:, :, :nq], alpha=prep.sm_scale)
@@ -214,11 +302,11 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
 
 class _AttentionPlan:
     """attention() for one key (shapes, strides, dtypes, device, cfg, flags): the fused
-    quantizer's plan and the kernel's shape / stride arrays, built once; a call allocates
-    one workspace, O (and lse) and makes two library calls."""
+    quantizer's plan and the kernel launch, built once; a call allocates one workspace, O (and
+    lse) and makes two or three launches."""
 
-    def __init__(self, lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse):
-        self.layout, self.cfg, self.is_causal, self.return_lse = layout, cfg, bool(is_causal), return_lse
+    def __init__(self, dk, q, k, v, layout, cfg, is_causal, sm_scale, return_lse):
+        self.dk, self.layout, self.cfg, self.is_causal, self.return_lse = dk, layout, cfg, bool(is_causal), return_lse
         q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
         b, hq, nq, d = q_h.shape
         hk, nk = k_h.shape[1], k_h.shape[2]
@@ -226,33 +314,29 @@ class _AttentionPlan:
         dpad = padded_head_dim(d, Family.WGMMA)
         self.fp8 = cfg.pv_dtype is PVDType.FP8
         v_strided_ok = d % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
-        self.fast = mma.fused_eligible(lib, cfg) and (self.fp8 or v_strided_ok)
+        self.fast = self.fp8 or v_strided_ok
         if not self.fast:
             return
-        self.lib, self.fn = _kernel(q.device)
-        mma._functions(lib)
-        self.qkv = plan = mma._QkvPlan(q_h, k_h, v_h, cfg, tile_shape(Family.WGMMA, dpad), dpad, None,
+        self.qkv = plan = mma._QkvPlan(dk, q_h, k_h, v_h, cfg, tile_shape(Family.WGMMA, dpad), dpad, None,
                                        return_lse and cfg.smooth_k)
-        self.pv_mode = 0 if self.fp8 else (2 if q.dtype == torch.bfloat16 else 1)
-        self.schedule = SCHEDULES[default_schedule(cfg.pv_dtype, d)]
+        pv = abi.PV_FP8 if self.fp8 else abi.PV_16BIT[q.dtype]
+        kernel = _get(dk, kernel_for(pv, d, default_schedule(cfg.pv_dtype, d)))
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
-        self.shape = (ctypes.c_int64 * 7)(b, hq, hk, nq, nk, dpad, d)
         q_groups = plan.parts[1][1][2]
         k_groups = plan.parts[3][1][2]
         v_strides = ((hk * dpad * plan.v_pad, dpad * plan.v_pad, plan.v_pad) if self.fp8
                      else tuple(v_h.stride()[:3]))
-        self.strides = (ctypes.c_int64 * 20)(
-            hq * plan.nq_pad * dpad, plan.nq_pad * dpad, dpad,
-            hk * plan.nk_pad * dpad, plan.nk_pad * dpad, dpad,
-            *v_strides,
-            hq * q_groups, q_groups, hk * k_groups, k_groups,
-            *((hk * dpad, dpad) if self.fp8 else (0, 0)),
-            *mma._contiguous_bhn_strides(q.shape, layout),
-            *((hq * nq, nq) if return_lse else (0, 0)),
-        )
+        self.launch = _Launch(
+            dk, kernel, b=b, hq=hq, hk=hk, nq=nq, nk=nk, dpad=dpad, d=d, pv=pv, bf16_out=q.dtype == torch.bfloat16,
+            causal=is_causal, sm_scale=self.sm_scale,
+            q_strides=(hq * plan.nq_pad * dpad, plan.nq_pad * dpad, dpad),
+            k_strides=(hk * plan.nk_pad * dpad, plan.nk_pad * dpad, dpad), v_strides=v_strides,
+            qs_strides=(hq * q_groups, q_groups), ks_strides=(hk * k_groups, k_groups),
+            vs_strides=(hk * dpad, dpad) if self.fp8 else (0, 0),
+            o_strides=mma._contiguous_bhn_strides(q.shape, layout),
+            lse_strides=(hq * nq, nq) if return_lse else (0, 0), out_align=0)
         self.lse_fix = return_lse and cfg.smooth_k
         self.nq = nq
-        self.bf16 = int(q.dtype == torch.bfloat16)
 
     def __call__(self, q, k, v):
         if not self.fast or (not self.fp8 and v.data_ptr() % 16):
@@ -260,19 +344,17 @@ class _AttentionPlan:
                            sm_scale=self.sm_scale, return_lse=self.return_lse)
             return run(prep, return_lse=self.return_lse)
         dev, plan = q.device, self.qkv
+        self.dk.drv.ensure_context(self.dk.index)
         stream = mma._stream(dev)
         buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
         base = buf.data_ptr()
-        plan.enqueue(self.lib, q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
+        plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
         out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
         ptr = plan.pointer
-        rc = self.fn(ptr(base, "q"), ptr(base, "k"), ptr(base, "v") if self.fp8 else v.data_ptr(),
-                     ptr(base, "q_scale"), ptr(base, "k_scale"), ptr(base, "v_scale"),
-                     out.data_ptr(), None if lse is None else lse.data_ptr(), self.shape, self.strides,
-                     self.pv_mode, self.bf16, int(self.is_causal), self.schedule, self.sm_scale, stream)
-        if rc != 0:
-            raise KernelError(f"{SYMBOL} failed ({rc}): {self.lib.last_error()}")
+        self.launch(ptr(base, "q"), ptr(base, "k"), ptr(base, "v") if self.fp8 else v.data_ptr(),
+                    ptr(base, "q_scale"), ptr(base, "k_scale"), ptr(base, "v_scale"), out.data_ptr(),
+                    None if lse is None else lse.data_ptr(), stream)
         if self.lse_fix:
             # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
             lse.add_(plan.view(buf, "q_dot_kbar")[:, :, :self.nq], alpha=self.sm_scale)
@@ -287,10 +369,12 @@ def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
     key = mma.plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
     plan = _attention_plans.get(key)
     if plan is None:
-        lib, reason = library_for_device(q.device)
-        if lib is None:
-            raise KernelError(reason)
-        plan = _AttentionPlan(lib, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+        dk = mma._device_kernels(q.device)
+        with torch.cuda.device(q.device):
+            try:
+                plan = _AttentionPlan(dk, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+            except KernelBuildError as e:
+                raise KernelError(str(e)) from None
         if len(_attention_plans) >= mma._MAX_PLANS:
             _attention_plans.clear()
         _attention_plans[key] = plan

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of kernel builds on one card in one call. Each side is built by install.py into its own
-# build dir: this tree's -D variants (VARIANTS), and optionally an earlier revision exported
+# cache / build dir (SAGEATTN2_CACHE_DIR for NVRTC trees, SAGEATTN2_BUILD_DIR for older nvcc ones): this tree's -D variants (VARIANTS), and optionally an earlier revision exported
 # beside the tree (BEFORE). The wgmma suite runs on every build of this tree, then
 # bench_attention.py times the sides in the order before, variants..., variants again, before
 # (cuDNN re-measured in every table). Logs and tables end up in $OUT/ab_raw.tgz.
@@ -23,15 +23,16 @@ RAW=$OUT/raw
 mkdir -p "$RAW"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0
 
-# name, source tree, build dir, nvcc flags (comma-separated)
+# name, source tree, build dir, compiler flags (comma-separated; NVRTC or, for an older tree, nvcc)
 build() {
-  (cd "$2" && SAGEATTN2_BUILD_DIR=$3 SAGEATTN2_NVCC_FLAGS="${4//,/ }" \
-    python3 install.py -j 16 --no-selfcheck) > "$RAW/build_$1.log" 2>&1 \
+  (cd "$2" && SAGEATTN2_BUILD_DIR=$3 SAGEATTN2_CACHE_DIR=$3 SAGEATTN2_NVCC_FLAGS="${4//,/ }" \
+    SAGEATTN2_NVRTC_FLAGS="${4//,/ }" python3 install.py -j 16 --no-selfcheck $( [ "$2" = . ] && echo --all )) \
+    > "$RAW/build_$1.log" 2>&1 \
     || { echo "$1: build failed"; tail -5 "$RAW/build_$1.log"; }
 }
 # table name, package root, build dir
 bench() {
-  SAGEATTN2_BUILD_DIR=$3 timeout 300 python3 bench/bench_attention.py --no-mma --shapes "$SHAPES" \
+  SAGEATTN2_BUILD_DIR=$3 SAGEATTN2_CACHE_DIR=$3 timeout 300 python3 bench/bench_attention.py --no-mma --shapes "$SHAPES" \
     ${BENCH_ARGS:-} --package-root "$2" --out "$RAW/$1.md" > "$RAW/$1.log" 2>&1
   echo "== $1"
   grep -E "^\| [0-9]" "$RAW/$1.md" | cut -d'|' -f2-6 | sed -E 's/\[[^]]*\]//g'
@@ -43,7 +44,7 @@ for v in $VARIANTS; do
 done
 for v in $VARIANTS; do
   name=${v%%:*}
-  echo "tests $name: $(SAGEATTN2_BUILD_DIR=/tmp/sa2_ab/$name timeout 150 python3 -m pytest \
+  echo "tests $name: $(SAGEATTN2_CACHE_DIR=/tmp/sa2_ab/$name timeout 150 python3 -m pytest \
     tests/gpu/test_wgmma_kernels.py -x -q -p no:cacheprovider 2>&1 | tail -1)"
 done
 [ -n "$BEFORE" ] && bench before1 "$BEFORE" "$PWD/$BEFORE/sageattn2/_build"

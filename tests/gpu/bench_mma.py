@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_qkv  # noqa: E402
 from sageattn2.backends import mma  # noqa: E402
 from sageattn2.config import AttnConfig  # noqa: E402
-from sageattn2.loader import library_for_device  # noqa: E402
+from sageattn2.loader import kernels_for_device  # noqa: E402
 
 LEVELS = ("int8+fp16", "int8+fp8", "int4+fp16", "int4+fp8")
 SHAPES = ((1, 24, 4096, 128), (1, 24, 8192, 64))
@@ -49,7 +49,7 @@ def time_ms(fn, sets, reps=30) -> float:
 
 
 def bench() -> None:
-    lib, why = library_for_device(torch.device("cuda"))
+    lib, why = kernels_for_device(torch.device("cuda"))
     assert lib is not None, why
     print(f"card: {torch.cuda.get_device_name()}  (INT4/FP8 mma.sync emulated on sm_90)")
     print("level      shape              total ms  TOPS   kernel ms  TOPS   (quantize = total - kernel)")
@@ -62,7 +62,7 @@ def bench() -> None:
             cfg = cfg_of(level)
             full = lambda q, k, v: mma.attention(q, k, v, layout="HND", cfg=cfg, is_causal=False, sm_scale=None,
                                                  return_lse=False, force_int4_emulation=True)
-            qsets = [(mma.quantize(*s, layout="HND", cfg=cfg, lib=lib), s[0], s[1]) for s in sets]
+            qsets = [(mma.quantize(*s, layout="HND", cfg=cfg, dk=lib), s[0], s[1]) for s in sets]
             kern = lambda qz, q, k: mma.launch(lib, qz, q, k, layout="HND", cfg=cfg, is_causal=False,
                                                sm_scale=0.1, return_lse=False)
             t_full, t_kern = time_ms(full, sets), time_ms(kern, qsets)

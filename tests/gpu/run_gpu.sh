@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Device script for the mma.sync family (csrc/quant.cu, csrc/attn_mma.cu).
+# Device script for the mma.sync family (csrc/include/sa2/quant_kernels.cuh, attn_mma.cuh).
 #
 #   tests/gpu/run_gpu.sh                  build sm_90a, GPU tests, benchmark, memcheck (device)
 #   tests/gpu/run_gpu.sh compile [archs]  compile-only check here, default "80 86 89 90 120",
 #                                         printing ptxas registers/spills per kernel
 #
-# The library is built by install.py (ptxas -v added through SAGEATTN2_NVCC_FLAGS) into its own
-# SAGEATTN2_BUILD_DIR. Logs go under $OUT (default ./mma_out).
+# The kernels are built by install.py through NVRTC (ptxas -v added through SAGEATTN2_NVRTC_FLAGS)
+# into their own SAGEATTN2_CACHE_DIR. Logs go under $OUT (default ./mma_out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-device}
@@ -18,8 +18,8 @@ export PYTHONUNBUFFERED=1
 build() {
   local arch=$1 dir=$2 log=$3
   shift 3
-  TORCH_CUDA_ARCH_LIST="${arch%?}.${arch: -1}" SAGEATTN2_BUILD_DIR=$dir \
-    SAGEATTN2_NVCC_FLAGS="${SAGEATTN2_NVCC_FLAGS:-} -Xptxas -v" python3 install.py -j "$JOBS" "$@" > "$log" 2>&1 \
+  TORCH_CUDA_ARCH_LIST="${arch%?}.${arch: -1}" SAGEATTN2_CACHE_DIR=$dir \
+    SAGEATTN2_NVRTC_FLAGS="${SAGEATTN2_NVRTC_FLAGS:-} -Xptxas -v" python3 install.py --all -j "$JOBS" "$@" > "$log" 2>&1 \
     || { grep -v "ptxas info" "$log" | tail -30; echo "FAILED sm_$arch"; return 1; }
 }
 
@@ -29,7 +29,7 @@ ptxas_table() {
     /Compiling entry function/ { match($0, /_Z[^'"'"']*/); fn = substr($0, RSTART, RLENGTH) }
     /spill stores/ { split($0, a, /[ ,]+/); for (i = 1; i <= length(a); i++) { if (a[i] == "stores") st = a[i-3]; if (a[i] == "loads") ld = a[i-3] } }
     /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); printf "%s regs %s spill st/ld %s/%s\n", fn, substr($0, RSTART + 5, RLENGTH - 5), st, ld }' "$1" |
-    sed -E -e 's/_ZN3sa215attn_mma_kernelINS_13AttnMmaTraitsILi([0-9]+)ELNS_6QKTypeE([0-9])ELNS_6PVTypeE([0-9])EEEEEvNS_11AttnMmaArgsE/attn_mma D=\1 qk(0=int8,1=int4)=\2 pv(0=f16,1=bf16,2=fp8)=\3/' -e 's/_ZN[0-9]+_GLOBAL__N__[0-9a-f_]+quant_cu_[0-9]+[0-9]([a-z_0-9]+kernel)I?([0-9]*_*[a-z]*).*( regs)/quant \1 \2\3/' | sort
+    sed -E -e 's/_ZN3sa215attn_mma_kernelINS_13AttnMmaTraitsILi([0-9]+)ELNS_6QKTypeE([0-9])ELNS_6PVTypeE([0-9])EEEEEvNS_13MmaAttnParamsE/attn_mma D=\1 qk(0=int8,1=int4)=\2 pv(0=f16,1=bf16,2=fp8)=\3/' -e 's/_ZN3sa28quantize[0-9]+([a-z_0-9]+kernel)INS_[0-9]+([a-z0-9]+)E(Li([0-9]+)ELi([0-9]+)E)?.*( regs)/quant \1 \2 D=\4 kinds=\5\6/' | sort
   grep -h "warning" "$1" | sort | uniq -c | head
 }
 
@@ -55,10 +55,10 @@ python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_devic
 nvcc --version | tail -1
 
 echo "== build sm_90a (install.py)"
-export SAGEATTN2_BUILD_DIR=/tmp/sa2_mma_build
-rm -rf "$SAGEATTN2_BUILD_DIR"
+export SAGEATTN2_CACHE_DIR=/tmp/sa2_mma_build
+rm -rf "$SAGEATTN2_CACHE_DIR"
 start=$(date +%s)
-build 90 "$SAGEATTN2_BUILD_DIR" "$OUT/build.log" --no-selfcheck || { echo "BUILD FAILED"; exit 1; }
+build 90 "$SAGEATTN2_CACHE_DIR" "$OUT/build.log" --no-selfcheck || { echo "BUILD FAILED"; exit 1; }
 echo "built in $(( $(date +%s) - start )) s"
 ptxas_table "$OUT/build.log" | tee "$OUT/ptxas.txt"
 

@@ -6,7 +6,7 @@
 #   every schedule (kernel-only and end to end) + quantization breakdown at 4.6K and 32K;
 #   profile: tests + ncu of the main kernels (Nsight Compute locks clocks: compare ratios);
 #   all: tests + ncu + the full benchmark. BENCH_SHAPES overrides the benchmark's shapes.
-# Builds the sm_90a library with install.py (ptxas -v added to SAGEATTN2_NVCC_FLAGS).
+# Builds every sm_90a kernel with install.py --all through NVRTC (ptxas -v through SAGEATTN2_NVRTC_FLAGS).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MODE=${1:-quick}
@@ -22,25 +22,26 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 nvcc --version | tail -1
 
-echo "== build (install.py, ptxas -v)"
-BUILD_ROOT=${SAGEATTN2_BUILD_DIR:-sageattn2/_build}
-BUILD=$BUILD_ROOT/sm_90a
-rm -rf "$BUILD"  # an up-to-date build would print no ptxas lines
-TORCH_CUDA_ARCH_LIST=9.0 SAGEATTN2_NVCC_FLAGS="${SAGEATTN2_NVCC_FLAGS:-} -Xptxas -v" \
-  python3 install.py -j 16 --no-selfcheck > "$OUT/ptxas.log" 2>&1 \
+echo "== build (install.py through NVRTC, every schedule, ptxas -v)"
+export SAGEATTN2_CACHE_DIR=${SAGEATTN2_CACHE_DIR:-/tmp/sa2_wgmma_cache}
+rm -rf "$SAGEATTN2_CACHE_DIR"  # a cache hit would print no ptxas lines
+TORCH_CUDA_ARCH_LIST=9.0 SAGEATTN2_NVRTC_FLAGS="${SAGEATTN2_NVRTC_FLAGS:-} -Xptxas -v" \
+  python3 install.py --all -j 16 --no-selfcheck > "$OUT/ptxas.log" 2>&1 \
   || { grep -v "ptxas info" "$OUT/ptxas.log" | tail -30; echo "BUILD FAILED"; exit 1; }
-cat "$BUILD_ROOT/manifest.json"
 echo "-- ptxas (wgmma kernels): spills per kernel <D, PV, Schedule, WGs>"
-awk '/Compiling entry/{k = ""; if ($0 ~ /wgmma_attn/) {k = $0; sub(/.*TraitsIL/, "", k); sub(/EEEEEv14.*/, "", k)}}
-     /spill stores/{if (k != "") print k": "$0}' "$OUT/ptxas.log" | sed -E 's/ELNS0_6PVModeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
+awk '/Compiling entry/{k = ""; if ($0 ~ /wgmma_attn/) {k = $0; sub(/.*TraitsIL/, "", k); sub(/EEEEEvNS.*/, "", k)}}
+     /spill stores/{if (k != "") print k": "$0}' "$OUT/ptxas.log" | sed -E 's/ELNS_6PVTypeE/ pv/; s/ELNS0_8ScheduleE/ sched/; s/ELi/ wgs/' | sort | uniq
 grep -hE "C7515|C7511|C7508|warning|error" "$OUT/ptxas.log" | sort | uniq -c | head -20
-cuobjdump -sass "$BUILD/libsageattn2.so" > /tmp/sass.txt 2>/dev/null
-for k in "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi3" "128ELNS0_6PVModeE0ELNS0_8ScheduleE0ELi2"; do
-  awk -v k="$k" '/Function :/{f = index($0, k) > 0} f' /tmp/sass.txt > "/tmp/sass_$k.txt"
+python3 -m sageattn2.build extract /tmp/sa2_cubins "$SAGEATTN2_CACHE_DIR"
+for f in /tmp/sa2_cubins/sm_90a/wgmma-*.cubin; do
+  echo "Function : $(basename "$f" .cubin)"; cuobjdump -sass "$f" 2>/dev/null | grep -v "Function :"
+done > /tmp/sass.txt
+for k in wgmma-d128-fp8-sequential3wg wgmma-d128-fp8-sequential; do
+  awk -v k="$k" '/^Function :/{f = ($3 == k)} f' /tmp/sass.txt > "/tmp/sass_$k.txt"
   echo "-- SASS opcode histogram $k (whole kernel)"
   grep -oP '^\s+/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?\K[A-Z0-9_.]+' "/tmp/sass_$k.txt" | sort | uniq -c | sort -rn | head -40 | tr '\n' ';'; echo
 done
-awk '/Function :/{f=$3} /GMMA|STL|LDL/{split($0,a,/[ ;]+/); for(i in a) if(a[i] ~ /GMMA|^STL|^LDL/) c[f" "a[i]]++} END{for(k in c) print c[k], k}' /tmp/sass.txt | grep attention | sed -E 's/_ZN3sa210wgmma_attn16attention_kernelINS0_6TraitsIL//; s/EEEEEv14CUtensorMap.*NS0_6ParamsE//' | sort -k2 | head -60
+awk '/^Function :/{f=$3} /GMMA|STL|LDL/{split($0,a,/[ ;]+/); for(i in a) if(a[i] ~ /GMMA|^STL|^LDL/) c[f" "a[i]]++} END{for(k in c) print c[k], k}' /tmp/sass.txt | sort -k2 | head -60
 
 if [ "$MODE" != bench ]; then
   echo "== tests"

@@ -1,5 +1,5 @@
-"""GPU tests of the mma.sync family: the fused quantizers (csrc/quant.cu) and the attention
-kernel (csrc/attn_mma.cu) against sageattn2.reference, which computes docs/numerics.md with
+"""GPU tests of the mma.sync family: the fused quantizers (csrc/include/sa2/quant_kernels.cuh) and the attention
+kernel (csrc/include/sa2/attn_mma.cuh) against sageattn2.reference, which computes docs/numerics.md with
 the same groups in fp32.
 
 Skipped without CUDA or without a kernel library that has the mma family (build it with
@@ -47,13 +47,13 @@ from sageattn2.reference import (  # noqa: E402
 
 from conftest import error_metrics, make_qkv  # noqa: E402
 
-LIB, _WHY = loader.library_for_device(torch.device("cuda", 0))
+LIB, _WHY = loader.kernels_for_device(torch.device("cuda", 0))
 if LIB is None or "mma" not in LIB.families:
     pytest.skip(f"mma kernels not built: {_WHY or 'family missing'}", allow_module_level=True)
 
 DEV = torch.device("cuda", 0)
 CAP = torch.cuda.get_device_capability(DEV)
-HAS_FP8 = bool(mma._functions(LIB).sa2_mma_has_fp8_pv())
+HAS_FP8 = LIB.arch.fp8_mma
 LOG = os.environ.get("SA2_TEST_LOG")
 
 PRECISIONS = ("int8+fp16", "int8+fp8", "int4+fp16", "int4+fp8")
@@ -93,7 +93,7 @@ def run_kernel(q, k, v, cfg, *, layout="HND", causal=False, lse=False, sm_scale=
     """mma.attention's two halves (quantize, launch), returning the quantized operands too."""
     poison_allocator()
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=lse and cfg.smooth_k, lib=LIB)
+    qz = mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=lse and cfg.smooth_k, dk=LIB)
     o, l = mma.launch(LIB, qz, q, k, layout=layout, cfg=cfg, is_causal=causal, sm_scale=sm_scale, return_lse=lse)
     torch.cuda.synchronize()  # surfaces any asynchronous CUDA error here
     return o, l, qz
@@ -214,7 +214,7 @@ QUANT_FIELDS = ("q", "q_scale", "k", "k_scale", "kbar", "qbar", "qbar_scale", "q
 @pytest.mark.parametrize("noncontig", [False, True], ids=["dense", "strided"])
 @pytest.mark.parametrize("d,nq,nk,precision,gran,smoothing,dtype,layout,family", QUANT_CASES)
 def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype, layout, family, noncontig):
-    """sa2_quantize_qkv (every output) against the PyTorch reference quantizers, and a second
+    """The fused quantizers (every output) against the PyTorch reference quantizers, and a second
     call bit for bit against the first (the statistics' ticket counters must come back to 0)."""
     sk, sq, sv = QUANT_SMOOTHINGS[smoothing]
     qk, pv = precision.split("+")
@@ -228,7 +228,7 @@ def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype
     runs = []
     for _ in range(2):
         poison_allocator()
-        runs.append(mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, lib=LIB))
+        runs.append(mma.quantize(q, k, v, layout=layout, cfg=cfg, with_q_dot_kbar=cfg.smooth_k, dk=LIB))
         torch.cuda.synchronize()
     qz = runs[0]
     for field in QUANT_FIELDS:

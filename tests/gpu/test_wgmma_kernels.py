@@ -26,6 +26,7 @@ import torch
 from sageattn2.config import (
     ABSMAX_EPS, FP8_MAX, INT8_MAX, AttnConfig, Family, PVDType, padded_head_dim, tile_shape,
 )
+from sageattn2 import abi
 from sageattn2.reference import reference_attention
 
 wgmma = pytest.importorskip("sageattn2.backends.wgmma")
@@ -168,7 +169,7 @@ def dequantized_operands(prep, v_orig_hnd):
     _, hk, krows, _ = prep.k_int8.shape
     k = prep.k_int8.float().view(b, hk, krows // 128, 16, 4, 2, dpad)
     k = (k * prep.k_scale.view(b, hk, krows // 128, 1, 4, 1, 1)).view(b, hk, krows, dpad)
-    if prep.pv_mode == 0:
+    if prep.pv == abi.PV_FP8:
         x = prep.v_op.view(torch.float8_e4m3fn).float().transpose(2, 3)  # stored token order
         inv = torch.argsort(torch.tensor(V_TOKEN_ORDER, device=x.device))
         x = x.reshape(b, hk, krows // 16, 16, dpad).index_select(3, inv).view(b, hk, krows, dpad)

@@ -1,7 +1,7 @@
 // The mma.sync attention kernel (sm80/86/89/120, and sm90 through emulation of INT4/FP8):
 // one template, specialised by AttnMmaTraits<head dim, QK type, PV type>.
 //
-// Inputs come from the fused quantizers (csrc/quant.cu), all zero-padded:
+// Inputs come from the fused quantizers (quant_kernels.cuh), all zero-padded:
 //   Q_hat (B, Hq, Nq_pad, QB) and K_hat (B, Hkv, Nk_pad, QB) int8, QB = D (INT8) or D/2 (INT4,
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
@@ -11,40 +11,12 @@
 // 16-bit V, see kVStages). Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
 #pragma once
-#include <stdint.h>
-
-#include "sa2/common.cuh"
+#include "sa2/abi.cuh"
 #include "sa2/mma.cuh"
 #include "sa2/quant.cuh"
 #include "sa2/softmax.cuh"
 
 namespace sa2 {
-
-// Everything the C entry point receives (every field 8 bytes, mirrored by a ctypes.Structure
-// in sageattn2/backends/mma.py: keep the two in the same order).
-struct AttnMmaArgs {
-  const void* q;            // int8 (B, Hq, nq_pad, QB)
-  const void* k;            // int8 (B, Hkv, nk_pad, QB)
-  const void* q_scale;      // f32 (B, Hq, q groups)
-  const void* k_scale;      // f32 (B, Hkv, k groups)
-  const void* qbar;         // int8 (B, Hq, nq_pad / q_mean_rows, D), Q smoothing only
-  const void* qbar_scale;   // f32 (B, Hq, nq_pad / q_mean_rows)
-  const void* q_dot_kbar;   // f32 (B, Hq, nq_pad): q_row . kbar, for the lse; may be null
-  const void* v;            // FP8 V^T or 16-bit V
-  const void* v_scale;      // f32 (B, Hkv, D), FP8 PV only
-  const void* v_mean;       // f32 (B, Hkv, D) vbar, or null
-  void* out;                // (B, Hq, Nq, d) in any strides, q's dtype
-  void* lse;                // f32 (B, Hq, Nq) or null
-  void* stream;             // cudaStream_t
-  int64_t batch, heads_q, heads_kv, nq, nk, head_dim, padded_head_dim;
-  int64_t nq_pad, nk_pad, v_pad;  // v_pad: row length of FP8 V^T
-  int64_t v_stride_b, v_stride_h, v_stride_n;  // 16-bit V, elements
-  int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
-  int64_t qk_int4, pv_type, out_bf16, granularity, smooth_q, q_mean_rows, causal;
-  double sm_scale;
-};
-
-enum Granularity : int { kPerThread = 0, kPerWarp = 1, kPerBlock = 2 };
 
 template <int kHeadDim_, QKType kQK_, PVType kPV_>
 struct AttnMmaTraits {
@@ -161,7 +133,7 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
 }
 
 template <class T>
-__global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs a) {
+__global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnParams a) {
   using namespace sa2::mma;
   constexpr int M = T::kMTiles, NS = T::kSTiles, NO = T::kOTiles, QB = T::kQKBytes;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -507,22 +479,6 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
         static_cast<float*>(a.lse)[bh * nq + row] = lse;
       }
     }
-}
-
-// Host side: launch one instantiation (defined here, instantiated in csrc/attn_mma.cu).
-template <int kHeadDim, QKType kQK, PVType kPV>
-int launch_attn_mma(const AttnMmaArgs& a) {
-  using T = AttnMmaTraits<kHeadDim, kQK, kPV>;
-  auto kernel = attn_mma_kernel<T>;
-  SA2_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
-  SA2_REQUIRE(a.nq_pad % T::kCtaQ == 0 && a.nk_pad % T::kKTile == 0, "padded lengths must be whole tiles");
-  SA2_REQUIRE(!a.smooth_q || (a.q_mean_rows > 0 && a.q_mean_rows % T::kWarpQ == 0),
-              "q_mean_rows %lld must be a multiple of warp_q %d", (long long)a.q_mean_rows, T::kWarpQ);
-  const dim3 grid(static_cast<unsigned>(a.nq_pad / T::kCtaQ), static_cast<unsigned>(a.heads_q),
-                  static_cast<unsigned>(a.batch));
-  kernel<<<grid, T::kThreads, T::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(a);
-  SA2_LAUNCH_CHECK();
-  return 0;
 }
 
 }  // namespace sa2

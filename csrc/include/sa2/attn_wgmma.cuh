@@ -14,17 +14,13 @@
 //         0,1,8,9,2,3,10,11,4,5,12,13,6,7,14,15 (so P packs straight from the S accumulator);
 //         fp16/bf16 PV: the caller's V (B, Hkv, Nk, d) read through the wgmma transpose bit.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "sa2/common.cuh"
+#include "sa2/abi.cuh"
+#include "sa2/storage.cuh"
 #include "sa2/wgmma.cuh"
 
 namespace sa2::wgmma_attn {
 
-enum class PVMode : int { kFp8 = 0, kF16 = 1, kBf16 = 2 };
-
-// How a consumer warpgroup orders its GEMMs and softmax (the C entry point's `schedule`).
+// How a consumer warpgroup orders its GEMMs and softmax (a kernel instantiation; sageattn2/kernels.py names them).
 //   kSequential: QK(j), wait, softmax(j), PV(j), wait; the two warpgroups interleave freely.
 //   kPingPong:   PV(j-1) and QK(j) issued back to back, waited at once, then softmax(j); a
 //                named-barrier ping-pong makes the warpgroups alternate GEMM phases, so one
@@ -34,31 +30,16 @@ enum class PVMode : int { kFp8 = 0, kF16 = 1, kBf16 = 2 };
 // Three consumer warpgroups (the Traits' kWGs) run kSequential only.
 enum class Schedule : int { kSequential = 0, kPingPong = 1, kOverlap = 2 };
 
-struct Params {
-  const float* q_scale;  // (B, Hq, num_q_groups)
-  const float* k_scale;  // (B, Hkv, num_k_groups)
-  const float* v_scale;  // (B, Hkv, D) fp8 PV only
-  void* out;             // fp16/bf16, element strides below
-  float* lse;            // (B, Hq, Nq) or null
-  int64_t q_scale_stride_b, q_scale_stride_h;
-  int64_t k_scale_stride_b, k_scale_stride_h;
-  int64_t v_scale_stride_b, v_scale_stride_h;
-  int64_t o_stride_b, o_stride_h, o_stride_n;
-  int64_t lse_stride_b, lse_stride_h;
-  int num_q, num_k, group_size, head_dim;  // head_dim: true d (<= padded D)
-  int causal, out_bf16;
-  int out_vec2;    // 4-byte aligned pair stores are legal
-  int out_rows16;  // every output row is whole (head_dim == D) and 16-byte aligned
-  float scale_log2;                        // sm_scale * log2(e)
-};
+// The scalar half of WgmmaAttnParams (abi.cuh).
+using Params = WgmmaAttnScalars;
 
-template <int kHeadDim_, PVMode kPV_, Schedule kSchedule_, int kWGs_ = 2>
+template <int kHeadDim_, PVType kPV_, Schedule kSchedule_, int kWGs_ = 2>
 struct Traits {
   static constexpr int kHeadDim = kHeadDim_;  // padded D
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma family serves head dims 64 and 128");
-  static constexpr PVMode kPV = kPV_;
-  static constexpr bool kFp8PV = kPV == PVMode::kFp8;
-  static constexpr bool kBf16PV = kPV == PVMode::kBf16;
+  static constexpr PVType kPV = kPV_;
+  static constexpr bool kFp8PV = kPV == PVType::kFp8;
+  static constexpr bool kBf16PV = kPV == PVType::kBf16;
   static constexpr Schedule kSchedule = kSchedule_;
   static constexpr bool kPingPong =
       kSchedule == Schedule::kPingPong || kSchedule == Schedule::kOverlap;
@@ -368,9 +349,11 @@ __device__ __forceinline__ void pack_p_16(const uint32_t (&s)[64], uint32_t (&p)
 
 template <class T>
 __global__ void __launch_bounds__(T::kThreads, 1)
-    attention_kernel(const __grid_constant__ CUtensorMap tm_q,
-                     const __grid_constant__ CUtensorMap tm_k,
-                     const __grid_constant__ CUtensorMap tm_v, const Params p) {
+    attention_kernel(const __grid_constant__ WgmmaAttnParams args) {
+  const TensorMap& tm_q = args.tm_q;
+  const TensorMap& tm_k = args.tm_k;
+  const TensorMap& tm_v = args.tm_v;
+  const Params& p = args.p;
   constexpr int D = T::kHeadDim;
   constexpr int S = T::kStages;
   extern __shared__ uint8_t smem_raw[];
@@ -748,22 +731,13 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       const float y0 = y.x, y1 = y.y;
       const int64_t off = head_offset + static_cast<int64_t>(row) * p.o_stride_n + col;
       const bool both = col + 1 < p.head_dim;
-      if (out_bf16) {
-        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + off;
-        if (both && p.out_vec2) {
-          *reinterpret_cast<__nv_bfloat162*>(out) = __floats2bfloat162_rn(y0, y1);
-        } else {
-          out[0] = __float2bfloat16_rn(y0);
-          if (both) out[1] = __float2bfloat16_rn(y1);
-        }
+      uint16_t* out = static_cast<uint16_t*>(p.out) + off;
+      const uint32_t packed = out_bf16 ? pack2_16bit<true>(y0, y1) : pack2_16bit<false>(y0, y1);
+      if (both && p.out_vec2) {
+        *reinterpret_cast<uint32_t*>(out) = packed;
       } else {
-        __half* out = static_cast<__half*>(p.out) + off;
-        if (both && p.out_vec2) {
-          *reinterpret_cast<__half2*>(out) = __floats2half2_rn(y0, y1);
-        } else {
-          out[0] = __float2half_rn(y0);
-          if (both) out[1] = __float2half_rn(y1);
-        }
+        out[0] = static_cast<uint16_t>(packed & 0xFFFFu);
+        if (both) out[1] = static_cast<uint16_t>(packed >> 16);
       }
     }
   }

@@ -1,36 +1,28 @@
-// Shared by every translation unit: the C-ABI error channel and small helpers.
-// The library is called from Python through ctypes, so nothing here may depend on torch.
+// Basics every kernel header shares. Device code only, and no CUDA header: the kernels are
+// compiled by NVRTC from sources held in memory (sageattn2/kernels.py), and torch's CUDA wheels
+// do not reliably ship cuda_fp16.h & co. NVRTC provides the vector types (uint4, float2, ...),
+// size_t and the math functions; the fixed-width integers and INFINITY are defined here.
 #pragma once
-#include <cuda_runtime.h>
-#include <stdint.h>
 
-#if defined(_WIN32)
-#define SA2_EXPORT extern "C" __declspec(dllexport)
+#if defined(__CUDACC_RTC__)
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef short int16_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
 #else
-#define SA2_EXPORT extern "C" __attribute__((visibility("default")))
+#include <stdint.h>  // nvcc (developer reports only, tools/nvcc_report.py)
+#endif
+
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
 #endif
 
 namespace sa2 {
-
-// Records a message for sa2_last_error(); returns `code` so callers can `return set_error(...)`.
-int set_error(int code, const char* fmt, ...);
-
-// Checks the launch (or any runtime call) that just ran; records where it failed.
-#define SA2_CUDA_TRY(expr)                                                                  \
-  do {                                                                                      \
-    cudaError_t sa2_err_ = (expr);                                                          \
-    if (sa2_err_ != cudaSuccess)                                                            \
-      return ::sa2::set_error((int)sa2_err_, "%s:%d: %s: %s", __FILE__, __LINE__, #expr,   \
-                              cudaGetErrorString(sa2_err_));                                \
-  } while (0)
-
-#define SA2_LAUNCH_CHECK() SA2_CUDA_TRY(cudaGetLastError())
-
-// Argument errors reported to Python as ValueError-like failures (code -1).
-#define SA2_REQUIRE(cond, ...)                                   \
-  do {                                                           \
-    if (!(cond)) return ::sa2::set_error(-1, __VA_ARGS__);       \
-  } while (0)
 
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }

@@ -13,16 +13,10 @@
 // A 4-bit k64 fragment has exactly the byte layout of an 8-bit k32 fragment (8 nibbles per
 // register, lowest nibble first), so INT4 and INT8 share every load; only the MMA differs.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-#include <stdint.h>
+#include "sa2/abi.cuh"
+#include "sa2/storage.cuh"
 
 namespace sa2 {
-
-enum class QKType { kInt8, kInt4 };
-enum class PVType { kFp16, kBf16, kFp8 };
-
 namespace mma {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -110,20 +104,12 @@ __device__ __forceinline__ void mma_pv_e4m3(float (&c)[4], const uint32_t (&a)[4
 template <PVType kType>
 __device__ __forceinline__ uint32_t pack_16bit(float lo, float hi) {
   static_assert(kType == PVType::kFp16 || kType == PVType::kBf16, "pack_16bit is for fp16/bf16");
-  if constexpr (kType == PVType::kFp16) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
+  return pack2_16bit<kType == PVType::kBf16>(lo, hi);
 }
 
 // Four floats -> four E4M3 bytes (round to nearest even, saturating), x0 in the lowest byte.
 __device__ __forceinline__ uint32_t pack_e4m3x4(float x0, float x1, float x2, float x3) {
-  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(x0, x1), __NV_SATFINITE, __NV_E4M3);
-  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(x2, x3), __NV_SATFINITE, __NV_E4M3);
-  return lo | (hi << 16);
+  return pack2_e4m3(x0, x1) | (pack2_e4m3(x2, x3) << 16);
 }
 
 }  // namespace mma

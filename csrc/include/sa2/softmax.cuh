@@ -6,7 +6,7 @@
 // sums stay per lane (they are linear in p, every lane rescales by the same alpha) and are
 // combined once in the epilogue.
 #pragma once
-#include <math.h>
+#include "sa2/common.cuh"
 
 namespace sa2::softmax {
 

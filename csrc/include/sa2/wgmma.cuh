@@ -4,8 +4,7 @@
 // Everything here is __forceinline__: a wgmma whose operands cross a call boundary makes ptxas
 // serialize the whole pipeline (info C7515), so nothing may stay an out-of-line call.
 #pragma once
-#include <cuda.h>  // CUtensorMap (the type only; libcuda is never linked)
-#include <stdint.h>
+#include "sa2/abi.cuh"
 
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #error "sa2/wgmma.cuh needs the sm_90a target (-gencode arch=compute_90a,code=sm_90a)"
@@ -279,11 +278,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 // ---------------------------------------------------------------------------------------------
 // TMA: 4-D tiled bulk tensor load into shared memory, completing on an mbarrier.
 
-__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
+__device__ __forceinline__ void tma_prefetch_desc(const TensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-__device__ __forceinline__ void tma_load_4d(void* smem_dst, const CUtensorMap* map, uint64_t* bar,
+__device__ __forceinline__ void tma_load_4d(void* smem_dst, const TensorMap* map, uint64_t* bar,
                                             int c0, int c1, int c2, int c3) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"

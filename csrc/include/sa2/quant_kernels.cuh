@@ -1,14 +1,14 @@
-// SA2_FAMILIES: all
-// Quantizers for Q, K and V (docs/numerics.md §1), shared by every kernel family.
+// The quantizer kernels for Q, K and V (docs/numerics.md §1), shared by every kernel family.
 //
-//   sa2_quantize_qkv  Q and K -> INT8/INT4 rows with group absmax scales (K minus its mean;
-//                     Q optionally minus the mean of each q_mean_rows block, whose q-bar is
-//                     quantized to INT8 too; optionally q_row . kbar for the lse), and V ->
-//                     FP8 E4M3 V^T (B, H, D, N_pad) in quant::v_stored_position order. The
-//                     per-channel K / V statistics (k-bar, v-bar, FP8 V scales) need every
-//                     token first, so this is two launches (one when nothing needs them).
-//   sa2_smooth_v16    V - vbar rounded to V's dtype, (B, H, N, D) contiguous and zero-padded
-//                     (FP16 PV with V smoothing, or a V whose rows are not 16-byte aligned).
+//   quantize_qkv_kernel  Q and K -> INT8/INT4 rows with group absmax scales (K minus its mean;
+//                        Q optionally minus the mean of each q_mean_rows block, whose q-bar is
+//                        quantized to INT8 too; optionally q_row . kbar for the lse), and V ->
+//                        FP8 E4M3 V^T (B, H, D, N_pad) in quant::v_stored_position order. The
+//                        per-channel K / V statistics (k-bar, v-bar, FP8 V scales) need every
+//                        token first, so a call is two launches (one when nothing needs them);
+//                        sageattn2/backends/quantize.py plans them.
+//   smooth_v16_kernel    V - vbar rounded to V's dtype, (B, H, N, D) contiguous and zero-padded
+//                        (FP16 PV with V smoothing, or a V whose rows are not 16-byte aligned).
 // Inputs: fp16/bf16 (B, H, N, d) through batch/head/token strides in elements (the last dim
 // contiguous), so HND and NHD both arrive without a copy. Offsets are 64-bit.
 //
@@ -17,18 +17,13 @@
 // Registers stay low and the many CTAs resident per SM keep enough loads in flight to run
 // near HBM bandwidth; a CTA's serial phases (load, absmax, scales, quantize) overlap with the
 // other CTAs' loads.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <algorithm>
-#include <initializer_list>
-
-#include "sa2/common.cuh"
+#pragma once
+#include "sa2/abi.cuh"
 #include "sa2/quant.cuh"
+#include "sa2/storage.cuh"
 
-namespace {
+namespace sa2::quantize {
 
-using sa2::quant::GroupRule;
 using sa2::quant::GroupScale;
 
 constexpr int kThreads = 256;
@@ -38,31 +33,6 @@ constexpr int kStatsChunkRows = 256;
 constexpr int kStatsStageBytes = 32 * 1024;
 // Tokens per FP8 V^T CTA (the V^T token padding is a multiple of it).
 constexpr int kVTileTokens = 64;
-
-template <class T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// A (B, H, N, d) input with element strides; the last dim is contiguous.
-struct StridedInput {
-  const void* ptr;
-  int64_t stride_b, stride_h, stride_n;
-
-  template <class T>
-  __device__ const T* head(int64_t bh, int heads) const {
-    return static_cast<const T*>(ptr) + (bh / heads) * stride_b + (bh % heads) * stride_h;
-  }
-};
 
 // Eight 16-bit values of one token (channels >= d read as 0), kept packed in T. `vec` says the
 // 16-byte load is legal (d % 8 == 0, strides % 8 == 0, 16-byte aligned base).
@@ -81,13 +51,12 @@ __device__ __forceinline__ uint4 load_raw8(const T* row, int c, int d, bool vec)
 template <class T>
 __device__ __forceinline__ float2 word_to_float2(uint32_t w);
 template <>
-__device__ __forceinline__ float2 word_to_float2<__nv_bfloat16>(uint32_t w) {
+__device__ __forceinline__ float2 word_to_float2<bf16>(uint32_t w) {
   return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
 }
 template <>
-__device__ __forceinline__ float2 word_to_float2<__half>(uint32_t w) {
-  return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xFFFFu))),
-                     __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16))));
+__device__ __forceinline__ float2 word_to_float2<f16>(uint32_t w) {
+  return make_float2(to_float(f16{static_cast<uint16_t>(w & 0xFFFFu)}), to_float(f16{static_cast<uint16_t>(w >> 16)}));
 }
 
 template <class T>
@@ -158,26 +127,6 @@ __device__ __forceinline__ uint32_t pack_int8x4(int a, int b, int c, int d) {
 
 // ---------------------------------------------------------------------------------------
 // Jobs. One kernel runs every kind of CTA; the CTA index picks the job (see Segment).
-
-// Column statistics of K or V: per (batch, head, channel) the sum, max and min over all tokens,
-// as partials of kStatsChunkRows tokens; the last CTA of each (tensor, batch, head) finalizes
-// the mean and max|x - mean| / 448 (ticket counter, reset to 0 by that CTA). Deterministic:
-// a thread sums its tokens in order, the phases of a chunk and then the chunks are added in
-// index order.
-struct StatsJob {
-  StridedInput x;
-  float* partial;     // (B, H, chunks, 3, D)
-  float* mean;        // (B, H, D) or null
-  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / 448 (mean = 0 if `mean` is null)
-  float* fp8_inv;     // (B, H, D) or null: 448 / max|x - mean|
-  unsigned* counter;  // (B * H) tickets, 0 between calls
-  int vec;
-};
-
-struct StatsParams {
-  StatsJob job[2];
-  int jobs, heads, n, chunks;
-};
 
 // Thread -> (8-channel vector, token phase): D / 8 vectors per token, 2048 / D phases; phase p
 // sums the chunk's tokens p, p + phases, ... The chunk arrives in stages of kStatsStageBytes.
@@ -268,30 +217,6 @@ __device__ __forceinline__ void stats_job(const StatsParams& p, int which, int c
     }
   }
   if (threadIdx.x == 0) job.counter[bh] = 0;  // ready for the next call on this stream
-}
-
-// Q or K rows: one CTA quantizes a block of block_rows rows of one head.
-struct RowsJob {
-  StridedInput x;
-  int heads, n, block_rows, blocks_per_head, groups_per_block;
-  int64_t n_pad;
-  GroupRule rule;
-  int8_t* out;           // (B, H, n_pad, D or D/2)
-  float* scale;          // (B, H, blocks_per_head * groups_per_block)
-  const float* mean;     // (B, H, D) or null: subtracted (K smoothing)
-  int mean_shift;        // Q smoothing: rows share a q-bar in blocks of 1 << mean_shift; 0: off
-  int8_t* qbar;          // (B, H, n_pad >> mean_shift, D): q-bar quantized to INT8
-  float* qbar_scale;     // (B, H, n_pad >> mean_shift)
-  const float* dot_vec;  // (B, dot_heads, D) or null: writes dot_out = x_row . dot_vec
-  int dot_heads;
-  float* dot_out;        // (B, H, n_pad)
-  int vec;
-};
-
-// Shared memory of a rows CTA: the raw block, the means it subtracts, dot_vec, group absmax
-// and group inverse scales.
-inline size_t rows_smem_bytes(int R, int D, int mean_blocks, int groups) {
-  return 2 * static_cast<size_t>(R) * D + sizeof(float) * (static_cast<size_t>(mean_blocks + 1) * D + 2 * groups);
 }
 
 // Thread -> (row phase, 8-channel vector): rows r = rsub + s * rows_per_pass. A row is D / 8
@@ -412,17 +337,6 @@ __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, 
   }
 }
 
-// FP8 V^T: one CTA converts kVTileTokens tokens of one head.
-struct VJob {
-  StridedInput x;
-  int heads, n, tiles_per_head;
-  int64_t n_pad;
-  const float* mean;  // (B, H, D) or null
-  const float* inv;   // (B, H, D): 448 / max|V - mean|
-  uint8_t* out;       // (B, H, D, n_pad)
-  int vec;
-};
-
 // Word slot of stored quad `quad` (bytes 4q..4q+3 of a 64-key row) in channel row `ch` of
 // the V^T staging tile: XOR-swizzled so that the 32 lanes of a warp write 32 different banks
 // (lanes differ in channel vector; odd vectors also write their channels in k ^ 1 order, so
@@ -475,7 +389,7 @@ __device__ __forceinline__ void v_job(const VJob& j, int64_t bh, int tile, int d
         const float mk = mean[c + k], ik = inv[c + k];
         const float2 f = make_float2(__fmul_rn(j.mean ? __fsub_rn(x0[k], mk) : x0[k], ik),
                                      __fmul_rn(j.mean ? __fsub_rn(x1[k], mk) : x1[k], ik));
-        const uint32_t pair = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3) & mask;
+        const uint32_t pair = pack2_e4m3(f.x, f.y) & mask;
         packed[it][k] |= c + k < d ? pair << (16 * half) : 0u;
       }
     }
@@ -507,32 +421,10 @@ __device__ __forceinline__ void v_job(const VJob& j, int64_t bh, int tile, int d
   }
 }
 
-// A launch is a list of segments, each a run of CTAs of one kind:
-//   kStats  CTA = ((batch * H + head) * jobs + job) * chunks + chunk
-//   kQ      CTA = (batch * Hq + head) * blocks + block
-//   kKV     the K rows blocks and V^T tiles of one kv head together, heads in descending order:
-//           the statistics launch just read them in ascending order, so the heads it read
-//           last are read again first, while they are likely still in L2.
-enum SegmentKind { kStats = 0, kQ = 1, kKV = 2 };
-
-struct Segment {
-  int kind;
-  int64_t ctas;
-};
-
-struct QkvParams {
-  StatsParams stats;
-  RowsJob rows[2];   // Q, K
-  VJob v;            // tiles_per_head 0: V is not quantized here
-  int64_t kv_heads;  // B * Hkv
-  int d, int4, segments;
-  Segment segment[2];
-};
-
 // CTAs per SM that shared memory allows (about 33 KB each): the register budget follows.
 // Hopper: 6 (40 registers), but a V CTA at D = 256 converts two items per thread and needs 48.
 template <int D, int kKinds>
-constexpr int min_ctas_per_sm() {
+__host__ __device__ constexpr int min_ctas_per_sm() {
 #if SA2_ARCH == 90
   return D == 256 && (kKinds & (1 << kKV)) ? 5 : 6;
 #elif SA2_ARCH == 80 || SA2_ARCH == 87
@@ -545,7 +437,7 @@ constexpr int min_ctas_per_sm() {
 // kKinds: bit mask of the segment kinds this instantiation runs (each kind's registers only
 // where a launch needs it).
 template <class T, int D, int kKinds>
-__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quantize_qkv_kernel(const QkvParams p) {
+__global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quantize_qkv_kernel(const QuantizeParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   int64_t cta = blockIdx.x;
   for (int s = 0; s < p.segments; ++s) {
@@ -578,16 +470,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quanti
 // ---------------------------------------------------------------------------------------
 // V for 16-bit PV
 
-struct V16Params {
-  StridedInput x;
-  int heads, n, d, D;
-  const float* mean;  // (B, H, D) or null (plain zero-padded copy)
-  void* out;          // (B, H, n, D) contiguous, x's dtype
-  int vec;
-};
-
 template <class T>
-__global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const V16Params p) {
+__global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const SmoothV16Params p) {
   const int64_t bh = static_cast<int64_t>(blockIdx.z) * p.heads + blockIdx.y;
   const T* head = p.x.head<T>(bh, p.heads);
   const float* mean = p.mean ? p.mean + bh * p.D : nullptr;
@@ -607,294 +491,4 @@ __global__ void __launch_bounds__(kThreads) smooth_v16_kernel(const V16Params p)
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Host helpers
-
-bool vector_ok(const void* ptr, int64_t d, int64_t sb, int64_t sh, int64_t sn) {
-  return d % 8 == 0 && sb % 8 == 0 && sh % 8 == 0 && sn % 8 == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-bool power_of_two(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
-
-int log2_exact(int64_t x) {
-  int s = 0;
-  while ((int64_t(1) << s) < x) ++s;
-  return s;
-}
-
-int check_common(int64_t batch, int64_t heads, int64_t n, int64_t d, int64_t D) {
-  SA2_REQUIRE(batch >= 1 && heads >= 1 && n >= 1, "empty input: batch %lld heads %lld tokens %lld",
-              (long long)batch, (long long)heads, (long long)n);
-  SA2_REQUIRE(batch <= 65535 && heads <= 65535 && n < (1ll << 31), "input too large");
-  // Padded head dims are powers of two (64, 128, 256 in every family): a token is D / 8
-  // consecutive threads of a 256-thread CTA.
-  SA2_REQUIRE(d >= 1 && d <= D && D >= 64 && D <= 256 && (D & (D - 1)) == 0,
-              "bad head dims d %lld D %lld (D must be 64, 128 or 256)", (long long)d, (long long)D);
-  return 0;
-}
-
-#define SA2_DISPATCH_DTYPE(is_bf16, KERNEL, ...) \
-  ((is_bf16) ? KERNEL<__nv_bfloat16> __VA_ARGS__ : KERNEL<__half> __VA_ARGS__)
-
-// Raises a kernel's dynamic shared-memory limit once per device (and again only for a larger
-// need): cudaFuncSetAttribute on every call costs host time for nothing. One flag table per
-// kernel (the template parameter).
-template <auto kKernel>
-int raise_smem_limit(size_t bytes) {
-  constexpr int kMaxDevices = 64;
-  static size_t raised[kMaxDevices] = {};
-  if (bytes <= 48 * 1024) return 0;
-  int dev = 0;
-  SA2_CUDA_TRY(cudaGetDevice(&dev));
-  if (dev < kMaxDevices && raised[dev] >= bytes) return 0;
-  SA2_CUDA_TRY(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  if (dev < kMaxDevices) raised[dev] = bytes;
-  return 0;
-}
-
-// The segment mixes sa2_quantize_qkv launches: Q + statistics, statistics alone, K / V (+ Q).
-constexpr int kQStats = (1 << kQ) | (1 << kStats), kStatsOnly = 1 << kStats, kKVQ = (1 << kKV) | (1 << kQ);
-
-template <class T, int D, int kKinds>
-int launch_qkv(const QkvParams& p, size_t smem, cudaStream_t stream) {
-  int64_t ctas = 0;
-  for (int s = 0; s < p.segments; ++s) ctas += p.segment[s].ctas;
-  if (ctas == 0) return 0;
-  SA2_REQUIRE(ctas < (int64_t(1) << 31), "input too large for one grid");
-  if (int e = raise_smem_limit<quantize_qkv_kernel<T, D, kKinds>>(smem)) return e;
-  quantize_qkv_kernel<T, D, kKinds><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p);
-  SA2_LAUNCH_CHECK();
-  return 0;
-}
-
-template <class T, int D>
-int launch_qkv(const QkvParams& p, size_t smem, cudaStream_t stream) {
-  int kinds = 0;
-  for (int s = 0; s < p.segments; ++s) kinds |= 1 << p.segment[s].kind;
-  if (kinds == kStatsOnly) return launch_qkv<T, D, kStatsOnly>(p, smem, stream);
-  if (kinds & (1 << kStats)) return launch_qkv<T, D, kQStats>(p, smem, stream);
-  return launch_qkv<T, D, kKVQ>(p, smem, stream);
-}
-
-template <class T>
-int launch_qkv(const QkvParams& p, int D, size_t smem, cudaStream_t stream) {
-  switch (D) {
-    case 64: return launch_qkv<T, 64>(p, smem, stream);
-    case 128: return launch_qkv<T, 128>(p, smem, stream);
-    default: return launch_qkv<T, 256>(p, smem, stream);
-  }
-}
-
-}  // namespace
-
-// ---------------------------------------------------------------------------------------
-// C entry points. Every argument struct has only 8-byte fields, mirrored by ctypes
-// Structures in sageattn2/backends/mma.py (same order).
-
-struct Sa2Input {
-  const void* ptr;
-  int64_t batch, heads, tokens, head_dim, stride_b, stride_h, stride_n, is_bf16;
-};
-
-struct Sa2SmoothV16Args {
-  Sa2Input x;
-  int64_t padded_head_dim;
-  const void* mean;  // f32 (B, H, D) or null
-  void* out;         // (B, H, tokens, D) contiguous, x's dtype
-  void* stream;
-};
-
-SA2_EXPORT int sa2_smooth_v16(const Sa2SmoothV16Args* a) {
-  SA2_REQUIRE(a != nullptr, "null arguments");
-  if (int e = check_common(a->x.batch, a->x.heads, a->x.tokens, a->x.head_dim, a->padded_head_dim)) return e;
-  SA2_REQUIRE(a->out && reinterpret_cast<uintptr_t>(a->out) % 16 == 0, "output must be 16-byte aligned");
-  V16Params p{{a->x.ptr, a->x.stride_b, a->x.stride_h, a->x.stride_n},
-              static_cast<int>(a->x.heads),
-              static_cast<int>(a->x.tokens),
-              static_cast<int>(a->x.head_dim),
-              static_cast<int>(a->padded_head_dim),
-              static_cast<const float*>(a->mean),
-              a->out,
-              vector_ok(a->x.ptr, a->x.head_dim, a->x.stride_b, a->x.stride_h, a->x.stride_n)};
-  const int64_t vecs = a->x.tokens * (a->padded_head_dim / 8);
-  const unsigned blocks_x = static_cast<unsigned>(std::min<int64_t>(sa2::ceil_div<int64_t>(vecs, kThreads), 1024));
-  const dim3 grid(blocks_x, static_cast<unsigned>(a->x.heads), static_cast<unsigned>(a->x.batch));
-  SA2_DISPATCH_DTYPE(a->x.is_bf16, smooth_v16_kernel, <<<grid, kThreads, 0, static_cast<cudaStream_t>(a->stream)>>>(p));
-  SA2_LAUNCH_CHECK();
-  return 0;
-}
-
-// One Q or K rows job of sa2_quantize_qkv. The scale of row r of a block_rows-row block is
-// group (r / slice_rows) * mod_groups + (r % 8) / mod_div of the block (quant::GroupRule).
-struct Sa2QkvRows {
-  int64_t padded_tokens, block_rows, slice_rows, mod_groups, mod_div;
-  void* out;    // int8 (B, H, padded_tokens, D or D/2)
-  void* scale;  // f32 (B, H, padded_tokens / block_rows * groups per block)
-};
-
-struct Sa2QuantizeQkvArgs {
-  Sa2Input q, k, v;  // same batch and dtype; k, v same heads and tokens; one head dim
-  int64_t padded_head_dim, int4;
-  Sa2QkvRows q_rows, k_rows;
-  int64_t q_mean_rows;  // Q smoothing: rows per q-bar block (a power of two dividing block_rows), or 0
-  void* qbar;           // int8 (B, Hq, q padded_tokens / q_mean_rows, D), with q_mean_rows
-  void* qbar_scale;     // f32 (B, Hq, q padded_tokens / q_mean_rows), with q_mean_rows
-  void* kbar;        // f32 (B, Hkv, D): K smoothing (the mean is written here and subtracted), or null
-  void* q_dot_kbar;  // f32 (B, Hq, q padded_tokens): q . kbar for the lse, or null (needs kbar)
-  void* vbar;        // f32 (B, Hkv, D): V mean (V smoothing), or null
-  void* v_out;       // u8 (B, Hkv, D, v_padded_tokens) FP8 V^T, or null (V is not quantized here)
-  int64_t v_padded_tokens;
-  void* v_scale;     // f32 (B, Hkv, D), with v_out
-  void* v_inv;       // f32 (B, Hkv, D), with v_out
-  void* workspace;   // f32: B * Hkv * ceil(Nk / 256) * 3 * D per reduced tensor (K if kbar, V if vbar or v_out)
-  int64_t workspace_floats;
-  void* counters;    // u32 (2 * B * Hkv), zero on entry and left zero (one set per stream)
-  int64_t counter_slots;
-  void* stream;
-};
-
-namespace {
-
-int rows_job_args(const Sa2Input& x, const Sa2QkvRows& r, int64_t D, RowsJob* job, size_t* smem) {
-  const int64_t R = r.block_rows, rows_per_pass = kThreads * 8 / D;
-  SA2_REQUIRE(R >= 8 && R <= 256 && R % rows_per_pass == 0 && r.padded_tokens % R == 0 &&
-                  r.padded_tokens >= x.tokens,
-              "bad block_rows %lld / padded_tokens %lld for head dim %lld", (long long)R,
-              (long long)r.padded_tokens, (long long)D);
-  SA2_REQUIRE(r.slice_rows >= 8 && power_of_two(r.slice_rows) && R % r.slice_rows == 0 && r.mod_groups >= 1 &&
-                  r.mod_groups <= 8 && power_of_two(r.mod_div) && r.mod_div <= 8,
-              "bad group rule");
-  SA2_REQUIRE(r.out && r.scale, "null rows output");
-  const GroupRule rule = GroupRule::make(static_cast<int>(r.slice_rows), static_cast<int>(r.mod_groups),
-                                         static_cast<int>(r.mod_div));
-  *job = RowsJob{};
-  job->x = {x.ptr, x.stride_b, x.stride_h, x.stride_n};
-  job->heads = static_cast<int>(x.heads);
-  job->n = static_cast<int>(x.tokens);
-  job->block_rows = static_cast<int>(R);
-  job->blocks_per_head = static_cast<int>(r.padded_tokens / R);
-  job->groups_per_block = rule.groups_per_block(static_cast<int>(R));
-  job->n_pad = r.padded_tokens;
-  job->rule = rule;
-  job->out = static_cast<int8_t*>(r.out);
-  job->scale = static_cast<float*>(r.scale);
-  job->vec = vector_ok(x.ptr, x.head_dim, x.stride_b, x.stride_h, x.stride_n);
-  *smem = rows_smem_bytes(static_cast<int>(R), static_cast<int>(D), 1, job->groups_per_block);
-  return 0;
-}
-
-}  // namespace
-
-// Quantizes Q and K (INT8/INT4 rows) and optionally V (FP8 V^T) in at most two launches:
-//   1. the K / V column statistics (k-bar, v-bar, FP8 V scales), with the Q blocks when they
-//      do not need k-bar (q . kbar);
-//   2. the K blocks and V^T tiles (and the Q blocks that need k-bar).
-// Without statistics everything is one launch.
-SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
-  SA2_REQUIRE(a != nullptr, "null arguments");
-  const Sa2Input &q = a->q, &k = a->k, &v = a->v;
-  const int64_t D = a->padded_head_dim;
-  for (const Sa2Input* x : {&q, &k, &v})
-    if (int e = check_common(x->batch, x->heads, x->tokens, x->head_dim, D)) return e;
-  SA2_REQUIRE(q.batch == k.batch && k.batch == v.batch && k.heads == v.heads && k.tokens == v.tokens &&
-                  q.head_dim == k.head_dim && k.head_dim == v.head_dim && q.is_bf16 == k.is_bf16 &&
-                  k.is_bf16 == v.is_bf16 && q.heads % k.heads == 0,
-              "q, k, v shapes or dtypes disagree");
-  SA2_REQUIRE(!a->q_dot_kbar || a->kbar, "q . kbar needs K smoothing");
-  QkvParams p{};
-  size_t q_smem = 0, k_smem = 0;
-  if (int e = rows_job_args(q, a->q_rows, D, &p.rows[0], &q_smem)) return e;
-  if (int e = rows_job_args(k, a->k_rows, D, &p.rows[1], &k_smem)) return e;
-  p.d = static_cast<int>(q.head_dim);
-  p.int4 = a->int4 != 0;
-  p.kv_heads = k.batch * k.heads;
-  RowsJob& qj = p.rows[0];
-  if (a->q_mean_rows) {
-    const int64_t m = a->q_mean_rows;
-    SA2_REQUIRE(m >= 8 && power_of_two(m) && a->q_rows.block_rows % m == 0,
-                "q_mean_rows %lld must be a power of two dividing block_rows %lld", (long long)m,
-                (long long)a->q_rows.block_rows);
-    SA2_REQUIRE(a->qbar && a->qbar_scale, "null q-bar output");
-    qj.mean_shift = log2_exact(m);
-    qj.qbar = static_cast<int8_t*>(a->qbar);
-    qj.qbar_scale = static_cast<float*>(a->qbar_scale);
-    q_smem = rows_smem_bytes(qj.block_rows, static_cast<int>(D), static_cast<int>(qj.block_rows / m),
-                             qj.groups_per_block);
-  }
-  qj.dot_vec = static_cast<const float*>(a->q_dot_kbar ? a->kbar : nullptr);
-  qj.dot_heads = static_cast<int>(k.heads);
-  qj.dot_out = static_cast<float*>(a->q_dot_kbar);
-  p.rows[1].mean = static_cast<const float*>(a->kbar);
-  size_t v_smem = 0;
-  if (a->v_out) {
-    SA2_REQUIRE(a->v_padded_tokens % kVTileTokens == 0 && a->v_padded_tokens >= v.tokens,
-                "v_padded_tokens %lld must be a multiple of %d covering the tokens", (long long)a->v_padded_tokens,
-                kVTileTokens);
-    SA2_REQUIRE(a->v_scale && a->v_inv, "null V scale");
-    VJob& vj = p.v;
-    vj.x = {v.ptr, v.stride_b, v.stride_h, v.stride_n};
-    vj.heads = static_cast<int>(v.heads);
-    vj.n = static_cast<int>(v.tokens);
-    vj.tiles_per_head = static_cast<int>(a->v_padded_tokens / kVTileTokens);
-    vj.n_pad = a->v_padded_tokens;
-    vj.mean = static_cast<const float*>(a->vbar);
-    vj.inv = static_cast<const float*>(a->v_inv);
-    vj.out = static_cast<uint8_t*>(a->v_out);
-    vj.vec = vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n);
-    v_smem = (2 * kVTileTokens + 2 * sizeof(float)) * static_cast<size_t>(D);
-  }
-
-  // Statistics jobs: K (k-bar), V (v-bar and / or FP8 scales).
-  StatsParams& sp = p.stats;
-  if (a->kbar) {
-    sp.job[sp.jobs++] = StatsJob{{k.ptr, k.stride_b, k.stride_h, k.stride_n}, nullptr, static_cast<float*>(a->kbar),
-                                 nullptr, nullptr, nullptr,
-                                 vector_ok(k.ptr, k.head_dim, k.stride_b, k.stride_h, k.stride_n)};
-  }
-  if (a->vbar || a->v_out) {
-    sp.job[sp.jobs++] = StatsJob{{v.ptr, v.stride_b, v.stride_h, v.stride_n}, nullptr, static_cast<float*>(a->vbar),
-                                 static_cast<float*>(a->v_out ? a->v_scale : nullptr),
-                                 static_cast<float*>(a->v_out ? a->v_inv : nullptr), nullptr,
-                                 vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n)};
-  }
-  sp.heads = static_cast<int>(k.heads);
-  sp.n = static_cast<int>(k.tokens);
-  sp.chunks = static_cast<int>(sa2::ceil_div<int64_t>(k.tokens, kStatsChunkRows));
-  const int64_t slots = k.batch * k.heads;
-  if (sp.jobs > 0) {
-    const int64_t per_job = slots * sp.chunks * 3 * D;
-    SA2_REQUIRE(a->workspace && a->workspace_floats >= sp.jobs * per_job,
-                "quantize_qkv workspace too small (%lld < %lld floats)", (long long)a->workspace_floats,
-                (long long)(sp.jobs * per_job));
-    SA2_REQUIRE(a->counters && a->counter_slots >= sp.jobs * slots, "quantize_qkv counters too small");
-    for (int i = 0; i < sp.jobs; ++i) {
-      sp.job[i].partial = static_cast<float*>(a->workspace) + i * per_job;
-      sp.job[i].counter = static_cast<unsigned*>(a->counters) + i * slots;
-    }
-  }
-
-  const Segment q_seg{kQ, q.batch * q.heads * qj.blocks_per_head};
-  const Segment kv_seg{kKV, slots * (p.rows[1].blocks_per_head + p.v.tiles_per_head)};
-  const Segment stats_seg{kStats, slots * sp.jobs * sp.chunks};
-  const size_t kv_smem = std::max(k_smem, v_smem);
-  const bool is_bf16 = q.is_bf16 != 0;
-  const cudaStream_t stream = static_cast<cudaStream_t>(a->stream);
-  auto launch = [&](std::initializer_list<Segment> segments, size_t smem) {
-    QkvParams lp = p;
-    lp.segments = 0;
-    for (const Segment& s : segments) lp.segment[lp.segments++] = s;
-    SA2_REQUIRE(smem <= 96 * 1024, "quantize_qkv needs %zu bytes of shared memory", smem);
-    return is_bf16 ? launch_qkv<__nv_bfloat16>(lp, static_cast<int>(D), smem, stream)
-                   : launch_qkv<__half>(lp, static_cast<int>(D), smem, stream);
-  };
-  if (sp.jobs == 0) return launch({q_seg, kv_seg}, std::max(q_smem, kv_smem));
-  // The Q blocks go first in launch 1 so that the statistics' K / V reads are the most recent
-  // traffic when launch 2 reads them again.
-  const bool q_needs_stats = qj.dot_vec != nullptr;
-  if (q_needs_stats) {
-    if (int e = launch({stats_seg}, kStatsStageBytes)) return e;
-    return launch({kv_seg, q_seg}, std::max(q_smem, kv_smem));
-  }
-  if (int e = launch({q_seg, stats_seg}, std::max<size_t>(q_smem, kStatsStageBytes))) return e;
-  return launch({kv_seg}, kv_smem);
-}
+}  // namespace sa2::quantize

@@ -1,0 +1,76 @@
+"""What each GPU architecture can do: the one table that decides which kernels are compiled
+(sageattn2/kernels.py), which family and precision dispatch picks (sageattn2/dispatch.py), and
+which levels are native or substituted. Nothing else restates these facts.
+
+    fp8_mma   e4m3 mma.sync exists (sm_89+): FP8 PV in the mma family, the FP8 V quantizer
+    int4_mma  INT4 mma.sync runs natively (sm_80-89, sm_120); Hopper emulates it ~10x slower,
+              so an int4 request runs INT8 there unless emulation is forced
+    wgmma     the Hopper family (sm_90a only: wgmma, TMA, setmaxnreg)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Arch:
+    major: int
+    minor: int
+    fp8_mma: bool
+    int4_mma: bool
+    wgmma: bool
+
+    @property
+    def number(self) -> int:
+        return self.major * 10 + self.minor
+
+    @property
+    def target(self) -> str:
+        """NVRTC's --gpu-architecture (and the cache folder name)."""
+        return f"sm_{self.number}a" if self.wgmma else f"sm_{self.number}"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Kernel families, in dispatch preference order."""
+        return ("wgmma", "mma") if self.wgmma else ("mma",)
+
+    def defines(self) -> list[str]:
+        """Macros every kernel unit of this arch is compiled with."""
+        return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}"]
+
+
+# Compute capability -> capabilities. Archs the mma.sync family serves; newer ones fall back to
+# the closest row below (same major) when NVRTC knows them.
+_TABLE = {
+    (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False),
+    (8, 6): Arch(8, 6, fp8_mma=False, int4_mma=True, wgmma=False),
+    (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False),
+    (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False),
+    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True),
+    (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False),
+    (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=True, wgmma=False),
+}
+
+# What CI compiles every product kernel for.
+PRODUCT_ARCHS = ((8, 0), (8, 6), (8, 9), (9, 0), (12, 0))
+
+
+def arch(major: int, minor: int) -> Arch | None:
+    """The capabilities of compute capability major.minor, or None when no kernel serves it
+    (older than 8.0)."""
+    if (major, minor) in _TABLE:
+        return _TABLE[(major, minor)]
+    if major < 8:
+        return None
+    same_major = [cc for cc in _TABLE if cc[0] == major and cc[1] <= minor]
+    base = _TABLE[max(same_major)] if same_major else _TABLE[max(_TABLE)]
+    return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False)
+
+
+def why_unsupported(major: int, minor: int) -> str:
+    return f"GPU compute capability {major}.{minor} is older than 8.0 (Ampere): stock attention only"
+
+
+def default_precision(a: Arch) -> str:
+    """What `auto` means on this arch: FP8 PV where the tensor cores have it, else FP16 PV."""
+    return "int8+fp8" if a.fp8_mma else "int8+fp16"
