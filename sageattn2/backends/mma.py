@@ -152,10 +152,20 @@ def _group_rule(gran: Granularity, tile: TileShape, for_q: bool) -> tuple[int, i
     return (tile.k_tile, 4, 2) if gran is Granularity.PER_THREAD else (tile.k_tile, 1, 8)
 
 
+# The kernel's tile offsets are 32-bit: a 64-key tile of V^T (FP8, padded_head_dim rows of
+# v_pad tokens) or of 16-bit V (64 rows of 2 * stride_n bytes) must stay below 2^31.
+_MAX_TILE_OFFSET = 1 << 31
+
+
+def _v16_strides_ok(v_hnd: torch.Tensor) -> bool:
+    """16-bit V strides the kernel can read in place (16-byte rows, 32-bit tile offsets)."""
+    return (v_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in v_hnd.stride()[:3])
+            and 2 * 64 * v_hnd.stride(2) < _MAX_TILE_OFFSET)
+
+
 def _v16_direct_ok(v_hnd: torch.Tensor) -> bool:
     """The kernel reads 16-bit V in place with 16-byte cp.async: rows must be aligned."""
-    return (v_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in v_hnd.stride()[:3])
-            and v_hnd.data_ptr() % 16 == 0)
+    return _v16_strides_ok(v_hnd) and v_hnd.data_ptr() % 16 == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,6 +380,11 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return f"kernel library for {lib.tag} was built without the mma family"
     if cfg.pv_dtype is PVDType.FP8 and not _functions(lib).sa2_mma_has_fp8_pv():
         return f"FP8 PV needs e4m3 mma.sync (sm_89+); {lib.tag} has none: use fp16 PV"
+    if cfg.pv_dtype is PVDType.FP8:
+        nk = _hnd(k, layout).shape[2]
+        dpad = padded_head_dim(q.shape[-1], cfg.family)
+        if dpad * _round_up(nk, V_TILE_TOKENS) >= _MAX_TILE_OFFSET:
+            return f"FP8 V^T of {nk} keys at head dim {dpad} exceeds the kernel's 32-bit tile offsets"
     return None
 
 
@@ -421,8 +436,7 @@ class _AttentionPlan:
         fp8 = cfg.pv_dtype is PVDType.FP8
         # 16-bit V read in place needs 16-byte rows: the strides are fixed by the key, the
         # base address is checked per call.
-        v_strided_ok = v_h.shape[-1] % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
-        self.fast = fused_eligible(lib, cfg) and (fp8 or (not cfg.smooth_v and v_strided_ok))
+        self.fast = fused_eligible(lib, cfg) and (fp8 or (not cfg.smooth_v and _v16_strides_ok(v_h)))
         if not self.fast:
             return
         self.qkv = _QkvPlan(q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)
