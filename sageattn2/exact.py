@@ -8,7 +8,10 @@ which hands torch only what its CUDA backends take safely:
 - at most MAX_GRID batch entries and heads per launch (the CUDA grid's y/z limit): larger
   calls are split;
 - no `enable_gqa`: torch serves it with flash or the math backend only, and math
-  materialises the full score matrix; query heads run in min(group, Hkv) plain calls.
+  materialises the full score matrix; query heads run in min(group, Hkv) plain calls;
+- on CUDA, head dims in multiples of 8: the memory-efficient backend (the only fused one
+  for fp32) needs aligned rows, else torch takes the math backend (O(N^2) memory). Zero
+  channels change neither the scores nor the kept output channels.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ MAX_GRID = 65535
 # Smallest score chunk of the lse (elements); above it the chunk follows the input size.
 MIN_LSE_CHUNK = 1 << 18
 _ALIGN_BYTES = 16
+_HEAD_DIM_MULTIPLE = 8
 
 
 def _aligned(t):
@@ -52,6 +56,12 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+    head_dim = query.shape[-1]
+    if query.is_cuda and (head_dim % _HEAD_DIM_MULTIPLE or value.shape[-1] % _HEAD_DIM_MULTIPLE):
+        pad = lambda t: F.pad(t, (0, -t.shape[-1] % _HEAD_DIM_MULTIPLE))
+        scale = head_dim ** -0.5 if scale is None else scale
+        out = sdpa(pad(query), pad(key), pad(value), attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out[..., : value.shape[-1]]
     batch, heads_q, heads_kv = query.shape[0], query.shape[1], key.shape[1]
     if batch > MAX_GRID:
         parts = [sdpa(query[s], key[s], value[s], _mask_part(attn_mask, 0, s, batch), enable_gqa=enable_gqa, **kw)
