@@ -18,10 +18,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
 run_tool() {
-  local tool=$1 extra=()
-  [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+  local tool=$1
   local start=$(date +%s)
-  timeout "$LIMIT" compute-sanitizer --tool "$tool" "${extra[@]}" --print-limit 100 --error-exitcode 9 \
+  timeout "$LIMIT" compute-sanitizer --tool "$tool" --print-limit 100 --error-exitcode 9 \
     python3 tests/gpu/sanitize_cases.py "$FILTER" > "$OUT/sanitize_$tool.txt" 2>&1
   echo "rc=$? seconds=$(( $(date +%s) - start ))" > "$OUT/sanitize_$tool.rc"
 }
