@@ -8,7 +8,8 @@ which hands torch only what its CUDA backends take safely:
 - at most MAX_GRID batch entries and heads per launch (the CUDA grid's y/z limit): larger
   calls are split;
 - no `enable_gqa`: torch serves it with flash or the math backend only, and math
-  materialises the full score matrix; query heads run in min(group, Hkv) plain calls;
+  materialises the full score matrix; query heads run in plain calls, one per group
+  position (one per kv head, on a broadcast view, for groups above 64);
 - on CUDA, head dims in multiples of 8: the memory-efficient backend (the only fused one
   for fp32) needs aligned rows, else torch takes the math backend (O(N^2) memory). Zero
   channels change neither the scores nor the kept output channels.
@@ -26,6 +27,8 @@ MAX_GRID = 65535
 MIN_LSE_CHUNK = 1 << 18
 _ALIGN_BYTES = 16
 _HEAD_DIM_MULTIPLE = 8
+# GQA groups up to this size run one SDPA call per position in the group.
+_MAX_GROUP_CALLS = 64
 
 
 def _aligned(t):
@@ -33,6 +36,12 @@ def _aligned(t):
     if isinstance(t, torch.Tensor) and t.numel() and t.data_ptr() % _ALIGN_BYTES:
         return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def _plain_sdpa(query, key, value, attn_mask, **kw):
+    """One torch call; slices of the callers' tensors may start misaligned, so align here."""
+    query, key, value, attn_mask = (_aligned(t) for t in (query, key, value, attn_mask))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kw)
 
 
 def _mask_part(mask, axis: int, index, full: int):
@@ -52,10 +61,9 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 
 def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention with the safeguards of this module (same arguments)."""
-    query, key, value, attn_mask = (_aligned(t) for t in (query, key, value, attn_mask))
     kw = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale)
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, enable_gqa=enable_gqa, **kw)
+        return _plain_sdpa(query, key, value, attn_mask, enable_gqa=enable_gqa, **kw)
     head_dim = query.shape[-1]
     if query.is_cuda and (head_dim % _HEAD_DIM_MULTIPLE or value.shape[-1] % _HEAD_DIM_MULTIPLE):
         pad = lambda t: F.pad(t, (0, -t.shape[-1] % _HEAD_DIM_MULTIPLE))
@@ -78,22 +86,21 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
                               _mask_part(attn_mask, 1, slice(h, h + step), heads_q), enable_gqa=enable_gqa, **kw))
         return torch.cat(parts, dim=1)
     if group == 1:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kw)
+        return _plain_sdpa(query, key, value, attn_mask, **kw)
     out = query.new_empty(query.shape[:-1] + value.shape[-1:])
-    if group <= heads_kv:
+    if group <= max(heads_kv, _MAX_GROUP_CALLS):
         # Query heads j, j + group, ... read kv heads 0, 1, ...: one plain call per j.
         for j in range(group):
             rows = slice(j, None, group)
-            out[:, rows] = F.scaled_dot_product_attention(
-                query[:, rows], key, value, attn_mask=_mask_part(attn_mask, 1, rows, heads_q), **kw)
+            out[:, rows] = _plain_sdpa(query[:, rows], key, value, _mask_part(attn_mask, 1, rows, heads_q), **kw)
         return out
-    # Few kv heads: one call per kv head against that head broadcast (a stride-0 view).
+    # Huge groups: one call per kv head against that head broadcast (a stride-0 view).
     for i in range(heads_kv):
         rows = slice(i * group, (i + 1) * group)
         shape = (batch, group) + key.shape[2:]
-        out[:, rows] = F.scaled_dot_product_attention(
-            query[:, rows], key[:, i:i + 1].expand(shape), value[:, i:i + 1].expand(shape[:3] + value.shape[3:]),
-            attn_mask=_mask_part(attn_mask, 1, rows, heads_q), **kw)
+        key_i, value_i = _aligned(key[:, i:i + 1]), _aligned(value[:, i:i + 1])
+        out[:, rows] = _plain_sdpa(query[:, rows], key_i.expand(shape), value_i.expand(shape[:3] + value.shape[3:]),
+                                   _mask_part(attn_mask, 1, rows, heads_q), **kw)
     return out
 
 

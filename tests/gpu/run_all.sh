@@ -73,12 +73,12 @@ if want wgmma; then
 fi
 
 if want fuzz; then
-  timeout 570 python3 tests/gpu/fuzz_attention.py --device cuda --cases "${FUZZ_CASES:-1000}" --seed "${FUZZ_SEED:-1}" \
-    --time-budget 420 --out "$OUT/fuzz" > "$OUT/fuzz.log" 2>&1
+  timeout 560 python3 tests/gpu/fuzz_attention.py --device cuda --cases "${FUZZ_CASES:-1000}" --seed "${FUZZ_SEED:-1}" \
+    --time-budget 400 --out "$OUT/fuzz" > "$OUT/fuzz.log" 2>&1
   summary+=("fuzz (random API cases + child-process bad inputs): rc=$? $(grep -h '^SUMMARY' "$OUT/fuzz.log" | cut -c9-)")
 fi
 if want sanitize; then
-  OUT=$OUT/sanitize SANITIZE_TIMEOUT=540 bash tests/gpu/sanitize.sh > /dev/null 2>&1
+  OUT=$OUT/sanitize SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-500} bash tests/gpu/sanitize.sh > /dev/null 2>&1
   summary+=("compute-sanitizer (memcheck racecheck initcheck synccheck): rc=$? $(tail -1 "$OUT/sanitize/sanitize_summary.txt" 2>/dev/null)")
 fi
 
