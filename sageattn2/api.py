@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch
-from .config import PRECISIONS, Granularity
+from .exact import exact_sdpa, sdpa
+from .config import PRECISIONS, Granularity, attention_shape_problem, fold_scale_sign, is_empty_query
 
 LAYOUTS = ("HND", "NHD")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -42,14 +43,35 @@ def validate(q, k, v, tensor_layout: str) -> None:
         raise ValueError(f"head dims differ: q {q.shape[3]}, k {k.shape[3]}, v {v.shape[3]}")
     if k.shape[h] != v.shape[h] or k.shape[n] != v.shape[n]:
         raise ValueError(f"k and v must have the same heads and length, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[h] == 0 or q.shape[h] % k.shape[h] != 0:
-        raise ValueError(
-            f"query heads ({q.shape[h]}) must be a multiple of key/value heads ({k.shape[h]}) for GQA"
-        )
-    if k.shape[n] == 0:
-        raise ValueError("k and v need at least one token")
-    if q.shape[3] == 0:
-        raise ValueError("head dim must be at least 1")
+    problem = attention_shape_problem(q.shape[0], q.shape[h], k.shape[h], q.shape[n], k.shape[n], q.shape[3])
+    if problem:
+        raise ValueError(problem)
+
+
+def check_flag(name: str, value, *, optional: bool = False) -> None:
+    """A real bool: the string "False" is truthy and would silently mean True."""
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {value!r}")
+
+
+def checked_scale(sm_scale, head_dim: int) -> float:
+    """sm_scale as a finite float (default 1/sqrt(head_dim)); TypeError/ValueError otherwise."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real):
+        raise TypeError(f"sm_scale must be a real number or None, got {type(sm_scale).__name__} {sm_scale!r}")
+    scale = float(sm_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"sm_scale must be finite, got {scale}")
+    return scale
+
+
+def _empty_result(q, tensor_layout: str, return_lse: bool):
+    b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if tensor_layout == "HND" else (q.shape[0], q.shape[2], q.shape[1])
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return (o, torch.empty((b, h, n), dtype=torch.float32, device=q.device)) if return_lse else o
 
 
 def sageattn(
@@ -84,13 +106,23 @@ def sageattn(
     natural-log units (exact lse up to quantization error, smoothing included).
     Inputs the kernels cannot serve (CPU, head dim > 256, kernels not built, ...) run exact
     attention and log the reason once.
+    sm_scale: a finite real number (default 1/sqrt(D)); a negative one is served exactly as
+    -Q with |sm_scale|. Flags must be real bools. An empty query side (B, Hq or Nq of 0)
+    returns empty O (and lse); empty keys for non-empty queries are a ValueError.
     """
     validate(q, k, v, tensor_layout)
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("granularity", granularity, [g.value for g in Granularity])
     _check_choice("backend", backend, dispatch.BACKENDS)
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(q.shape[-1])
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k),
+                       ("smooth_v", smooth_v), ("force_int4_emulation", force_int4_emulation)):
+        check_flag(name, flag)
+    check_flag("smooth_q", smooth_q, optional=True)
+    sm_scale = checked_scale(sm_scale, q.shape[-1])
+    h, n = (1, 2) if tensor_layout == "HND" else (2, 1)
+    if is_empty_query(q.shape[0], q.shape[h], q.shape[n]):
+        return _empty_result(q, tensor_layout, return_lse)
+    q, sm_scale = fold_scale_sign(q, sm_scale)
 
     p = dispatch.plan(
         q, k, v,
@@ -117,35 +149,6 @@ def sageattn(
             o, lse = quantized()
             o = o.to(in_dtype)
     return (o, lse) if return_lse else o
-
-
-def exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse):
-    """Exact attention through PyTorch SDPA (and an explicit logsumexp when asked for)."""
-    if tensor_layout == "NHD":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    o = F.scaled_dot_product_attention(
-        q, k, v, is_causal=is_causal, scale=sm_scale, enable_gqa=group > 1
-    )
-    lse = _exact_lse(q, k, is_causal, sm_scale) if return_lse else None
-    if tensor_layout == "NHD":
-        o = o.transpose(1, 2)
-    return o, lse
-
-
-def _exact_lse(q, k, is_causal, sm_scale, rows_per_chunk=1024):
-    """logsumexp(sm_scale * q k^T) per row in float32, chunked so it never holds N x N."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1) if group > 1 else k.float()
-    out = []
-    for start in range(0, q.shape[2], rows_per_chunk):
-        s = q[:, :, start : start + rows_per_chunk].float() @ kf.transpose(-1, -2) * sm_scale
-        if is_causal:
-            rows = torch.arange(start, start + s.shape[2], device=q.device)[:, None]
-            cols = torch.arange(k.shape[2], device=q.device)[None, :]
-            s = s.masked_fill(cols > rows, float("-inf"))
-        out.append(torch.logsumexp(s, dim=-1))
-    return torch.cat(out, dim=2)
 
 
 def scaled_dot_product_attention(
@@ -176,8 +179,6 @@ def scaled_dot_product_attention(
         reason = "different head counts without enable_gqa"
     if reason is not None:
         dispatch.log_once(f"exact attention: {reason} go to PyTorch SDPA")
-        return F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-        )
+        return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return sageattn(query, key, value, "HND", is_causal, scale, precision=precision)

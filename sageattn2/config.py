@@ -51,6 +51,37 @@ ABSMAX_EPS = 1e-6
 MAX_HEAD_DIM = 256
 
 
+def attention_shape_problem(batch: int, heads_q: int, heads_kv: int, n_q: int, n_k: int, head_dim: int) -> str | None:
+    """What is wrong with these attention sizes, or None. The one rule every entry point
+    (API, reference, exact) applies: an empty query side (batch, query heads or query tokens
+    0) is a valid call with an empty result; keys, key/value heads and the head dim must
+    not be empty where there are queries to serve."""
+    if head_dim < 1:
+        return "head dim must be at least 1"
+    if heads_kv == 0 and heads_q > 0:
+        return f"query heads ({heads_q}) must be a multiple of key/value heads (0): k and v need a head"
+    if heads_kv > 0 and heads_q % heads_kv:
+        return f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv}) for GQA"
+    if n_k == 0 and not is_empty_query(batch, heads_q, n_q):
+        return "k and v need at least one token (a softmax over no keys is undefined)"
+    return None
+
+
+def is_empty_query(batch: int, heads_q: int, n_q: int) -> bool:
+    """No query row to compute: the result is an empty O (and lse)."""
+    return batch == 0 or heads_q == 0 or n_q == 0
+
+
+def fold_scale_sign(q, sm_scale: float):
+    """(q, sm_scale) with a non-negative scale: softmax(s * Q K^T) = softmax(|s| * (-Q) K^T).
+
+    The kernels (and the reference, which models them) take each row's max of the scaled
+    scores assuming sm_scale >= 0 (P = exp2(c * (s - max s))); a negative scale would put P
+    far above 1 (FP8 P saturates). Negation is exact in every float format and commutes with
+    symmetric quantization and smoothing, and the lse (sm_scale * q . K) is unchanged."""
+    return (-q, -sm_scale) if sm_scale < 0 else (q, sm_scale)
+
+
 def parse_precision(precision: str) -> tuple[QKDType, PVDType]:
     """'int8+fp8' -> (QKDType.INT8, PVDType.FP8). Raises ValueError on anything else."""
     if precision not in QUANTIZED_PRECISIONS:

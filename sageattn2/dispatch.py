@@ -162,6 +162,7 @@ def plan_for_library(
         mod = backend_module(family)
         why = mod.unsupported_reason(q, k, v, layout=layout, cfg=family_cfg, is_causal=is_causal)
         if why is None:
-            return Plan(family, family_cfg, force_int4_emulation)
+            # The flag matters (and exists) only where INT4 QK runs: the mma family.
+            return Plan(family, family_cfg, force_int4_emulation and family_cfg.qk_dtype is QKDType.INT4)
         reasons.append(f"{family}: {why}")
     return _exact("; ".join(reasons) or f"no kernel family in the {lib.tag} library")

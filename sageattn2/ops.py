@@ -51,7 +51,8 @@ def _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, for
         return reference_attention(
             q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
         )
-    kwargs = {"force_int4_emulation": True} if force_int4_emulation else {}
+    # Only the mma backend has INT4 QK, so only it takes the flag.
+    kwargs = {"force_int4_emulation": True} if force_int4_emulation and backend == "mma" else {}
     return backend_module(backend).attention(
         q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse, **kwargs
     )

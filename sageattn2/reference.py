@@ -36,6 +36,9 @@ from .config import (
     PVDType,
     QKDType,
     TileShape,
+    attention_shape_problem,
+    fold_scale_sign,
+    is_empty_query,
     k_group_of_key,
     num_k_groups,
     num_q_groups,
@@ -134,13 +137,17 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, tensor_layout: str, dtypes) -> t
         raise ValueError(f"batch mismatch: q has {B}, k/v have {Bk}")
     if dk != d:
         raise ValueError(f"head dim mismatch: q has {d}, k/v have {dk}")
-    if Hkv < 1 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if Nk < 1:
-        raise ValueError("need at least one key (Nk >= 1)")
-    if Nq < 1:
-        raise ValueError("need at least one query (Nq >= 1)")
+    problem = attention_shape_problem(B, Hq, Hkv, Nq, Nk, d)
+    if problem:
+        raise ValueError(problem)
     return B, Hq, Hkv, Nq, Nk, d
+
+
+def _empty_result(q: Tensor, tensor_layout: str, return_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """An empty query side (B, Hq or Nq of 0): empty O and lse, as the API returns."""
+    B, Hq, Nq, _ = _to_hnd(q, tensor_layout).shape
+    lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if return_lse else None
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), lse
 
 
 def _kv_head_of(Hq: int, Hkv: int, device) -> Tensor:
@@ -178,6 +185,8 @@ def exact_attention(
     score matrix stays within about 512 MiB.
     """
     B, Hq, Hkv, Nq, Nk, d = _check_qkv(q, k, v, tensor_layout, INPUT_DTYPES + (torch.float64,))
+    if is_empty_query(B, Hq, Nq):
+        return _empty_result(q, tensor_layout, return_lse)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     group = Hq // Hkv
     # GQA without copies: (B, Hkv, group, N, d) against (B, Hkv, 1, Nk, d).
@@ -433,7 +442,10 @@ def reference_attention(
     """
     B, Hq, Hkv, Nq, Nk, d = _check_qkv(q, k, v, tensor_layout, INPUT_DTYPES)
     _check_acc_bits(fp8_acc_mantissa_bits, fp8_flush_tiles, cfg)
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    if is_empty_query(B, Hq, Nq):
+        return _empty_result(q, tensor_layout, return_lse)
+    # The kernels need sm_scale >= 0 and are served a negative one as (-Q, |sm_scale|).
+    q, scale = fold_scale_sign(q, 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale))
     device = q.device
     fp8_pv = cfg.pv_dtype is PVDType.FP8
 

@@ -50,8 +50,8 @@ def input_reason(q, k, v, layout: str, max_head_dim: int) -> str | None:
     if k.shape != v.shape or q.shape[0] != k.shape[0]:
         return "k/v shapes do not match q"
     hq, nq, hk, nk = q.shape[h], q.shape[n], k.shape[h], k.shape[n]
-    if nq < 1 or nk < 1:
-        return "empty sequence"
+    if q.shape[0] < 1 or hq < 1 or hk < 1 or nq < 1 or nk < 1:
+        return "empty batch, heads or sequence"
     if hq % hk:
         return f"{hq} query heads are not a multiple of {hk} kv heads"
     if q.shape[0] > 65535 or hq > 65535:

@@ -78,9 +78,19 @@ def _strides_vec_ok(x_hnd: torch.Tensor) -> bool:
     return x_hnd.shape[-1] % 8 == 0 and all(s % 8 == 0 for s in x_hnd.stride()[:3])
 
 
+# The kernel's tile offsets are 32-bit: a 64-key tile of V^T (FP8, padded_head_dim rows of
+# v_pad tokens) or of 16-bit V (64 rows of 2 * stride_n bytes) must stay below 2^31.
+_MAX_TILE_OFFSET = 1 << 31
+
+
+def _v16_strides_ok(v_hnd: torch.Tensor) -> bool:
+    """16-bit V strides the kernel can read in place (16-byte rows, 32-bit tile offsets)."""
+    return _strides_vec_ok(v_hnd) and 2 * 64 * v_hnd.stride(2) < _MAX_TILE_OFFSET
+
+
 def _v16_direct_ok(v_hnd: torch.Tensor) -> bool:
     """The kernel reads 16-bit V in place with 16-byte cp.async: rows must be aligned."""
-    return _strides_vec_ok(v_hnd) and v_hnd.data_ptr() % 16 == 0
+    return _v16_strides_ok(v_hnd) and v_hnd.data_ptr() % 16 == 0
 
 
 def _log2_exact(x: int) -> int:
@@ -450,6 +460,11 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return f"{dk.tag} has no mma family"
     if cfg.pv_dtype is PVDType.FP8 and not dk.arch.fp8_mma:
         return f"FP8 PV needs e4m3 mma.sync (sm_89+); {dk.tag} has none: use fp16 PV"
+    if cfg.pv_dtype is PVDType.FP8:
+        nk = _hnd(k, layout).shape[2]
+        dpad = padded_head_dim(q.shape[-1], cfg.family)
+        if dpad * _round_up(nk, V_TILE_TOKENS) >= _MAX_TILE_OFFSET:
+            return f"FP8 V^T of {nk} keys at head dim {dpad} exceeds the kernel's 32-bit tile offsets"
     return dk.available(attention_kernel_for(cfg, q.dtype, q.shape[-1]))
 
 
@@ -536,7 +551,7 @@ class _AttentionPlan:
         fp8 = cfg.pv_dtype is PVDType.FP8
         # 16-bit V read in place needs 16-byte rows: the strides are fixed by the key, the
         # base address is checked per call.
-        self.fast = fp8 or (not cfg.smooth_v and _strides_vec_ok(v_h))
+        self.fast = fp8 or (not cfg.smooth_v and _v16_strides_ok(v_h))
         if not self.fast:
             return
         self.qkv = _QkvPlan(dk, q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)

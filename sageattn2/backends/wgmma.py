@@ -362,10 +362,25 @@ class _AttentionPlan:
 
 
 _attention_plans: dict = {}
+_TMA_MAX_STRIDE_BYTES = 1 << 40
+
+
+def _tma_readable_v(v, layout, cfg):
+    """16-bit V is read in place through a TMA map, whose (B, H, N) strides must each be a
+    positive multiple of 16 bytes below 2^40, even along dims of extent 1; an expanded
+    (stride 0) or otherwise unmappable V is copied. V whose rows are not 16-byte multiples
+    takes the quantizer's padded copy instead, and FP8 V is the quantizer's own buffer."""
+    if cfg.pv_dtype is PVDType.FP8 or v.shape[-1] % 8:
+        return v
+    size = v.element_size()
+    if all(0 < st * size < _TMA_MAX_STRIDE_BYTES and st * size % 16 == 0 for st in _hnd(v, layout).stride()[:3]):
+        return v
+    return v.clone(memory_format=torch.contiguous_format)
 
 
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
     """The dispatcher asked `unsupported_reason` before; the plan is built once per key."""
+    v = _tma_readable_v(v, layout, cfg)
     key = mma.plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
     plan = _attention_plans.get(key)
     if plan is None:

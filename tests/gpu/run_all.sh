@@ -5,12 +5,12 @@
 #
 #   carry: .comfyui (a ComfyUI source tree) and .whl (torchsde, trampoline, einops wheels);
 #          .thirdparty/SageAttention (thu-ml's source, fetched) for the thu-ml columns
-#   STEPS="thuml build bench comfy e2e mma wgmma" (default: all but thuml and bench),
-#   E2E_MODELS=wan14b,wan1.3b,flux,sdxl,hunyuan
+#   STEPS="thuml build bench comfy e2e mma wgmma fuzz sanitize" (default: all but thuml and bench),
+#   E2E_MODELS=wan14b,wan1.3b,flux,sdxl,hunyuan, FUZZ_CASES=1000 FUZZ_SEED=1 (tests/gpu/fuzz_attention.py)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
-STEPS=${STEPS:-build comfy e2e mma wgmma}
+STEPS=${STEPS:-build comfy e2e mma wgmma fuzz sanitize}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 COMFYUI_PATH=$PWD/.comfyui
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -74,10 +74,22 @@ if want wgmma; then
   summary+=("wgmma GPU tests: rc=$? $(tail -1 "$OUT/wgmma_tests.txt")")
 fi
 
+if want fuzz; then
+  timeout 560 python3 tests/gpu/fuzz_attention.py --device cuda --cases "${FUZZ_CASES:-1000}" --seed "${FUZZ_SEED:-1}" \
+    --time-budget 400 --out "$OUT/fuzz" > "$OUT/fuzz.log" 2>&1
+  summary+=("fuzz (random API cases + child-process bad inputs): rc=$? $(grep -h '^SUMMARY' "$OUT/fuzz.log" | cut -c9-)")
+fi
+if want sanitize; then
+  OUT=$OUT/sanitize SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-500} bash tests/gpu/sanitize.sh > /dev/null 2>&1
+  summary+=("compute-sanitizer (memcheck racecheck initcheck synccheck): rc=$? $(tail -1 "$OUT/sanitize/sanitize_summary.txt" 2>/dev/null)")
+fi
+
 echo "================ summary"
 cat "$OUT/device.txt"
 [ -f "$OUT/install.log" ] && sed -n '/selfcheck\]/,$p' "$OUT/install.log" | head -30
 [ -f "$OUT/bench_attention.md" ] && cut -c1-400 "$OUT/bench_attention.md"
 [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
 grep -hE "cosine to stock run" "$OUT/comfy/pytest.txt" 2>/dev/null
+[ -f "$OUT/sanitize/sanitize_summary.txt" ] && cat "$OUT/sanitize/sanitize_summary.txt"
+grep -hE "^FAIL" "$OUT/fuzz.log" 2>/dev/null | head -20
 printf '%s\n' "${summary[@]}"
