@@ -16,6 +16,10 @@ natural-log units (thu-ml's kernels keep base 2 and divide by log2(e) before ret
 the unsmoothed scores sm_scale * q.k (the K-smoothing term is added back). That is the
 convention ring attention merges partial outputs with (`merge_by_lse`).
 
+attn_mask (every entry point; bool: True keeps a key, float: added to the scaled scores, as
+in PyTorch SDPA) runs exact attention, logged once: thu-ml's CUDA entry points drop it
+silently, and ComfyUI's `--use-sage-attention` passes one.
+
 Differences from thu-ml, each logged once where it applies: pv_accum_dtype values other than
 our accumulation (fp32 for FP16 PV, two-level fp32 for FP8 PV) run ours; smooth_v is honoured
 for every pv_accum_dtype; flash-attn style `causal=` / `softmax_scale=` keywords, which
@@ -34,6 +38,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import api, loader
 from .dispatch import default_precision, log_once
@@ -104,7 +109,15 @@ def _accumulation(pv: str, pv_accum_dtype: str, accepted) -> None:
 
 
 def _attend(q, k, v, *, tensor_layout, is_causal, sm_scale, return_lse, precision, granularity,
-            smooth_k, smooth_v, backend):
+            smooth_k, smooth_v, backend, attn_mask=None):
+    if attn_mask is not None:
+        # thu-ml's CUDA entry points drop a mask silently (ComfyUI passes one to `sageattn`).
+        if is_causal:
+            raise ValueError("pass attn_mask or is_causal, not both")
+        _note("attn_mask runs exact attention (the quantized kernels take no mask)")
+        api.validate(q, k, v, tensor_layout)
+        o, lse = masked_exact_attention(q, k, v, attn_mask, tensor_layout, sm_scale, with_lse=return_lse)
+        return (o, lse) if return_lse else o
     return api.sageattn(
         q, k, v, tensor_layout, bool(is_causal), sm_scale, bool(return_lse),
         precision=precision, granularity=granularity, smooth_k=bool(smooth_k), smooth_v=bool(smooth_v),
@@ -129,10 +142,11 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     q (B, Hq, Nq, D) for "HND" or (B, Nq, Hq, D) for "NHD"; k, v with Hkv heads (Hq % Hkv == 0).
     Returns o in q's layout and dtype, and with return_lse also lse, float32 (B, Hq, Nq), natural log.
     """
+    attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn", is_causal, sm_scale, kwargs)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision=_auto_precision(q), granularity="per_thread",
-                   smooth_k=True, smooth_v=False, backend=backend)
+                   smooth_k=True, smooth_v=False, backend=backend, attn_mask=attn_mask)
 
 
 def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
@@ -140,12 +154,13 @@ def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal
                                   pv_accum_dtype: str = "fp32", smooth_k: bool = True, smooth_v: bool = False,
                                   return_lse: bool = False, *, backend: str = "auto", **kwargs):
     """thu-ml's INT8 QK + FP16 PV entry point: our int8+fp16 level (fp32 accumulation)."""
+    attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp16_cuda", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
     _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp16", granularity=qk_quant_gran,
-                   smooth_k=smooth_k, smooth_v=smooth_v, backend=backend)
+                   smooth_k=smooth_k, smooth_v=smooth_v, backend=backend, attn_mask=attn_mask)
 
 
 def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
@@ -154,12 +169,13 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
                                  return_lse: bool = False, *, backend: str = "auto", **kwargs):
     """thu-ml's INT8 QK + FP8 PV entry point: our int8+fp8 level (two-level fp32 accumulation).
     Without FP8 tensor cores (sm80/86) it runs int8+fp16 (logged by the dispatcher)."""
+    attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp8_cuda", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
     _accumulation("fp8", pv_accum_dtype, FP8_PV_ACCUM)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp8", granularity=qk_quant_gran,
-                   smooth_k=smooth_k, smooth_v=smooth_v, backend=backend)
+                   smooth_k=smooth_k, smooth_v=smooth_v, backend=backend, attn_mask=attn_mask)
 
 
 def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND", is_causal: bool = False,
@@ -167,36 +183,27 @@ def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND", is_ca
                                       pv_accum_dtype: str = "fp32+fp32", smooth_k: bool = True,
                                       return_lse: bool = False, *, backend: str = "auto", **kwargs):
     """thu-ml's Hopper entry point: our int8+fp8 level (wgmma kernels on sm90, mma elsewhere)."""
+    attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp8_cuda_sm90", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
     _accumulation("fp8", pv_accum_dtype, SM90_PV_ACCUM)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp8", granularity=qk_quant_gran,
-                   smooth_k=smooth_k, smooth_v=False, backend=backend)
+                   smooth_k=smooth_k, smooth_v=False, backend=backend, attn_mask=attn_mask)
 
 
 def sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout: str = "HND", quantization_backend: str = "triton",
                                     is_causal: bool = False, attn_mask: torch.Tensor | None = None,
                                     sm_scale: float | None = None, smooth_k: bool = True,
                                     return_lse: bool = False, *, backend: str = "auto", **kwargs):
-    """thu-ml's Triton entry point: our int8+fp16 level with per-block groups (as its kernel).
-
-    attn_mask (bool: True keeps a key; float: added to the scaled scores, as in PyTorch SDPA)
-    runs exact attention, logged once."""
+    """thu-ml's Triton entry point: our int8+fp16 level with per-block groups (as its kernel)."""
     pv_accum_dtype = kwargs.pop("pv_accum_dtype", "fp32")  # yunchang passes one; thu-ml drops it
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp16_triton", is_causal, sm_scale, kwargs)
     _choice("quantization_backend", quantization_backend, ("triton", "cuda"))
     _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM)
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError("sageattn_qk_int8_pv_fp16_triton: pass attn_mask or is_causal, not both")
-        _note("attn_mask runs exact attention (the quantized kernels take no mask)")
-        api.validate(q, k, v, tensor_layout)
-        o, lse = masked_exact_attention(q, k, v, attn_mask, tensor_layout, sm_scale)
-        return (o, lse) if return_lse else o
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp16", granularity="per_block",
-                   smooth_k=smooth_k, smooth_v=False, backend=backend)
+                   smooth_k=smooth_k, smooth_v=False, backend=backend, attn_mask=attn_mask)
 
 
 def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -244,22 +251,29 @@ def _cu_seqlens(name: str, cu, total: int, max_len: int) -> list[int]:
 # Helpers for engines and tests
 
 
-def masked_exact_attention(q, k, v, attn_mask, tensor_layout: str = "HND", sm_scale=None, rows_per_chunk=256):
-    """Exact attention with an SDPA-style mask broadcastable to (B, Hq, Nq, Nk), and its
-    natural-log lse float32 (B, Hq, Nq); computed in float32 a chunk of rows at a time."""
+def masked_exact_attention(q, k, v, attn_mask, tensor_layout: str = "HND", sm_scale=None, with_lse=True):
+    """Exact attention with an SDPA-style mask broadcastable to (B, Hq, Nq, Nk) and, with_lse,
+    its natural-log lse float32 (B, Hq, Nq), computed in float32 about 256 MiB of scores at a
+    time (without lse: PyTorch SDPA itself)."""
     qh, kh, vh = (t if tensor_layout == "HND" else t.transpose(1, 2) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
     group = qh.shape[1] // kh.shape[1]
+    attn_mask = attn_mask.to(q.device)
+    if not with_lse:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask.to(q.dtype) if attn_mask.is_floating_point()
+                                           else attn_mask, scale=scale, enable_gqa=group > 1)
+        return (o if tensor_layout == "HND" else o.transpose(1, 2)), None
+    b, h, n_q, n_k = qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2]
     kf, vf = (t.float().repeat_interleave(group, dim=1) for t in (kh, vh))
-    mask = attn_mask.to(q.device).expand(qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2])
+    mask = attn_mask.expand(b, h, n_q, n_k)
+    rows = max(1, (1 << 26) // (b * h * n_k))
     outs, lses = [], []
-    for start in range(0, qh.shape[2], rows_per_chunk):
-        s = qh[:, :, start : start + rows_per_chunk].float() @ kf.transpose(-1, -2) * scale
-        m = mask[:, :, start : start + rows_per_chunk]
+    for start in range(0, n_q, rows):
+        s = qh[:, :, start : start + rows].float() @ kf.transpose(-1, -2) * scale
+        m = mask[:, :, start : start + rows]
         s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
-        lse = torch.logsumexp(s, dim=-1)
+        lses.append(torch.logsumexp(s, dim=-1))
         outs.append(torch.softmax(s, dim=-1).nan_to_num(0.0) @ vf)
-        lses.append(lse)
     o = torch.cat(outs, dim=2).to(q.dtype)
     return (o if tensor_layout == "HND" else o.transpose(1, 2)), torch.cat(lses, dim=2)
 

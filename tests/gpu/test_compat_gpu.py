@@ -159,3 +159,13 @@ def test_lse_convention_matches_thu_ml(layout):
     cos, _ = metrics(o, o_t)
     _log(kind="compat_vs_thuml", layout=layout, lse_diff=lse_diff, cos=cos)
     assert lse_diff < 0.05 and cos > 0.999, (lse_diff, cos)
+
+
+def test_mask_runs_exact_attention_on_the_gpu():
+    # ComfyUI's --use-sage-attention call shape, with a key-padding style float mask.
+    q, k, v = inputs(2, 8, 1024, 1536, 128, "NHD")
+    mask = torch.zeros(2, 1, 1, 1536, device="cuda")
+    mask[..., 1400:] = float("-inf")
+    o = compat.sageattn(q, k, v, attn_mask=mask, is_causal=False, tensor_layout="NHD")
+    o64, _ = exact_attention(q, k[:, :1400], v[:, :1400], tensor_layout="NHD")
+    assert metrics(o, o64)[0] > 0.99999
