@@ -6,8 +6,8 @@ yunchang's LongContextAttention with ulysses x ring degrees:
     ring = 1 x W, ulysses = W x 1, usp = 2 x W/2 (W >= 4).
 The gathered output is compared on rank 0 with our single-GPU call of the same level and with
 exact attention; yunchang's exact attention types (PyTorch flash; cuDNN where no ring merges, as
-yunchang's cuDNN path returns no lse) run through the same engine as the baseline of the timing
-table. Results: $OUT/seqpar.jsonl and $OUT/seqpar.md (rank 0). Exit status 1 on any failed check.
+yunchang's cuDNN path returns no lse; PyTorch math on CPU) run through the same engine as the
+baseline of the timing table. Results: $OUT/seqpar.jsonl and $OUT/seqpar.md (rank 0). Exit status 1 on any failed check.
 
   GPUs (NCCL):  torchrun --nproc-per-node 2 tests/gpu/seqpar_yunchang.py --shapes wan720,causal --bench
   CPU (gloo):   python tests/gpu/seqpar_yunchang.py --spawn 2 --shapes small,small_causal
@@ -44,7 +44,10 @@ OURS = {"SAGE_FP8_SM90": "int8+fp8", "SAGE_FP16": "int8+fp16"}
 # exact attention the level's budget (H100, unsharded: int8+fp8 0.99926, int8+fp16 0.99993),
 # or, on data harder than that, no worse than our single-GPU call.
 MIN_COS = {"int8+fp8": (0.999, 0.999), "int8+fp16": (0.9995, 0.9999), "exact": (None, 0.99995)}
-EXACT_TYPES = ("TORCH_FLASH", "TORCH_CUDNN")
+# yunchang's exact attention types per device; the cuDNN and math paths return zeros for lse,
+# so they only run where no ring merges.
+EXACT_TYPES = {"cuda": ("TORCH_FLASH", "TORCH_CUDNN"), "cpu": ("TORCH_MATH",)}
+NO_LSE = ("TORCH_CUDNN", "TORCH_MATH")
 
 
 def topologies(world: int) -> dict[str, tuple[int, int]]:
@@ -126,7 +129,7 @@ def run_rank(rank: int, world: int, args) -> int:
     assert yunchang.kernels.sageattention.__provider__ == "sageattn2", "yunchang did not pick up our sageattention"
     out_dir = Path(args.out)
     log_rows, failures = [], []
-    attn_types = list(OURS) + (list(EXACT_TYPES) if on_gpu else [])
+    attn_types = list(OURS) + list(EXACT_TYPES[device.type])
 
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
@@ -147,8 +150,8 @@ def run_rank(rank: int, world: int, args) -> int:
             set_seq_parallel_pg(ud, rd, rank, world)
             shards = [EXTRACT_FUNC_DICT["basic"](t, rank, world, rd, ud) for t in (q, k, v)]
             for attn_name in attn_types:
-                if attn_name == "TORCH_CUDNN" and rd > 1:
-                    continue  # yunchang's cuDNN path returns zeros for lse: a ring cannot merge it
+                if attn_name in NO_LSE and rd > 1:
+                    continue
                 level = OURS.get(attn_name, "exact")
                 layer = LongContextAttention(ring_impl_type="basic", attn_type=AttnType[attn_name])
                 call = lambda: layer(*shards, softmax_scale=scale, causal=causal)
