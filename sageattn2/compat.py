@@ -308,7 +308,12 @@ def make_module(backend: str = "auto") -> types.ModuleType:
             fn = _bind_backend(fn, backend)
         setattr(module, name, fn)
     module.__all__ = list(THU_ML_NAMES)
+    module.core = module  # thu-ml keeps them in sageattention.core; some callers import from there
     return module
+
+
+def _register(module: types.ModuleType) -> None:
+    sys.modules["sageattention"] = sys.modules["sageattention.core"] = module
 
 
 def _bind_backend(fn, backend):
@@ -350,7 +355,7 @@ def install_as_sageattention(force: bool = False, backend: str = "auto") -> bool
                   f"{ENV_PROVIDE}=force to serve its names with ours)")
             return False
         _note("replacing thu-ml's sageattention with sageattn2's compatible functions", logging.WARNING)
-    sys.modules["sageattention"] = make_module(backend)
+    _register(make_module(backend))
     _note("engines importing sageattention now run sageattn2's kernels")
     return True
 

@@ -32,6 +32,7 @@ def fresh_log_once(monkeypatch):
 def no_sageattention_module(monkeypatch):
     """Whatever a test installs as `sageattention` is removed afterwards."""
     monkeypatch.delitem(sys.modules, "sageattention", raising=False)
+    monkeypatch.delitem(sys.modules, "sageattention.core", raising=False)
 
 
 def exact64(q, k, v, layout="HND", **kwargs):
@@ -307,6 +308,7 @@ def _fake_thu_ml(tmp_path):
     pkg = tmp_path / "sageattention"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("MARK = 'thu-ml'\ndef sageattn(*a, **k):\n    return 'thu-ml'\n")
+    (pkg / "core.py").write_text("")
     return tmp_path
 
 
@@ -317,8 +319,11 @@ def test_install_when_absent_and_not_over_thu_ml(no_sageattention_module, tmp_pa
 
     assert sageattention.__provider__ == "sageattn2" and sageattention.sageattn is compat.sageattn
     assert set(compat.THU_ML_NAMES) <= set(dir(sageattention))
+    from sageattention.core import sageattn_qk_int8_pv_fp8_cuda_sm90  # where thu-ml defines them
 
-    del sys.modules["sageattention"]
+    assert sageattn_qk_int8_pv_fp8_cuda_sm90 is compat.sageattn_qk_int8_pv_fp8_cuda_sm90
+
+    del sys.modules["sageattention"], sys.modules["sageattention.core"]
     monkeypatch.syspath_prepend(str(_fake_thu_ml(tmp_path)))
     with caplog.at_level(logging.INFO, logger="sageattn2"):
         assert not compat.install_as_sageattention()
@@ -356,7 +361,7 @@ def test_pack_import_provides_sageattention_when_asked():
 
 
 def test_pythonpath_shim_serves_ours_and_defers_to_thu_ml(tmp_path):
-    code = ("import sageattention, torch\n"
+    code = ("import sageattention, sageattention.core, torch\n"
             "print(getattr(sageattention, '__provider__', getattr(sageattention, 'MARK', None)))\n"
             "q = torch.randn(1, 64, 2, 64, dtype=torch.bfloat16)\n"
             "o = sageattention.sageattn(q, q, q, tensor_layout='NHD')\n"

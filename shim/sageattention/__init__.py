@@ -44,4 +44,5 @@ if _real is not None:
               "SAGEATTN2_PROVIDE_SAGEATTENTION=force for ours)", _real.origin)
     _load(_real)  # replaces this module in sys.modules: `import sageattention` returns thu-ml's
 else:
-    sys.modules[__name__] = _sageattn2_compat().make_module()
+    _compat = _sageattn2_compat()
+    _compat._register(_compat.make_module())
