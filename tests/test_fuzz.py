@@ -28,3 +28,20 @@ def test_cases_are_deterministic_by_seed_and_index():
     q1, k1, v1 = fuzz_attention.make_inputs(a, 5, __import__("torch").device("cpu"))
     q2, k2, v2 = fuzz_attention.make_inputs(a, 5, __import__("torch").device("cpu"))
     assert all(x.equal(y) for x, y in ((q1, q2), (k1, k2), (v1, v2)))
+
+
+def test_a_wrong_result_is_caught(monkeypatch):
+    """The checks can fail: a slightly wrong output, a NaN, a modified input are each reported."""
+    import torch
+
+    real = fuzz_attention.sageattn2.sageattn
+    case = fuzz_attention.make_case(1, 3, 64, 1 << 14)
+    case = fuzz_attention.Case(**{**case.__dict__, "precision": "int8+fp16", "data": "normal", "lse": False})
+    floors = fuzz_attention.load_floors()
+    cpu = torch.device("cpu")
+    assert fuzz_attention.run_case(case, 1, cpu, floors, 1 << 14)["failures"] == []
+    for wrong, expect in ((lambda o, q: o * 1.1, "accuracy"), (lambda o, q: o.fill_(float("nan")), "NaN"),
+                          (lambda o, q: (q.view(-1)[:1].add_(1.0), o)[1], "inputs changed")):
+        monkeypatch.setattr(fuzz_attention.sageattn2, "sageattn", lambda q, k, v, **kw: wrong(real(q, k, v, **kw), q))
+        failures = fuzz_attention.run_case(case, 1, cpu, floors, 1 << 14)["failures"]
+        assert any(expect in f for f in failures), failures

@@ -28,11 +28,10 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
