@@ -5,8 +5,9 @@ and encode Hopper TMA descriptors.
 Why ctypes and not NVIDIA's `cuda-python` bindings: nothing to install (the driver library is
 always there), and a launch is one foreign call whose cost we measured and control (see
 docs/building.md). Kernels are loaded with cuLibraryLoadData (CUDA 12+): a library is
-context-independent, and its CUkernel handles launch in whatever context is current, which is
-torch's primary context of the device.
+context-independent, and cuLaunchKernel takes its CUkernel handles (cast to CUfunction),
+launching in the context of the given stream (torch's primary context of the device), or the
+current context for the NULL stream.
 """
 from __future__ import annotations
 

@@ -67,9 +67,6 @@ def candidate_dirs(env=os.environ, site_dirs: list[Path] | None = None, which=sh
     return out
 
 
-_LIB_PATTERNS = ("nvrtc64_*.dll",) if IS_WINDOWS else ("libnvrtc.so*", "libnvrtc-*.so*")
-
-
 def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", path.name))
 
