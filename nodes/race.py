@@ -1,6 +1,6 @@
 """`auto` per model input: which attention calls run Sage Attention, decided from timings taken
 inside the first model evaluations of sampling, without making the host wait for the GPU
-(but once, at the decision, when the timed work has not finished yet).
+(except once, at the decision, if the timed work has not finished yet).
 
 Measuring. Calls of one attention signature (query/key shapes, layout, dtype) alternate
 between Sage Attention and the stock function ComfyUI gave us, each bracketed by CUDA events
