@@ -27,12 +27,12 @@ def tiny_build(name, device):
     return "WAN tiny, 2 blocks, 3x8x8", t.patcher.model, kw
 
 
-def test_worker_produces_what_the_driver_aggregates(monkeypatch):
+def test_worker_produces_what_the_driver_aggregates(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_e2e, "build", tiny_build)
     monkeypatch.setitem(bs.SLICES, "flux", bs.Slice(2, 1.0, (1, 16, 16, 16), note="tiny"))
     monkeypatch.setitem(bs.SLICES, "wan1.3b", bs.Slice(2, 5.0, (1, 16, 3, 8, 8), note="tiny"))
     args = argparse.Namespace(slices="flux,wan1.3b", levels="int8+fp16", steps=None, rounds=2, warmup=1,
-                              profile=None, device=str(DEVICE), forward_levels="int8+fp16,auto")
+                              profile=str(tmp_path), device=str(DEVICE), forward_levels="int8+fp16,auto")
     out = bs.run_worker(args)
     assert set(out["slices"]) == {"flux", "wan1.3b"}
     for name, r in out["slices"].items():
@@ -40,6 +40,10 @@ def test_worker_produces_what_the_driver_aggregates(monkeypatch):
         for cell in r["variants"].values():
             assert cell["sampler"] > 0 and cell["forward"] > 0
         assert r["variants"]["auto"]["first_run"] > 0
+    # One short profiled run per variant: a trace each and a summary table per slice.
+    assert len(list(tmp_path.glob("flux_*.json"))) == 3 and (tmp_path / "wan1.3b_summary.md").exists()
+    summary = (tmp_path / "flux_summary.md").read_text()
+    assert all(f"| {v} |" in summary for v in ("stock", "int8+fp16", "auto"))
     lines = bs.aggregate([out, out])
     assert any("WAN tiny, 2 blocks, tiny" in line for line in lines)
     assert sum("| | auto |" in line for line in lines) == 2
