@@ -52,3 +52,13 @@ def test_aggregate_reports_every_process_the_worst_and_disagreement():
     assert "stock, stock, sage" in auto and "| 1/3 |" in auto and "| 0.900x |" in auto
     assert first.startswith("| | auto, first (deciding) run | 0.980x, 0.970x, 0.950x")
     assert len(lines) == 6
+
+
+def test_host_cost_times_the_stock_and_the_patched_path():
+    lines = bs.host_cost(evaluations=3)
+    rows = [line for line in lines if line.startswith("| stock |") or line.startswith("| int8+fp8 |")]
+    assert len(rows) == 2
+    from sageattn2_pack.nodes import override as ov
+    import sageattn2
+
+    assert ov.sa2.sageattn is sageattn2.sageattn  # the fake kernel is removed again
