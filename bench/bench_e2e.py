@@ -7,8 +7,8 @@ Each row: the diffusion model's forward (BaseModel.apply_model, bf16, transforme
 the sampler builds them, median of --iters pairs after 2 warm-ups), speed-up against stock (stock
 and the variant alternate, the speed-up is the median of the per-pair ratios), the same
 timed back to back as a sampler runs it ("in a row": alternating blocks of one side's
-forwards, see in_a_row), cosine of the output against stock. `auto` rows name the
-whole-model race's verdict; a thu-ml row appears when `sageattention` is importable
+forwards, see in_a_row), cosine of the output against stock. `auto` rows name
+auto's verdict (nodes/race.py); a thu-ml row appears when `sageattention` is importable
 (ComfyUI's own sage path). "no attention" replaces attention with zeros to show how much of
 the forward attention takes. A second table breaks our attention path down per CUDA kernel
 (torch.profiler): the quantization
@@ -116,7 +116,7 @@ def zero_attention(func, q, k, v, heads, *args, skip_reshape=False, skip_output_
 def sampler_options(patcher) -> dict:
     """transformer_options as ComfyUI's sampler hands them to apply_model: the patcher's
     wrappers and callbacks merged in (comfy.sampler_helpers.prepare_model_patcher). Without
-    them the node's APPLY_MODEL wrapper never runs: no whole-model race for `auto`, and the
+    them the node's APPLY_MODEL wrapper never runs: no per-input decision for `auto`, and the
     non-finite check falls back to one host synchronisation per attention call."""
     import comfy.patcher_extension as ext
 
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
 
     load_pack()
     from sageattn2_pack.nodes import override as ov
-    from sageattn2_pack.nodes.race import PLAN as RACE_PLAN
+    from sageattn2_pack.nodes.race import SAMPLES as AUTO_SAMPLES
     import comfy.model_patcher
 
     device = torch.device("cuda")
@@ -325,12 +325,12 @@ def main(argv=None) -> int:
             state = ov.PatchState(ov.PatchSettings(precision=level, min_seq_len=0))
             patched = ov.install(patcher, state)
             fn = forward_fn(model, kw, extra_options=sampler_options(patched))
-            # auto's first evaluations race stock against Sage Attention (nodes/race.py): time
-            # what it settles on.
-            cells = timed_cells(fn, 2 + (len(RACE_PLAN) if level == "auto" else 0))
+            # auto's first evaluations time stock against Sage Attention (nodes/race.py): time
+            # what it settles on (a signature with one call per forward needs 2 x (SAMPLES + 1)).
+            cells = timed_cells(fn, 2 + (2 * (AUTO_SAMPLES + 1) if level == "auto" else 0))
             verdicts = sorted(f"{n}x {k[1]}" for k, n in state.stats.items()
                               if isinstance(k, tuple) and k[0] == "auto model")
-            note = f" (whole-model race: {', '.join(verdicts)})" if verdicts else ""
+            note = f" (auto verdict: {', '.join(verdicts)})" if verdicts else ""
             rows.append(f"| | patch node, {level}{note} | {cells}")
             if args.syncs:
                 print(f"== host syncs, {label}, {level}:", *host_syncs(fn), sep="\n  ")

@@ -62,23 +62,23 @@ class LayerMemory:
 
 
 class ForwardState:
-    """Per model evaluation: sigma, call counter, layer order, per-layer level cache and the
-    device-side running sum of the quantized outputs (non-finite iff one of them was)."""
+    """Per model evaluation: sigma, call counter, layer order, per-layer level cache, where
+    the quantized outputs are checked and `auto`'s decision for this input."""
 
     def __init__(self, sigma: float | None, sigmas_ref=None, deferred_check: bool = False):
         self.sigma = sigma
         self.sigmas_ref = sigmas_ref  # the transformer_options["sigmas"] object it was made for
-        # True when made by our APPLY_MODEL wrapper, which checks `output_sum` once after the
-        # forward; False: made on the fly, outputs are checked call by call.
+        # True when made by our APPLY_MODEL wrapper, which collects the quantized outputs in
+        # `outputs` (a FiniteCheck: the evaluation's, or the whole sampling run's); False: made
+        # on the fly, outputs are checked call by call.
         self.deferred_check = deferred_check
         self.step: int | None = None  # sampling step (calibration only)
         self.calls = 0
         self.blocks: dict[tuple, int] = {}
         self.kind_keys: dict[str, dict[tuple, int]] = {}
         self.levels: dict[tuple, str] = {}
-        # fp32 sum of every quantized output so far (inf/NaN propagate; a finite overflow only
-        # costs a needless recompute), or None while nothing was served. Two launches per call.
-        self.output_sum = None  # 0-dim fp32 tensor on the device, or None
+        self.outputs = None  # nodes.finite.FiniteCheck when deferred_check
+        self.auto = None  # nodes.race.InputDecision: `auto` routes and times calls by it
         self.exact = False  # every call of this forward goes to stock attention
         # id(mask) -> kept key count (or None): one host read per mask per forward. Masks are
         # alive for the whole forward, so their ids cannot be reused meanwhile.

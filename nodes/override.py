@@ -5,9 +5,12 @@ What gets installed on a clone of the model (nothing global):
   ComfyUI's `wrap_attn` as `override(func, q, k, v, heads, ...)` for every attention call
   of the diffusion model;
 - an APPLY_MODEL wrapper (once per model evaluation): puts a fresh `ForwardState` (sigma,
-  layer counter) into the per-call transformer_options, puts our override back on top if a
-  later node replaced it, and after the forward checks once whether any quantized output
-  was non-finite (then the evaluation is recomputed with stock attention);
+  layer counter, `auto`'s decision) into the per-call transformer_options, puts our override
+  back on top if a later node replaced it, and times the evaluation while `auto` measures;
+- a SAMPLER_SAMPLE wrapper (once per sampling run): the quantized outputs of the whole run are
+  checked on the device and read once at its end; if one was inf/NaN the run is redone with
+  stock attention. Nothing in a model evaluation waits for the GPU. An evaluation outside a
+  sampling run is checked on its own (one read) and recomputed with stock attention;
 - ON_PRE_RUN / ON_CLEANUP callbacks: per-run start and reset.
 
 Calls we decline (masks, low_precision_attention=False, short sequences, `exact` cells,
@@ -40,16 +43,19 @@ from .adapter import (
 )
 from .layers import FORWARD_KEY, ForwardState, LayerMemory, layers_text
 from .levels import AUTO, EXACT, LEVELS
-from .race import SAGE, STOCK, ForwardRace, input_key
+from .finite import FiniteCheck
+from .race import ENTER, SAGE, STAY, STOCK, AutoDecisions, input_key
 from .schedule import Schedule
 
 log = logging.getLogger("sageattn2.nodes")
 
 OVERRIDE_KEY = "optimized_attention_override"
 HOOK_KEY = "sageattn2"
-# Values of comfy.patcher_extension.WrappersMP.APPLY_MODEL / CallbacksMP.ON_PRE_RUN /
-# ON_CLEANUP (stable since the hook system landed); literal so tests need no ComfyUI.
+# Values of comfy.patcher_extension.WrappersMP.APPLY_MODEL / SAMPLER_SAMPLE /
+# CallbacksMP.ON_PRE_RUN / ON_CLEANUP (stable since the hook system landed); literal so tests
+# need no ComfyUI.
 APPLY_MODEL = "apply_model"
+SAMPLER_SAMPLE = "sampler_sample"
 ON_PRE_RUN = "on_pre_run"
 ON_CLEANUP = "on_cleanup"
 
@@ -141,11 +147,13 @@ class PatchState:
         self.rules_checked = False  # rules matching no layer are reported after the first forward
         self._logged: set[str] = set()
         self._on_top: dict[int, tuple[object, SageOverride]] = {}
-        # Unmasked call signatures `auto` gave to stock: later calls skip straight to stock
-        # (layout views, plan and autotune lookups cost host time that CPU-bound models feel).
+        # Unmasked call signatures the per-shape timing gave to stock: later calls skip straight
+        # to stock (layout views, plan and autotune lookups cost host time that CPU-bound models feel).
         self._auto_stock: dict[tuple, str] = {}
-        # `auto` without a schedule also races whole forwards per input shape (race.py).
-        self.race = ForwardRace() if settings.precision == AUTO else None
+        # `auto` without a schedule decides per model input from timings inside sampling (race.py).
+        self.auto = AutoDecisions(worth_timing=_worth_timing) if settings.precision == AUTO else None
+        self.run_check: FiniteCheck | None = None  # set for the length of a sampling run
+        self.rerun_pointless = False  # a stock re-run was not finite either
 
     # -- logging and schedule binding ------------------------------------------------------
 
@@ -196,19 +204,10 @@ class PatchState:
             sigma = (_sigma_value(args[1] if len(args) > 1 else kwargs.get("t"))
                      if self.needs_sigma() else None)
             top = self.override_on_top_of(to.get(OVERRIDE_KEY))
+            decision = self.decision_for(args, kwargs)
         except Exception as e:  # never stop sampling over bookkeeping: run the model as it is
             self.note(f"model evaluation left unprepared ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
             return executor(*args, **kwargs)
-
-        def run(exact: bool):
-            forward = ForwardState(sigma, deferred_check=True)
-            forward.exact = exact
-            try:
-                self.start_forward(forward, to)
-            except Exception as e:
-                self.note(f"step bookkeeping failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
-            # A copy: never write into a dict the caller may reuse (apply_model's default).
-            return call_with(dict(to, **{FORWARD_KEY: forward, OVERRIDE_KEY: top})), forward
 
         def call_with(call_to: dict):
             if in_args:
@@ -217,35 +216,40 @@ class PatchState:
                 kwargs["transformer_options"] = call_to
             return executor(*args, **kwargs)
 
-        race, key = self.race_for(args, kwargs)
-        if key is not None and race.side(key) == STOCK:
+        if decision is not None and decision.verdict == STOCK:
             # This model as ComfyUI would run it without the patch: the override we chain to.
             call_to = {k: v for k, v in to.items() if k != OVERRIDE_KEY}
             if top.previous is not None:
                 call_to[OVERRIDE_KEY] = top.previous
-            timed = race.timing(key)  # a race forward, not the verdict
-            start = self.race_clock(race, key, "start") if timed else None
-            out = call_with(call_to)
-            if timed:
-                self.race_record(race, key, STOCK, self.race_clock(race, key, "stop", start))
-            return out
+            return call_with(call_to)
 
-        timed = key is not None and race.timing(key)
-        start = self.race_clock(race, key, "start") if timed else None
-        out, forward = run(self.exact_for_run)
-        mark = self.race_clock(race, key, "stop", start) if timed else None
+        def run(exact: bool, decision):
+            forward = ForwardState(sigma, deferred_check=True)
+            forward.exact = exact
+            forward.auto = decision
+            # Inside a sampling run the run's check collects the outputs (read once at its end).
+            forward.outputs = self.run_check if self.run_check is not None else FiniteCheck()
+            try:
+                self.start_forward(forward, to)
+            except Exception as e:
+                self.note(f"step bookkeeping failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
+            mark = self.auto_clock(decision, "start_evaluation") if decision is not None else None
+            # A copy: never write into a dict the caller may reuse (apply_model's default).
+            out = call_with(dict(to, **{FORWARD_KEY: forward, OVERRIDE_KEY: top}))
+            if decision is not None:
+                self.auto_clock(decision, "end_evaluation", mark)
+            return out, forward
+
+        out, forward = run(self.exact_for_run, decision)
         self.memory.learn(forward)
         self.report_unmatched_rules(forward)
-        if forward.output_sum is not None and not bool(torch.isfinite(forward.output_sum)):
+        if forward.outputs is not self.run_check and not forward.outputs.finite():
+            # No sampling run around this evaluation: checked (one host read) and recomputed here.
             self.note("non-finite quantized attention output: the model evaluation is recomputed with stock "
                       "attention, and the rest of that sampling run uses stock attention", logging.WARNING)
             self.stats["recomputed"] += 1
             self.exact_for_run = True
-            if key is not None:
-                race.restart(key)
-            out, _ = run(True)
-        elif key is not None and key not in race.verdicts:
-            self.race_record(race, key, SAGE, mark)
+            out, _ = run(True, None)
         return out
 
     def report_unmatched_rules(self, forward: ForwardState) -> None:
@@ -264,43 +268,75 @@ class PatchState:
             self.note(f"schedule rule on {rule.where} matches no attention layer of this model, so it does "
                       f"nothing (the model's attention layers: {names})", logging.WARNING)
 
-    def race_for(self, args, kwargs):
-        """(race, input key) when this evaluation belongs to a whole-forward race or verdict:
-        `auto` without a schedule, on CUDA, outside a stock-only run."""
-        if self.race is None or self.schedule is not None or self.exact_for_run:
-            return None, None
+    def sampler_sample_wrapper(self, executor, *args, **kwargs):
+        """Around one sampling run (ComfyUI's SAMPLER_SAMPLE): every quantized output of the
+        run goes into one device-side check, read once when the run has finished. If one was
+        inf/NaN the run is redone with stock attention, from copies of its inputs."""
+        if self.run_check is not None or self.exact_for_run:
+            return executor(*args, **kwargs)
+        saved = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        self.run_check = FiniteCheck()
         try:
-            return self.race, input_key(args, kwargs)
-        except Exception:
-            return None, None
+            out = executor(*args, **kwargs)
+            finite = self.run_check.finite()
+        finally:
+            self.run_check = None
+        if finite:
+            return out
+        self.stats["rerun"] += 1
+        if self.rerun_pointless:
+            return out
+        self.note("non-finite quantized attention output: the sampling run is redone with stock attention",
+                  logging.WARNING)
+        self.exact_for_run = True
+        try:
+            stock = executor(*saved, **kwargs)
+        finally:
+            self.exact_for_run = False
+        if isinstance(stock, torch.Tensor) and not bool(torch.isfinite(stock).all()):
+            self.rerun_pointless = True
+            self.note("the stock run is not finite either (the model itself overflows): later runs are not redone",
+                      logging.WARNING)
+        return stock
 
-    def race_clock(self, race: ForwardRace, key, what: str, *args):
-        try:
-            return getattr(race.clock, what)(*args)
-        except Exception as e:
-            self.race_failed(race, key, e)
+    def decision_for(self, args, kwargs):
+        """`auto`'s decision for this evaluation's input: `auto` without a schedule, on CUDA,
+        outside a stock-only run; else None."""
+        if self.auto is None or self.schedule is not None or self.exact_for_run:
             return None
+        key = input_key(args, kwargs)
+        if key is None:
+            return None
+        decision = self.auto.for_input(key)
+        return None if decision.broken else decision
 
-    def race_failed(self, race: ForwardRace, key, e: Exception) -> None:
-        """Timing trouble: this input keeps Sage Attention's per-shape decisions."""
-        self.note(f"whole-forward timing failed ({type(e).__name__}: {str(e)[:200]})", logging.WARNING)
-        race.restart(key)
-        race.verdicts[key] = SAGE
-
-    def race_record(self, race: ForwardRace, key, side: str, mark) -> None:
-        if key in race.verdicts:  # decided meanwhile (a clock failure)
-            return
+    def auto_clock(self, decision, what: str, *args):
+        """decision.<what>(*args). Timing trouble: this input goes back to the per-shape
+        decisions (sageattn2.autotune), and sampling goes on."""
         try:
-            decided = race.record(key, side, mark)
+            verdict = getattr(decision, what)(*args)
         except Exception as e:
-            self.race_failed(race, key, e)
-            return
-        if decided is not None:
-            verdict, sage_ms, stock_ms = decided
-            self.stats[("auto model", verdict)] += 1
-            self.note(f"auto, whole model evaluation for input {list(key[0])}: "
-                      f"{'Sage Attention' if verdict == SAGE else 'stock attention'} "
-                      f"({sage_ms:.1f} ms with Sage Attention, {stock_ms:.1f} ms stock)")
+            self.note(f"auto timing failed ({type(e).__name__}: {str(e)[:200]}); per-shape decisions instead",
+                      logging.WARNING)
+            decision.broken = True
+            return None
+        if what == "end_evaluation" and verdict is not None:
+            self.report_verdict(decision, verdict)
+        return verdict
+
+    def report_verdict(self, decision, verdict: str) -> None:
+        self.stats[("auto model", verdict)] += 1
+        gain, eval_ms = decision.last
+        share = 100 * gain / eval_ms if eval_ms > 0 else 0.0
+        first = decision.changes == 1
+        if verdict == SAGE:
+            what = (f"Sage Attention on {len(decision.sage_signatures)} of {len(decision.times)} timed call shapes "
+                    f"(predicted saving {gain:.2f} ms, {share:.1f} % of a {eval_ms:.1f} ms evaluation)")
+        else:
+            what = (f"stock attention (predicted saving {gain:.2f} ms, {share:.1f} % of a {eval_ms:.1f} ms "
+                    f"evaluation; Sage Attention needs {100 * (ENTER if first else STAY):.0f} %)")
+        when = f"after {decision.evaluations} evaluations" if first else f"re-checked at evaluation {decision.evaluations}"
+        self.note(f"auto, model input {list(decision.key[0])}, {when}: {what}")
 
     def start_forward(self, forward: ForwardState, to: dict) -> None:
         """Hook for subclasses (calibration: step bookkeeping)."""
@@ -343,6 +379,10 @@ class PatchState:
             if self.trace is not None:
                 self.trace.append((forward.sigma, pos.name, level))
             out = self.serve(call, forward, pos, level, stock=lambda: func(*args, **kwargs))
+        except TimedStock as why:
+            out = self.declined(override, func, args, kwargs, str(why))
+            self.record_sample(why.decision, why.sig, STOCK, why.start)
+            return out
         except Decline as why:
             return self.declined(override, func, args, kwargs, str(why))
         except Exception as e:  # never crash mid-sampling: stock attention finishes the call
@@ -351,6 +391,14 @@ class PatchState:
             return self.declined(override, func, args, kwargs, f"error: {type(e).__name__}", log_it=False)
         self.stats[("sage", level)] += 1
         return out
+
+    def record_sample(self, decision, sig, side: str, start) -> None:
+        try:
+            decision.record(sig, side, decision.clock.stop(start))
+        except Exception as e:
+            self.note(f"auto timing failed ({type(e).__name__}: {str(e)[:200]}); per-shape decisions instead",
+                      logging.WARNING)
+            decision.broken = True
 
     def declined(self, override, func, args, kwargs, reason: str, log_it: bool = True):
         self.stats[("declined", reason)] += 1
@@ -387,8 +435,10 @@ class PatchState:
 
     def serve(self, call, forward, pos, level, stock):
         """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
+        decision = forward.auto if level == AUTO and not _inside_graph(call.q) else None
+        start = decision.clock.start() if decision is not None and decision.timing else None
         signature = None
-        if level == AUTO and call.mask is None:
+        if level == AUTO and decision is None and call.mask is None:
             signature = (call.q.shape, call.k.shape, call.v.shape, call.q.dtype, call.heads,
                          call.skip_reshape)
             if signature in self._auto_stock:
@@ -399,8 +449,17 @@ class PatchState:
         plan = self.planned(q4, k4, v4, layout, level)
         run = lambda: sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale,
                                    precision=plan.cfg.precision, **self.settings.kernel_kwargs())
-        if level == AUTO and plan.backend != "reference" and not autotune.quantized_pays_off(
-            q4, k4, layout, False, run, stock
+        timed = None
+        if decision is not None and plan.backend != "reference":
+            sig = (tuple(q4.shape), tuple(k4.shape), layout, q4.dtype)
+            side, is_timed = decision.route(sig)
+            if side == STOCK:
+                if is_timed:
+                    raise TimedStock(AUTO_STOCK, decision, sig, start)
+                raise Decline(AUTO_STOCK)
+            timed = (decision, sig, start) if is_timed else None
+        elif level == AUTO and plan.backend != "reference" and not autotune.quantized_pays_off(
+            q4, k4, layout, False, run, stock, reference="comfyui"
         ):
             # Timed once per shape against the function ComfyUI gave us, then cached.
             reason = "auto: stock attention is faster for this shape"
@@ -408,13 +467,37 @@ class PatchState:
                 self._auto_stock[signature] = reason
             raise Decline(reason)
         out = run()
-        total = out.sum(dtype=torch.float32)
         if forward.deferred_check:
-            forward.output_sum = total if forward.output_sum is None else forward.output_sum.add_(total)
-        elif not bool(torch.isfinite(total)):
+            forward.outputs.add(out)
+        elif not bool(torch.isfinite(out.sum(dtype=torch.float32))):
             self.note(f"non-finite {level} output; such calls are recomputed with stock attention", logging.WARNING)
             raise Decline("non-finite quantized output")
+        if timed is not None:
+            self.record_sample(*timed[:2], SAGE, timed[2])
         return from_kernel_layout(out, layout, call.skip_output_reshape)
+
+
+AUTO_STOCK = "auto: stock attention is faster here"
+
+
+class TimedStock(Decline):
+    """A stock call `auto` times: the override records its end mark after the stock function ran."""
+
+    def __init__(self, reason: str, decision, sig, start):
+        super().__init__(reason)
+        self.decision, self.sig, self.start = decision, sig, start
+
+
+def _inside_graph(q) -> bool:
+    """torch.compile tracing or CUDA graph capture: nothing can be timed (per-shape rules then)."""
+    return torch.compiler.is_compiling() or (getattr(q, "is_cuda", False) and torch.cuda.is_current_stream_capturing())
+
+
+def _worth_timing(sig) -> bool:
+    """Signatures too small to ever gain (autotune's size rule) run stock untimed."""
+    q_shape, k_shape, layout = sig[0], sig[1], sig[2]
+    n = 2 if layout == "HND" else 1
+    return q_shape[n] * k_shape[n] >= autotune.MIN_SCORES_FOR_QUANTIZED
 
 
 def install(model, state: PatchState):
@@ -427,8 +510,9 @@ def install(model, state: PatchState):
         previous = previous.previous
     state.base = SageOverride(state, previous)
     to[OVERRIDE_KEY] = state.base
-    m.remove_wrappers_with_key(APPLY_MODEL, HOOK_KEY)
-    m.add_wrapper_with_key(APPLY_MODEL, HOOK_KEY, state.apply_model_wrapper)
+    for kind, fn in ((APPLY_MODEL, state.apply_model_wrapper), (SAMPLER_SAMPLE, state.sampler_sample_wrapper)):
+        m.remove_wrappers_with_key(kind, HOOK_KEY)
+        m.add_wrapper_with_key(kind, HOOK_KEY, fn)
     for kind, fn in ((ON_PRE_RUN, state.on_pre_run), (ON_CLEANUP, state.on_cleanup)):
         m.remove_callbacks_with_key(kind, HOOK_KEY)
         m.add_callback_with_key(kind, HOOK_KEY, fn)

@@ -35,7 +35,7 @@ class CalibrationState(PatchState):
 
     def __init__(self, settings: PatchSettings, node_id=None):
         super().__init__(settings)
-        self.race = None  # calibration runs every candidate level: no whole-forward race
+        self.auto = None  # calibration runs every candidate level: no `auto` decision
         self.label = self.label.replace("model #", "calibration #", 1)
         self.recorder = Recorder()
         self.node_id = node_id

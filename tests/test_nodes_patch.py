@@ -278,7 +278,8 @@ def test_auto_declines_to_stock_when_quantizing_does_not_pay(dit, monkeypatch):
     monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
     seen = []
 
-    def verdict(q, k, layout, is_causal, run_quantized, run_exact):
+    def verdict(q, k, layout, is_causal, run_quantized, run_exact, reference):
+        assert reference == "comfyui"  # decisions against ComfyUI's function, not the API's SDPA
         seen.append(run_exact)
         return pays
 
@@ -295,92 +296,3 @@ def test_auto_declines_to_stock_when_quantizing_does_not_pay(dit, monkeypatch):
         # stock without asking again (host time), while 'ours' asks the (cached) timing each call.
         served = counts(state)[want]
         assert (1 <= len(seen) < served) if not pays else len(seen) == served
-
-
-class ScriptedClock:
-    """Stand-in for CUDA events: each timed forward takes the next scripted time."""
-
-    def __init__(self, times):
-        self.times = list(times)
-
-    def start(self):
-        return None
-
-    def stop(self, start):
-        return self.times.pop(0)
-
-    def elapsed_ms(self, mark):
-        return mark
-
-
-@pytest.mark.parametrize("stock_ms,sage_ms,verdict", [(10.0, 5.0, "sage"), (5.0, 10.0, "stock"), (10.0, 9.95, "stock")])
-def test_auto_races_whole_forwards_per_input(dit, monkeypatch, stock_ms, sage_ms, verdict):
-    """`auto` without a schedule: a warm-up forward with Sage Attention, then stock and Sage
-    alternate (two timed each), then every later forward of that input takes the faster path
-    (a tie within 1 % goes to stock). Stock forwards go to the override we chain to, with no
-    override of ours in between."""
-    from sageattn2_pack.sageattn2 import AttnConfig, Plan, autotune
-
-    monkeypatch.setattr(ov.sa2, "plan", lambda *a, **kw: Plan("mma", AttnConfig("int8", "fp16")))
-    real_sageattn = ov.sa2.sageattn
-    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
-    monkeypatch.setattr(autotune, "quantized_pays_off", lambda *a, **kw: True)
-    monkeypatch.setattr(ov, "input_key", lambda args, kwargs: (tuple(args[0].shape),))  # CPU counts as CUDA here
-    base = FakePatcher()
-    base.model_options["transformer_options"]["optimized_attention_override"] = Counting()
-    patched, state = patch(base, precision="auto", backend="auto")
-    prev = patched.model_options["transformer_options"]["optimized_attention_override"].previous
-    state.race.clock = ScriptedClock([stock_ms, sage_ms, stock_ms, sage_ms])
-    per_forward = dit.attention_calls_per_forward()
-    sigmas = [1.0 - 0.1 * i for i in range(9)]  # 8 evaluations: 5 race forwards, 3 after
-    sample(patched, dit, sigmas)
-    assert list(state.race.verdicts.values()) == [verdict]
-    sage_forwards = 3 + (3 if verdict == "sage" else 0)
-    assert state.stats[("sage", "auto")] == sage_forwards * per_forward
-    assert prev.n == len(STOCK.calls) == (8 - sage_forwards) * per_forward
-    assert state.stats[("auto model", verdict)] == 1
-
-
-def test_no_race_off_cuda_with_a_schedule_or_in_calibration():
-    from sageattn2_pack.nodes.race import input_key
-    from sageattn2_pack.nodes.recording import CalibrationState
-
-    x = torch.zeros(1, 4, 8)
-    assert input_key([x, None, None, x], {}) is None  # CPU: nothing to time
-    _, state = patch(FakePatcher(), precision="auto", schedule="double 0: exact")
-    assert state.race_for([x], {}) == (None, None)
-    assert CalibrationState(ov.PatchSettings(min_seq_len=0)).race is None
-
-
-def test_a_failing_clock_keeps_sage_attention_and_sampling_goes_on(dit, monkeypatch, caplog):
-    from sageattn2_pack.sageattn2 import AttnConfig, Plan, autotune
-
-    class BrokenClock(ScriptedClock):
-        def stop(self, start):
-            raise RuntimeError("no events here")
-
-    monkeypatch.setattr(ov.sa2, "plan", lambda *a, **kw: Plan("mma", AttnConfig("int8", "fp16")))
-    real_sageattn = ov.sa2.sageattn
-    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: real_sageattn(*a, **{**kw, "backend": "reference"}))
-    monkeypatch.setattr(autotune, "quantized_pays_off", lambda *a, **kw: True)
-    monkeypatch.setattr(ov, "input_key", lambda args, kwargs: (tuple(args[0].shape),))
-    patched, state = patch(FakePatcher(), precision="auto", backend="auto")
-    state.race.clock = BrokenClock([])
-    with caplog.at_level(logging.WARNING, logger="sageattn2.nodes"):
-        outs = sample(patched, dit, FLOW_SIGMAS)
-    assert len(outs) == 5 and all(torch.isfinite(o).all() for o in outs)
-    assert list(state.race.verdicts.values()) == ["sage"]
-    assert sum("whole-forward timing failed" in r.message for r in caplog.records) == 1
-
-
-def test_race_restarts_after_a_recomputed_evaluation():
-    """A recomputed evaluation says nothing about speed: the race starts over (warm-up first)."""
-    from sageattn2_pack.nodes.race import PLAN, SAGE, STOCK, ForwardRace
-
-    race = ForwardRace(clock=ScriptedClock([]))
-    key = ("x",)
-    assert [race.side(key)] == [SAGE] and not race.timing(key)
-    race.record(key, SAGE, None)
-    assert race.side(key) == STOCK and race.timing(key)
-    race.restart(key)
-    assert race.side(key) == PLAN[0] and not race.timing(key) and key not in race.verdicts
