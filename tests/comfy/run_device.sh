@@ -35,7 +35,7 @@ git -C "$COMFYUI_PATH" log -1 --format='ComfyUI %h %cs' 2>/dev/null || echo "Com
 
 echo "== kernels"
 have_kernels() {
-  python3 -c 'import sys, torch; from sageattn2 import loader; lib, why = loader.library_for_device(torch.device("cuda")); print(why or f"{lib.tag}: {lib.families}"); sys.exit(lib is None)'
+  python3 -c 'import sys, torch; from sageattn2 import loader; dk, why = loader.kernels_for_device(torch.device("cuda")); print(why or f"{dk.tag}: {dk.families}"); sys.exit(dk is None)'
 }
 if [ "$BUILD" = force ] || { [ "$BUILD" = auto ] && ! have_kernels; }; then
   start=$(date +%s)

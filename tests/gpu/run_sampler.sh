@@ -22,7 +22,7 @@ python3 -c "import torchsde" || { echo "torchsde is missing: carry .whl"; exit 2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader | tee "$OUT/device.txt"
 
 have_kernels() {
-  python3 -c 'import sys, torch; from sageattn2 import loader; lib, why = loader.library_for_device(torch.device("cuda")); print(why or f"{lib.tag}: {lib.families}"); sys.exit(lib is None)'
+  python3 -c 'import sys, torch; from sageattn2 import loader; dk, why = loader.kernels_for_device(torch.device("cuda")); print(why or f"{dk.tag}: {dk.families}"); sys.exit(dk is None)'
 }
 BUILD=${BUILD:-auto}
 if [ "$BUILD" = force ] || { [ "$BUILD" = auto ] && ! have_kernels; }; then

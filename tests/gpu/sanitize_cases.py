@@ -40,7 +40,7 @@ def inputs(d, dtype, layout, causal, seed):
 
 def mma_cases():
     pv_types = ((torch.float16, "fp16"), (torch.bfloat16, "fp16"), (torch.bfloat16, "fp8"), (torch.float16, "fp8"))
-    has_fp8 = bool(mma._functions(LIB).sa2_mma_has_fp8_pv())
+    has_fp8 = LIB.arch.fp8_mma
     for n, (d, qk, (dtype, pv), causal) in enumerate(
             itertools.product((64, 128, 256, 36), ("int8", "int4"), pv_types, (False, True))):
         if pv == "fp8" and not has_fp8:
@@ -87,7 +87,7 @@ def run_wgmma(wgmma, d, cfg, dtype, causal, schedule, layout, seed):
 
 def main() -> int:
     global LIB
-    LIB, why = loader.library_for_device(DEV)
+    LIB, why = loader.kernels_for_device(DEV)
     if LIB is None:
         print(f"no kernel library: {why}")
         return 2
