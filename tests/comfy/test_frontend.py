@@ -8,10 +8,10 @@ in custom_nodes and the comfyui-frontend-package, driven through headless Chromi
 
     COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/comfy/test_frontend.py -q
 
-Needs, besides COMFYUI_PATH: ComfyUI's requirements (`pip install -r $COMFYUI_PATH/requirements.txt`,
-which brings comfyui-frontend-package), `pip install playwright`, and a Chromium
-(`apt-get install chromium`; CHROMIUM=/path/to/chrome for another). Skipped where one is
-missing. SAGEATTN2_SCREENSHOTS=DIR saves the template browser and the opened Flux workflow
+Needs, besides COMFYUI_PATH: ComfyUI's requirements with the installed torch held (they
+bring comfyui-frontend-package), `pip install playwright`, and a Chromium
+(`apt-get install chromium`; CHROMIUM=/path/to/chrome for another); docs/nodes.md has the
+commands. Skipped where one is missing. SAGEATTN2_SCREENSHOTS=DIR saves the template browser and the opened Flux workflow
 as PNGs there (the pictures in docs/).
 """
 from __future__ import annotations
@@ -113,9 +113,16 @@ def page(server):
 
 
 def screenshot(page, name):
+    """Into $SAGEATTN2_SCREENSHOTS, as a 128-colour PNG (small enough for docs/)."""
     folder = os.environ.get("SAGEATTN2_SCREENSHOTS")
     if folder:
-        page.screenshot(path=str(Path(folder) / name))
+        from PIL import Image
+
+        path = Path(folder) / name
+        page.screenshot(path=str(path))
+        with Image.open(path) as img:
+            img = img.convert("RGB").quantize(128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        img.save(path, optimize=True)
 
 
 def open_our_templates(page):
