@@ -342,7 +342,7 @@ __device__ __forceinline__ void pack_p_fp8(const uint32_t (&s)[64], uint32_t (&p
 template <bool kBf16>
 __device__ __forceinline__ void pack_p_16(const uint32_t (&s)[64], uint32_t (&p)[32]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) p[i] = sm90::pack_half2<kBf16>(__uint_as_float(s[2 * i]), __uint_as_float(s[2 * i + 1]));
+  for (int i = 0; i < 32; ++i) p[i] = pack2_16bit<kBf16>(__uint_as_float(s[2 * i]), __uint_as_float(s[2 * i + 1]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       for (int cb = 0; cb < D / 8; ++cb) {
         const float2 y = output_pair(cb, rr);
         staged[(g * kChunks + (cb ^ g)) * 4 + t] =
-            out_bf16 ? sm90::pack_half2<true>(y.x, y.y) : sm90::pack_half2<false>(y.x, y.y);
+            out_bf16 ? pack2_16bit<true>(y.x, y.y) : pack2_16bit<false>(y.x, y.y);
       }
       __syncwarp();
 #pragma unroll

@@ -214,17 +214,6 @@ __device__ __forceinline__ uint32_t pack_e4m3x4(float v0, float v1, float v2, fl
   return out;
 }
 
-template <bool kBf16>
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  uint32_t out;
-  if constexpr (kBf16) {
-    asm("cvt.rn.bf16x2.f32 %0, %2, %1;\n" : "=r"(out) : "f"(lo), "f"(hi));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %2, %1;\n" : "=r"(out) : "f"(lo), "f"(hi));
-  }
-  return out;
-}
-
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
