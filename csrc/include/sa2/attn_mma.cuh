@@ -42,15 +42,18 @@ struct AttnMmaArgs {
   int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
   int64_t qk_int4, pv_type, out_bf16, granularity, smooth_q, q_mean_rows, causal;
   double sm_scale;
+  int64_t pv_accum;  // PVAccum: 0 fp32, 1 fp16 (FP8 V quantized to |V_hat| <= 2, or fp16 V)
 };
 
 enum Granularity : int { kPerThread = 0, kPerWarp = 1, kPerBlock = 2 };
 
-template <int kHeadDim_, QKType kQK_, PVType kPV_>
+template <int kHeadDim_, QKType kQK_, PVType kPV_, PVAccum kAcc_ = PVAccum::kFp32>
 struct AttnMmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr QKType kQK = kQK_;
   static constexpr PVType kPV = kPV_;
+  static constexpr PVAccum kAcc = kAcc_;
+  static constexpr bool kF16Acc = kAcc == PVAccum::kFp16;
   // config.tile_shape(Family.MMA, D): (128, 32, 64) up to 128, (64, 16, 64) at 256 where a
   // 32-row warp's fp32 O fragment (256 registers) would not fit.
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
@@ -64,6 +67,10 @@ struct AttnMmaTraits {
   static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
   static constexpr int kQKSteps = kQKBytes / 32;                         // MMAs along the head dim
   static constexpr bool kFp8PV = kPV == PVType::kFp8;
+  // P = exp2(x - m + kPLog2Max) lies in [0, 2^kPLog2Max] (config.AttnConfig.p_log2_max):
+  // the E4M3 range for FP8; 2^-7 for 16-bit PV into an fp16 accumulator, so that 64 products
+  // with any fp16 V stay far below 65504 (numerics.md §2.6; FP8 bounds V instead).
+  static constexpr float kPLog2Max = kFp8PV ? quant::kLog2Fp8Max : kF16Acc ? -7.0f : 0.0f;
   // V tile in shared memory: V^T rows of kKTile bytes (FP8) or kKTile rows of 2*D bytes.
   static constexpr int kVRowBytes = kFp8PV ? kKTile : 2 * kHeadDim;
   static constexpr int kVRows = kFp8PV ? kHeadDim : kKTile;
@@ -87,6 +94,7 @@ struct AttnMmaTraits {
   static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
   static_assert(kOTiles % 2 == 0 && kSTiles % 4 == 0, "fragments are loaded in pairs");
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB of sm_86/89/120");
+  static_assert(!kF16Acc || kPV != PVType::kBf16, "an fp16 accumulator takes fp16 or FP8 operands, not bf16");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRowBytes-byte rows,
@@ -254,7 +262,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
       for (int e = 0; e < 4; ++e) o[m][n][e] = 0.0f;
   softmax::RowState<M> rows;
   rows.init();
-  constexpr float kPOffset = T::kFp8PV ? quant::kLog2Fp8Max : 0.0f;
+  constexpr float kPOffset = T::kPLog2Max;
 
   // Commit order K0, V0, K1, V1, ...: at the top of tile j wait_group 1 leaves only V_j in
   // flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
@@ -414,20 +422,57 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
         }
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          float r0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          if constexpr (T::kF16Acc) {
+            // fp16 tile accumulator (|P_hat| <= 448, |V_hat| <= 2: cannot overflow).
+            uint32_t r0[2] = {0u, 0u}, r1[2] = {0u, 0u};
 #pragma unroll
-          for (int kk = 0; kk < NS / 4; ++kk) {
-            mma_pv_e4m3(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
-            mma_pv_e4m3(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
-          }
+            for (int kk = 0; kk < NS / 4; ++kk) {
+              mma_pv_e4m3_f16acc(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
+              mma_pv_e4m3_f16acc(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
+            }
+            add_f16_fragment(o[m][2 * np], r0);
+            add_f16_fragment(o[m][2 * np + 1], r1);
+          } else {
+            float r0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            o[m][2 * np][e] += r0[e];
-            o[m][2 * np + 1][e] += r1[e];
+            for (int kk = 0; kk < NS / 4; ++kk) {
+              mma_pv_e4m3(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
+              mma_pv_e4m3(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              o[m][2 * np][e] += r0[e];
+              o[m][2 * np + 1][e] += r1[e];
+            }
           }
         }
       }
 #endif
+    } else if constexpr (T::kF16Acc) {
+      // fp16 tile accumulator per 16 channels (P <= 2^-7: cannot overflow), then into fp32 O.
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        uint32_t r[M][2][2];
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) r[m][i][0] = r[m][i][1] = 0u;
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; ++kk) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vs_addr + v_offsets.at(kk * 16, np * 2));
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            mma_pv16_f16acc(r[m][0], p_frag[m][kk], b[0], b[1]);
+            mma_pv16_f16acc(r[m][1], p_frag[m][kk], b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          add_f16_fragment(o[m][2 * np], r[m][0]);
+          add_f16_fragment(o[m][2 * np + 1], r[m][1]);
+        }
+      }
     } else {
 #pragma unroll
       for (int np = 0; np < NO / 2; ++np) {
@@ -499,7 +544,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
         }
       }
       if (a.lse && t == 0) {
-        // lse = (m + log2 l') ln 2 + sm_scale (q . kbar), l' = l / 448 for FP8 PV.
+        // lse = (m + log2 l - kPLog2Max) ln 2 + sm_scale (q . kbar).
         float lse2 = rows.max[m][h] + log2f(l) - kPOffset;
         float lse = lse2 * quant::kLn2;
         if (a.q_dot_kbar)
@@ -510,9 +555,9 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
 }
 
 // Host side: launch one instantiation (defined here, instantiated in csrc/attn_mma.cu).
-template <int kHeadDim, QKType kQK, PVType kPV>
+template <int kHeadDim, QKType kQK, PVType kPV, PVAccum kAcc>
 int launch_attn_mma(const AttnMmaArgs& a) {
-  using T = AttnMmaTraits<kHeadDim, kQK, kPV>;
+  using T = AttnMmaTraits<kHeadDim, kQK, kPV, kAcc>;
   auto kernel = attn_mma_kernel<T>;
   SA2_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes));
   SA2_REQUIRE(a.nq_pad % T::kCtaQ == 0 && a.nk_pad % T::kKTile == 0, "padded lengths must be whole tiles");

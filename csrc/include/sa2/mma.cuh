@@ -22,6 +22,9 @@ namespace sa2 {
 
 enum class QKType { kInt8, kInt4 };
 enum class PVType { kFp16, kBf16, kFp8 };
+// Accumulator of P.V inside one key tile (O is fp32 across tiles): fp32, or fp16 ("SA2++",
+// twice the MMA rate on GeForce cards; FP8 PV, or FP16 PV with fp16 V).
+enum class PVAccum { kFp32, kFp16 };
 
 namespace mma {
 
@@ -96,7 +99,32 @@ __device__ __forceinline__ void mma_pv16(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
+// R(16x8, f16) += P(16x16, f16) . V(16x8, f16): fp16 accumulator, two registers of two halves
+// (c0 = row g, cols 2t, 2t+1; c1 = row g+8).
+__device__ __forceinline__ void mma_pv16_f16acc(uint32_t (&c)[2], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0, %1}, {%2, %3, %4, %5}, {%6, %7}, {%0, %1};\n"
+      : "+r"(c[0]), "+r"(c[1])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// o[0..3] += an fp16 accumulator fragment (the layout of mma_pv16_f16acc's c), in fp32.
+__device__ __forceinline__ void add_f16_fragment(float (&o)[4], const uint32_t (&c)[2]) {
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&c[0]));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&c[1]));
+  o[0] += lo.x;
+  o[1] += lo.y;
+  o[2] += hi.x;
+  o[3] += hi.y;
+}
+
 #if SA2_HAS_FP8_MMA
+// R(16x8, f16) += P(16x32, e4m3) . V(32x8, e4m3) with an fp16 accumulator (sm_89+).
+__device__ __forceinline__ void mma_pv_e4m3_f16acc(uint32_t (&c)[2], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f16.e4m3.e4m3.f16 {%0, %1}, {%2, %3, %4, %5}, {%6, %7}, {%0, %1};\n"
+      : "+r"(c[0]), "+r"(c[1])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // R(16x8, f32) += P(16x32, e4m3) . V(32x8, e4m3). Exists from sm_89 (emulated through HMMA on sm_90).
 __device__ __forceinline__ void mma_pv_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
