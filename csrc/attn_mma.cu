@@ -15,34 +15,52 @@
 
 namespace sa2 {
 
-// The one list: X(head dim, QK type, PV type, shard). FP8 PV only where e4m3 mma.sync exists.
+// The one list: X(head dim, QK type, PV type, PV accumulator, shard). FP8 PV only where e4m3
+// mma.sync exists; the fp16 accumulator only for fp16 and FP8 operands.
 // Shards are assigned by hand so each object holds 2-4 kernels of similar cost.
 #define SA2_MMA_KERNELS_16BIT(X)  \
-  X(64, kInt8, kFp16, 0)          \
-  X(64, kInt8, kBf16, 1)          \
-  X(128, kInt8, kFp16, 2)         \
-  X(128, kInt8, kBf16, 3)         \
-  X(256, kInt8, kFp16, 4)         \
-  X(256, kInt8, kBf16, 5)         \
-  X(64, kInt4, kFp16, 0)          \
-  X(64, kInt4, kBf16, 1)          \
-  X(128, kInt4, kFp16, 2)         \
-  X(128, kInt4, kBf16, 3)         \
-  X(256, kInt4, kFp16, 4)         \
-  X(256, kInt4, kBf16, 5)
+  X(64, kInt8, kFp16, kFp32, 0)          \
+  X(64, kInt8, kBf16, kFp32, 1)          \
+  X(128, kInt8, kFp16, kFp32, 2)         \
+  X(128, kInt8, kBf16, kFp32, 3)         \
+  X(256, kInt8, kFp16, kFp32, 4)         \
+  X(256, kInt8, kBf16, kFp32, 5)         \
+  X(64, kInt4, kFp16, kFp32, 0)          \
+  X(64, kInt4, kBf16, kFp32, 1)          \
+  X(128, kInt4, kFp16, kFp32, 2)         \
+  X(128, kInt4, kBf16, kFp32, 3)         \
+  X(256, kInt4, kFp16, kFp32, 4)         \
+  X(256, kInt4, kBf16, kFp32, 5)
 
 #define SA2_MMA_KERNELS_FP8(X)    \
-  X(64, kInt8, kFp8, 0)           \
-  X(128, kInt8, kFp8, 1)          \
-  X(256, kInt8, kFp8, 2)          \
-  X(64, kInt4, kFp8, 3)           \
-  X(128, kInt4, kFp8, 4)          \
-  X(256, kInt4, kFp8, 5)
+  X(64, kInt8, kFp8, kFp32, 0)           \
+  X(128, kInt8, kFp8, kFp32, 1)          \
+  X(256, kInt8, kFp8, kFp32, 2)          \
+  X(64, kInt4, kFp8, kFp32, 3)           \
+  X(128, kInt4, kFp8, kFp32, 4)          \
+  X(256, kInt4, kFp8, kFp32, 5)
+
+#define SA2_MMA_KERNELS_16BIT_F16ACC(X) \
+  X(64, kInt8, kFp16, kFp16, 2)          \
+  X(128, kInt8, kFp16, kFp16, 4)         \
+  X(256, kInt8, kFp16, kFp16, 0)         \
+  X(64, kInt4, kFp16, kFp16, 3)          \
+  X(128, kInt4, kFp16, kFp16, 5)         \
+  X(256, kInt4, kFp16, kFp16, 1)
+
+#define SA2_MMA_KERNELS_FP8_F16ACC(X) \
+  X(64, kInt8, kFp8, kFp16, 4)         \
+  X(128, kInt8, kFp8, kFp16, 5)        \
+  X(256, kInt8, kFp8, kFp16, 3)        \
+  X(64, kInt4, kFp8, kFp16, 2)         \
+  X(128, kInt4, kFp8, kFp16, 0)        \
+  X(256, kInt4, kFp8, kFp16, 1)
 
 #if SA2_HAS_FP8_MMA
-#define SA2_MMA_KERNELS(X) SA2_MMA_KERNELS_16BIT(X) SA2_MMA_KERNELS_FP8(X)
+#define SA2_MMA_KERNELS(X) \
+  SA2_MMA_KERNELS_16BIT(X) SA2_MMA_KERNELS_FP8(X) SA2_MMA_KERNELS_16BIT_F16ACC(X) SA2_MMA_KERNELS_FP8_F16ACC(X)
 #else
-#define SA2_MMA_KERNELS(X) SA2_MMA_KERNELS_16BIT(X)
+#define SA2_MMA_KERNELS(X) SA2_MMA_KERNELS_16BIT(X) SA2_MMA_KERNELS_16BIT_F16ACC(X)
 #endif
 
 // SA2_IN_SHARD_<s>(...) expands to its arguments only in the object that owns shard s
@@ -79,13 +97,13 @@ namespace sa2 {
 #endif
 
 // Every object declares every instantiation (so none is instantiated implicitly)...
-#define SA2_DECLARE_INSTANCE(D, QK, PV, S) \
-  extern template int launch_attn_mma<D, QKType::QK, PVType::PV>(const AttnMmaArgs&);
+#define SA2_DECLARE_INSTANCE(D, QK, PV, ACC, S) \
+  extern template int launch_attn_mma<D, QKType::QK, PVType::PV, PVAccum::ACC>(const AttnMmaArgs&);
 SA2_MMA_KERNELS(SA2_DECLARE_INSTANCE)
 
 // ...and defines those of its shard.
-#define SA2_DEFINE_INSTANCE(D, QK, PV, S) \
-  SA2_IN_SHARD_##S(template int launch_attn_mma<D, QKType::QK, PVType::PV>(const AttnMmaArgs&);)
+#define SA2_DEFINE_INSTANCE(D, QK, PV, ACC, S) \
+  SA2_IN_SHARD_##S(template int launch_attn_mma<D, QKType::QK, PVType::PV, PVAccum::ACC>(const AttnMmaArgs&);)
 SA2_MMA_KERNELS(SA2_DEFINE_INSTANCE)
 
 }  // namespace sa2
@@ -96,10 +114,10 @@ namespace {
 
 using Launcher = int (*)(const sa2::AttnMmaArgs&);
 
-Launcher find_launcher(int64_t head_dim, sa2::QKType qk, sa2::PVType pv) {
-#define SA2_MATCH_INSTANCE(D, QK, PV, S)                                        \
-  if (head_dim == D && qk == sa2::QKType::QK && pv == sa2::PVType::PV) \
-    return &sa2::launch_attn_mma<D, sa2::QKType::QK, sa2::PVType::PV>;
+Launcher find_launcher(int64_t head_dim, sa2::QKType qk, sa2::PVType pv, sa2::PVAccum acc) {
+#define SA2_MATCH_INSTANCE(D, QK, PV, ACC, S)                                                          \
+  if (head_dim == D && qk == sa2::QKType::QK && pv == sa2::PVType::PV && acc == sa2::PVAccum::ACC) \
+    return &sa2::launch_attn_mma<D, sa2::QKType::QK, sa2::PVType::PV, sa2::PVAccum::ACC>;
   using namespace sa2;
   SA2_MMA_KERNELS(SA2_MATCH_INSTANCE)
   return nullptr;
@@ -128,6 +146,8 @@ SA2_EXPORT int sa2_mma_attention(const sa2::AttnMmaArgs* args) {
   SA2_REQUIRE(a.q && a.k && a.q_scale && a.k_scale && a.v && a.out, "null tensor pointer");
   SA2_REQUIRE(!a.smooth_q || (a.qbar && a.qbar_scale), "smooth_q needs qbar and qbar_scale");
   SA2_REQUIRE(a.pv_type >= 0 && a.pv_type <= 2, "bad pv_type %lld", (long long)a.pv_type);
+  SA2_REQUIRE(a.pv_accum == 0 || a.pv_accum == 1, "bad pv_accum %lld", (long long)a.pv_accum);
+  SA2_REQUIRE(!(a.pv_accum == 1 && a.pv_type == 1), "an fp16 P.V accumulator needs fp16 or FP8 operands, not bf16");
   const auto pv = static_cast<sa2::PVType>(a.pv_type);
   if (pv == sa2::PVType::kFp8) {
 #if SA2_HAS_FP8_MMA
@@ -145,7 +165,8 @@ SA2_EXPORT int sa2_mma_attention(const sa2::AttnMmaArgs* args) {
     SA2_REQUIRE(aligned, "16-bit V needs head_dim %% 8 == 0, strides %% 8 == 0 and a 16-byte aligned pointer");
     SA2_REQUIRE(2 * 64 * a.v_stride_n < (1ll << 31), "V token stride too large for 32-bit tile offsets");
   }
-  const Launcher launch = find_launcher(a.padded_head_dim, a.qk_int4 ? sa2::QKType::kInt4 : sa2::QKType::kInt8, pv);
+  const Launcher launch = find_launcher(a.padded_head_dim, a.qk_int4 ? sa2::QKType::kInt4 : sa2::QKType::kInt8, pv,
+                                        static_cast<sa2::PVAccum>(a.pv_accum));
   SA2_REQUIRE(launch != nullptr, "no mma kernel for padded head dim %lld", (long long)a.padded_head_dim);
   return launch(a);
 }

@@ -168,10 +168,11 @@ struct StatsJob {
   StridedInput x;
   float* partial;     // (B, H, chunks, 3, D)
   float* mean;        // (B, H, D) or null
-  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / 448 (mean = 0 if `mean` is null)
-  float* fp8_inv;     // (B, H, D) or null: 448 / max|x - mean|
+  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / fp8_max (mean = 0 if `mean` is null)
+  float* fp8_inv;     // (B, H, D) or null: fp8_max / max|x - mean|
   unsigned* counter;  // (B * H) tickets, 0 between calls
   int vec;
+  float fp8_max;      // largest |V_hat|: 448, or 2 for an fp16 P.V accumulator (numerics.md §1.5)
 };
 
 struct StatsParams {
@@ -262,7 +263,7 @@ __device__ __forceinline__ void stats_job(const StatsParams& p, int which, int c
     if (job.fp8_scale) {
       // max_t |x_t - mean| = max(max x - mean, mean - min x) exactly: rounding is monotone.
       const float amax = fmaxf(__fsub_rn(hi, mean), __fsub_rn(mean, lo));
-      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kFp8Max);
+      const GroupScale g = sa2::quant::group_scale(amax, job.fp8_max);
       job.fp8_scale[bh * D + ch] = g.scale;
       if (job.fp8_inv) job.fp8_inv[bh * D + ch] = g.inv;
     }
@@ -746,6 +747,7 @@ struct Sa2QuantizeQkvArgs {
   int64_t v_padded_tokens;
   void* v_scale;     // f32 (B, Hkv, D), with v_out
   void* v_inv;       // f32 (B, Hkv, D), with v_out
+  int64_t v_fp8_max;  // with v_out: largest |V_hat|, 448 or 2 (fp16 P.V accumulation, numerics.md §1.5)
   void* workspace;   // f32: B * Hkv * ceil(Nk / 256) * 3 * D per reduced tensor (K if kbar, V if vbar or v_out)
   int64_t workspace_floats;
   void* counters;    // u32 (2 * B * Hkv), zero on entry and left zero (one set per stream)
@@ -831,6 +833,8 @@ SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
                 "v_padded_tokens %lld must be a multiple of %d covering the tokens", (long long)a->v_padded_tokens,
                 kVTileTokens);
     SA2_REQUIRE(a->v_scale && a->v_inv, "null V scale");
+    SA2_REQUIRE(a->v_fp8_max == 448 || a->v_fp8_max == 2, "v_fp8_max must be 448 or 2, got %lld",
+                (long long)a->v_fp8_max);
     VJob& vj = p.v;
     vj.x = {v.ptr, v.stride_b, v.stride_h, v.stride_n};
     vj.heads = static_cast<int>(v.heads);
@@ -849,13 +853,14 @@ SA2_EXPORT int sa2_quantize_qkv(const Sa2QuantizeQkvArgs* a) {
   if (a->kbar) {
     sp.job[sp.jobs++] = StatsJob{{k.ptr, k.stride_b, k.stride_h, k.stride_n}, nullptr, static_cast<float*>(a->kbar),
                                  nullptr, nullptr, nullptr,
-                                 vector_ok(k.ptr, k.head_dim, k.stride_b, k.stride_h, k.stride_n)};
+                                 vector_ok(k.ptr, k.head_dim, k.stride_b, k.stride_h, k.stride_n), 0.0f};
   }
   if (a->vbar || a->v_out) {
     sp.job[sp.jobs++] = StatsJob{{v.ptr, v.stride_b, v.stride_h, v.stride_n}, nullptr, static_cast<float*>(a->vbar),
                                  static_cast<float*>(a->v_out ? a->v_scale : nullptr),
                                  static_cast<float*>(a->v_out ? a->v_inv : nullptr), nullptr,
-                                 vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n)};
+                                 vector_ok(v.ptr, v.head_dim, v.stride_b, v.stride_h, v.stride_n),
+                                 static_cast<float>(a->v_fp8_max)};
   }
   sp.heads = static_cast<int>(k.heads);
   sp.n = static_cast<int>(k.tokens);

@@ -16,6 +16,7 @@ from .config import (
     AttnConfig,
     Family,
     Granularity,
+    PVAccum,
     PVDType,
     QKDType,
     default_smooth_q,
@@ -46,6 +47,18 @@ class Plan:
 def default_precision(capability: tuple[int, int]) -> str:
     """What `auto` means on a GPU: FP8 PV where the tensor cores have it, else FP16 PV."""
     return "int8+fp8" if capability >= (8, 9) else "int8+fp16"
+
+
+# GeForce Ada and Blackwell: FP8 MMA with an fp16 accumulator runs at twice the rate of fp32
+# accumulation, at the same error within 0.1 % (numerics.md §2.6). Hopper's mma path emulates FP8.
+FP16_ACCUM_CAPABILITIES = ((8, 9), (12, 0), (12, 1))
+
+
+def default_pv_accum(capability: tuple[int, int], pv_dtype: PVDType) -> PVAccum:
+    """The mma family's P.V accumulator where the caller did not choose one."""
+    if pv_dtype is PVDType.FP8 and capability in FP16_ACCUM_CAPABILITIES:
+        return PVAccum.FP16
+    return PVAccum.FP32
 
 
 def backend_module(name: str):
@@ -152,6 +165,8 @@ def plan_for_library(
         # Q smoothing was on only because INT4 defaults to it; INT8 does not need it, and
         # keeping it would bar the (faster) wgmma family, which does not implement it.
         cfg = cfg.with_(qk_dtype=QKDType.INT8, smooth_q=cfg.smooth_q if smooth_q is not None else False)
+    if "wgmma" not in lib.families:  # pv_accum exists only in the mma family
+        cfg = cfg.with_(pv_accum=default_pv_accum(capability, cfg.pv_dtype))
 
     reasons = []
     for family in lib.families:

@@ -29,6 +29,7 @@ from ..config import (
     AttnConfig,
     Family,
     Granularity,
+    PVAccum,
     PVDType,
     QKDType,
     TileShape,
@@ -44,6 +45,7 @@ SYMBOL = "sa2_mma_attention"
 QUANT_SYMBOLS = ("sa2_quantize_qkv", "sa2_smooth_v16")
 PV_CODES = {torch.float16: 0, torch.bfloat16: 1}  # AttnMmaArgs.pv_type for 16-bit PV; FP8 is 2
 PV_FP8 = 2
+PV_ACCUM_CODES = {PVAccum.FP32: 0, PVAccum.FP16: 1}  # AttnMmaArgs.pv_accum (sa2::PVAccum)
 GRANULARITY_CODES = {Granularity.PER_THREAD: 0, Granularity.PER_WARP: 1, Granularity.PER_BLOCK: 2}
 # V^T (FP8) token rows are padded to a multiple of this (one quantizer CTA = 64 tokens).
 V_TILE_TOKENS = 64
@@ -73,7 +75,7 @@ class _QuantizeQkvArgs(ctypes.Structure):
     _fields_ = [("q", _Input), ("k", _Input), ("v", _Input), ("padded_head_dim", _i), ("int4", _i),
                 ("q_rows", _QkvRows), ("k_rows", _QkvRows), ("q_mean_rows", _i), ("qbar", _p),
                 ("qbar_scale", _p), ("kbar", _p), ("q_dot_kbar", _p), ("vbar", _p),
-                ("v_out", _p), ("v_padded_tokens", _i), ("v_scale", _p), ("v_inv", _p),
+                ("v_out", _p), ("v_padded_tokens", _i), ("v_scale", _p), ("v_inv", _p), ("v_fp8_max", _i),
                 ("workspace", _p), ("workspace_floats", _i), ("counters", _p), ("counter_slots", _i),
                 ("stream", _p)]
 
@@ -87,7 +89,7 @@ class _AttnMmaArgs(ctypes.Structure):
                 ("v_pad", _i), ("v_stride_b", _i), ("v_stride_h", _i), ("v_stride_n", _i),
                 ("o_stride_b", _i), ("o_stride_h", _i), ("o_stride_n", _i), ("qk_int4", _i),
                 ("pv_type", _i), ("out_bf16", _i), ("granularity", _i), ("smooth_q", _i),
-                ("q_mean_rows", _i), ("causal", _i), ("sm_scale", ctypes.c_double)]
+                ("q_mean_rows", _i), ("causal", _i), ("sm_scale", ctypes.c_double), ("pv_accum", _i)]
 
 
 _configured: set[int] = set()
@@ -280,6 +282,7 @@ class _QkvPlan:
             rows.padded_tokens, rows.block_rows = n_pad, block
             rows.slice_rows, rows.mod_groups, rows.mod_div = _group_rule(cfg.granularity, tile, for_q)
         a.v_padded_tokens = self.v_pad
+        a.v_fp8_max = int(cfg.v_fp8_max) if self.fp8 else 0
         a.workspace_floats = stats_jobs * stats_floats
         a.counter_slots = self.counter_slots
 
@@ -370,6 +373,8 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return f"kernel library for {lib.tag} was built without the mma family"
     if cfg.pv_dtype is PVDType.FP8 and not _functions(lib).sa2_mma_has_fp8_pv():
         return f"FP8 PV needs e4m3 mma.sync (sm_89+); {lib.tag} has none: use fp16 PV"
+    if cfg.pv_accum is PVAccum.FP16 and cfg.pv_dtype is PVDType.FP16 and q.dtype != torch.float16:
+        return f"an fp16 P.V accumulator multiplies fp16 V; {q.dtype} inputs need pv_accum='fp32'"
     return None
 
 
@@ -436,7 +441,7 @@ class _AttentionPlan:
             *_contiguous_bhn_strides(q.shape, layout), int(cfg.qk_dtype is QKDType.INT4),
             PV_FP8 if fp8 else PV_CODES[q.dtype], int(q.dtype == torch.bfloat16),
             GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q), tile.q_mean_rows, int(is_causal),
-            float(sm_scale))
+            float(sm_scale), PV_ACCUM_CODES[cfg.pv_accum])
 
     def __call__(self, q, k, v):
         if not self.fast or (not self.fp8 and v.data_ptr() % 16):
@@ -521,6 +526,6 @@ def launch(lib: Library, qz: Quantized, q, k, *, layout, cfg, is_causal, sm_scal
         b, hq, hk, nq, nk, d, qz.padded_head_dim, qz.q.shape[2], qz.k.shape[2], v_pad, *v_strides,
         *out_h.stride()[:3], int(cfg.qk_dtype is QKDType.INT4), PV_FP8 if fp8 else PV_CODES[q.dtype],
         int(q.dtype == torch.bfloat16), GRANULARITY_CODES[cfg.granularity], int(cfg.smooth_q),
-        qz.tile.q_mean_rows, int(is_causal), float(sm_scale))
+        qz.tile.q_mean_rows, int(is_causal), float(sm_scale), PV_ACCUM_CODES[cfg.pv_accum])
     _call(lib, SYMBOL, args)
     return out, lse
