@@ -13,6 +13,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "sa2/common.cuh"
 #include "sa2/mma.cuh"
 #include "sa2/quant.cuh"
@@ -88,7 +90,7 @@ struct AttnMmaTraits {
   static constexpr int kVOffset = kKOffset + 2 * kKTileBytes;
   static constexpr int kQbarOffset = kVOffset + kVStages * kVTileBytes;  // per-warp q-bar (INT8)
   static constexpr int kDsOffset = kQbarOffset + kWarps * kHeadDim;      // per-warp Delta-S row
-  static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;
+  static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;  // with Q smoothing; kQbarOffset without
 
   static_assert(kQKBytes % 32 == 0, "head dim must fill whole QK k-steps");
   static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
@@ -271,7 +273,11 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
   load_v(0, 0);
   cp_async_commit();
 
-  for (int j = 0; j < k_tiles; ++j) {
+  // One key tile. kMasked (a std::bool_constant) compiles the per-key mask in: only tiles that
+  // hold keys past nk or (causal) past a row of the CTA need it, so every other tile runs
+  // without the ~3 instructions per score of predicated compares and selects.
+  auto key_tile = [&](const int j, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     const int stage = j & 1;
     cp_async_wait<1>();
     __syncthreads();
@@ -327,7 +333,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
     const float kscale_lane = k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)];
     const float s_to_x = q_scale * kscale_lane * c_log2;
     const int key0 = j * T::kKTile;
-    const bool need_mask = key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0);
+    const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
     // P as A fragments of the PV MMA. FP8 (k32): a step covers S tiles 4kk..4kk+3, in the
     // order V^T is stored in (quant::v_stored_position). 16-bit (k16): S tiles 2kk, 2kk+1.
     constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;
@@ -360,15 +366,26 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
       for (int n = 0; n < NS; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key_in_tile = n * 8 + 2 * t + (e & 1);
-          const float ds = smooth_q ? ds_smem[warp * T::kKTile + key_in_tile] : 0.0f;
-          x[n][e] = fmaf(static_cast<float>(s[n][e]), s_to_x, ds);
-          if (need_mask) {
-            const int key = key0 + key_in_tile;
-            const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
-            if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
-          }
+          x[n][e] = static_cast<float>(s[n][e]) * s_to_x;
         }
+      if (smooth_q) {  // a uniform branch, not a predicated load per score
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[n][e] += ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)];
+      }
+      if constexpr (kMasked) {
+        if (need_mask) {
+#pragma unroll
+          for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = key0 + n * 8 + 2 * t + (e & 1);
+              const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
+              if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
+            }
+        }
+      }
 
       // Steps 3-5: online softmax in base 2.
       softmax::online_softmax_tile<NS>(x, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
@@ -395,15 +412,22 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
     if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
     cp_async_commit();
 
+    // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
+    // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
+    bool moved = false;
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        o[m][n][0] *= alpha[m][0];
-        o[m][n][1] *= alpha[m][0];
-        o[m][n][2] *= alpha[m][1];
-        o[m][n][3] *= alpha[m][1];
-      }
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[m][n][0] *= alpha[m][0];
+          o[m][n][1] *= alpha[m][0];
+          o[m][n][2] *= alpha[m][1];
+          o[m][n][3] *= alpha[m][1];
+        }
+    }
 
     cp_async_wait<1>();
     __syncthreads();
@@ -492,7 +516,11 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
     if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
     if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
     cp_async_commit();
-  }
+  };
+  // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
+  const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
+  for (int j = 0; j < full_tiles; ++j) key_tile(j, std::false_type{});
+  for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, std::true_type{});
   cp_async_wait<0>();
 
   // ---- Epilogue (§3): O / l (* vscale) + vbar in the caller's dtype and layout; lse.
@@ -565,7 +593,11 @@ int launch_attn_mma(const AttnMmaArgs& a) {
               "q_mean_rows %lld must be a multiple of warp_q %d", (long long)a.q_mean_rows, T::kWarpQ);
   const dim3 grid(static_cast<unsigned>(a.nq_pad / T::kCtaQ), static_cast<unsigned>(a.heads_q),
                   static_cast<unsigned>(a.batch));
-  kernel<<<grid, T::kThreads, T::kSmemBytes, static_cast<cudaStream_t>(a.stream)>>>(a);
+  // Without Q smoothing the q-bar and Delta-S rows are not allocated: at D = 128 that is 48 KB
+  // instead of 49.5 KB, and with the 1 KB every CTA reserves, two CTAs then fit the 100 KB of
+  // an sm_86/89/120 SM (one otherwise).
+  const int smem = a.smooth_q ? T::kSmemBytes : T::kQbarOffset;
+  kernel<<<grid, T::kThreads, smem, static_cast<cudaStream_t>(a.stream)>>>(a);
   SA2_LAUNCH_CHECK();
   return 0;
 }
