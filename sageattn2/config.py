@@ -204,6 +204,10 @@ class AttnConfig:
     smooth_v: bool = False
     family: Family = Family.MMA
     pv_accum: PVAccum = PVAccum.FP32
+    # Q and K rotated by an orthonormal Walsh-Hadamard transform of the (padded) head dim before
+    # quantization (numerics.md §1.6): Q K^T is unchanged, outlier channels are spread over all
+    # channels. Reference only so far: the kernels decline it.
+    hadamard: bool = False
 
     def __post_init__(self):
         # Accept plain strings and normalise them to the enums, with a clear error.
@@ -236,7 +240,7 @@ class AttnConfig:
         flags = "".join(
             c for c, on in (("k", self.smooth_k), ("q", self.smooth_q), ("v", self.smooth_v)) if on
         )
-        acc = "_acc-fp16" if self.pv_accum is PVAccum.FP16 else ""
+        acc = ("_acc-fp16" if self.pv_accum is PVAccum.FP16 else "") + ("_hadamard" if self.hadamard else "")
         return (
             f"{self.family.value}_{self.precision}{acc}_{self.granularity.value}"
             f"_smooth-{flags or 'none'}"

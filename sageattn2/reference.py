@@ -233,6 +233,23 @@ def _quantize_groups(x: Tensor, group_of_row: Tensor, n_groups: int, qmax: float
     return values.to(torch.int8), scale
 
 
+def hadamard_rotate(x: Tensor) -> Tensor:
+    """x (..., D), D a power of two, times the orthonormal Walsh-Hadamard matrix (Sylvester
+    order), in x's dtype: butterflies (a + b, a - b) over strides 1, 2, 4, ..., then one multiply
+    by 1/sqrt(D) (numerics.md §1.6). Its own inverse."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two head dim, got {d}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < d:
+        y = x.reshape(*lead, d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, d)
+        h *= 2
+    return x * (1.0 / math.sqrt(d))
+
+
 def _padded_fp32(x_hnd: Tensor, n_pad: int, d_pad: int) -> Tensor:
     """float32 copy zero-padded to (B, H, n_pad, d_pad)."""
     B, H, N, d = x_hnd.shape
@@ -295,7 +312,11 @@ def quantize_q(q: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> Qua
         qbar = _block_means(x, n, tile.q_mean_rows)
         x = torch.where(_real_rows(n, n_pad, q.device), x - qbar[:, :, rows // tile.q_mean_rows], 0.0)
         blocks = torch.arange(qbar.shape[2], device=q.device)
+        if cfg.hadamard:
+            qbar = hadamard_rotate(qbar)
         qbar_values, qbar_scale = _quantize_groups(qbar, blocks, qbar.shape[2], INT8_MAX)
+    if cfg.hadamard:
+        x = hadamard_rotate(x)
 
     groups = q_group_of_row(rows, tile, cfg.granularity)
     values, scale = _quantize_groups(x, groups, num_q_groups(n, tile, cfg.granularity), _qk_max(cfg))
@@ -321,6 +342,8 @@ def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool):
 def quantize_k(k: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> QuantK:
     """K minus its mean over all keys (when smooth_k) quantized per K group."""
     x, kbar, n, n_pad, tile = _keys_fp32(k, cfg, tensor_layout, cfg.smooth_k)
+    if cfg.hadamard:  # kbar stays unrotated: the lse adds q . kbar with the caller's q
+        x = hadamard_rotate(x)
 
     groups = k_group_of_key(torch.arange(n_pad, device=k.device), tile, cfg.granularity)
     values, scale = _quantize_groups(x, groups, num_k_groups(n, tile, cfg.granularity), _qk_max(cfg))

@@ -366,6 +366,8 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return why
     if cfg.family is not Family.MMA:
         return f"config is laid out for the {cfg.family.value} family"
+    if cfg.hadamard:
+        return "the Hadamard rotation is implemented in the reference only"
     lib, why = library_for_device(q.device)
     if lib is None:
         return why
