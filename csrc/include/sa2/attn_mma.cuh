@@ -360,19 +360,23 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
         }
       }
 
-      // Step 2: x = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf.
+      // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. Without
+      // Q smoothing (and with c > 0) the factor is left to the softmax's FFMA: x = s, scale =
+      // s_to_x. With it, x is the finished logit and scale = 1 (a uniform branch, so no
+      // predicated load per score).
       float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          x[n][e] = static_cast<float>(s[n][e]) * s_to_x;
-        }
-      if (smooth_q) {  // a uniform branch, not a predicated load per score
+        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[n][e]);
+      float x_scale = s_to_x;
+      if (smooth_q || !(c_log2 > 0.0f)) {
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) x[n][e] += ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)];
+          for (int e = 0; e < 4; ++e)
+            x[n][e] = fmaf(x[n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
+        x_scale = 1.0f;
       }
       if constexpr (kMasked) {
         if (need_mask) {
@@ -388,7 +392,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const AttnMmaArgs
       }
 
       // Steps 3-5: online softmax in base 2.
-      softmax::online_softmax_tile<NS>(x, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
+      softmax::online_softmax_tile<NS>(x, x_scale, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
 
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
