@@ -11,9 +11,10 @@ nvidia-cuda-nvdisasm wheels) and register counts. `table` reads them and prints 
 
 What is counted: the main loop is the backward branch whose body holds the most MMAs (one
 iteration = one KV tile of 64 keys for every kernel here; of several such loops, the shortest:
-the copy without masking). Regions that a forward branch skips
-and that contain IDP (our Q-smoothing Delta-S) are left out: the levels modelled run without Q
-smoothing. Everything else in the loop body is issued every tile (masking is predicated code).
+the copy without masking). Regions that a predicated forward branch skips and that hold no
+MMA, ldmatrix, ex2, barrier or cp.async are left out and reported as "conditional": our
+Q-smoothing Delta-S and the O rescale that runs only when a row max moved (the steady state of
+a long row). Everything else in the loop body is issued every tile (predicated code included).
 
 The model, per SM sub-partition (a quarter SM: one scheduler, a quarter of the tensor and
 special-function units), for one warp's tile:
@@ -109,29 +110,44 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split(" ", 1)[0]
 
 
-def main_loop(ins: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """Instructions of the backward-branch loop with the most MMAs, minus IDP (Delta-S) regions."""
+def branch_target(text: str) -> int | None:
+    """Target address of a BRA (BRA, BRA.U, predicated or not), else None."""
+    if not opcode(text).startswith("BRA"):
+        return None
+    target = re.findall(r"0x([0-9a-f]+)", text)
+    return int(target[-1], 16) if target else None
+
+
+def conditional_branch(text: str) -> bool:
+    """@P / @!P predicated, or BRA.U on a uniform predicate (sm_120 writes `BRA.U !UP0, addr`)."""
+    return text.startswith("@") or bool(re.match(r"BRA\.U\s+!?UP\d", text))
+
+
+def main_loop(ins: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(steady-state instructions, conditional instructions) of the backward-branch loop with
+    the most MMAs. Conditional: regions a predicated forward branch skips that hold no MMA,
+    ldmatrix, ex2, barrier or cp.async (Q smoothing's Delta-S, the lazy O rescale), which a
+    tile without Q smoothing whose row maxima did not move never runs."""
     best, best_mma = [], -1
     for addr, text in ins:
-        if opcode(text) != "BRA":
+        target = branch_target(text)
+        if target is None or target >= addr:
             continue
-        target = re.search(r"0x([0-9a-f]+)", text.split("BRA", 1)[1])
-        if not target or int(target.group(1), 16) >= addr:
-            continue
-        body = [x for x in ins if int(target.group(1), 16) <= x[0] <= addr]
+        body = [x for x in ins if target <= x[0] <= addr]
         n_mma = sum(1 for _, t in body if mma_kind(opcode(t)))
         # Kernels with a masked and an unmasked copy of the loop: the unmasked one (fewer
         # instructions, same MMAs) is the steady state.
         if n_mma > best_mma or (n_mma == best_mma and len(body) < len(best)):
             best, best_mma = body, n_mma
+    essential = ("LDSM", "MUFU", "BAR", "LDGSTS", "DEPBAR")
     skip = set()
     for addr, text in best:
-        if opcode(text) == "BRA" and text.startswith("@"):
-            target = int(re.search(r"0x([0-9a-f]+)", text.split("BRA", 1)[1]).group(1), 16)
+        target = branch_target(text)
+        if target is not None and target > addr and conditional_branch(text):
             region = [x for x in best if addr < x[0] < target]
-            if any(opcode(t).startswith("IDP") for _, t in region) and not any(mma_kind(opcode(t)) for _, t in region):
+            if region and not any(mma_kind(opcode(t)) or opcode(t).startswith(essential) for _, t in region):
                 skip.update(a for a, _ in region)
-    return [x for x in best if x[0] not in skip]
+    return [x for x in best if x[0] not in skip], [x for x in best if x[0] in skip]
 
 
 def loop_counts(body: list[tuple[int, str]]) -> dict:
@@ -197,10 +213,10 @@ def ours_source(arch: int) -> str:
 
 
 def ours_level(name: str) -> tuple[str, int] | None:
-    m = re.search(r"ILi(\d+)ELNS_6QKTypeE(\d)ELNS_6PVTypeE(\d)ELNS_7PVAccumE(\d)", name)
+    m = re.search(r"ILi(\d+)ELNS_6QKTypeE(\d)ELNS_6PVTypeE(\d)E(?:LNS_7PVAccumE(\d))?", name)
     if not m:
         return None
-    d, qk, pv, acc = (int(x) for x in m.groups())
+    d, qk, pv, acc = (int(x or 0) for x in m.groups())
     level = f"{'int4' if qk else 'int8'}+{'fp8' if pv == 2 else 'fp16'}" + (" acc16" if acc else "")
     return level, d
 
@@ -247,16 +263,33 @@ def nvcc(args: list[str]) -> None:
     subprocess.run(["nvcc", "-O3", "-std=c++17", "--expt-relaxed-constexpr", *args], check=True)
 
 
-def build(archs: list[int], thuml: Path | None, jobs_in_parallel: int = 2) -> None:
+def build(archs: list[int], thuml: Path | None, jobs_in_parallel: int = 2, ours: bool = True,
+          baseline_rev: str | None = None) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for arch in archs:
+    if baseline_rev and 90 in archs:
+        # Our kernel at the revision whose H100 speed was measured (rtx-anchors.md), for the fit.
+        inc = WORK / "baseline_inc" / "sa2"
+        inc.mkdir(parents=True, exist_ok=True)
+        for f in ("attn_mma.cuh", "mma.cuh", "softmax.cuh", "quant.cuh", "common.cuh"):
+            text = subprocess.run(["git", "show", f"{baseline_rev}:csrc/include/sa2/{f}"], cwd=ROOT, check=True,
+                                  capture_output=True, text=True).stdout
+            (inc / f).write_text(text)
+        src = WORK / "baseline_sm90.cu"
+        src.write_text('#include "sa2/attn_mma.cuh"\nnamespace sa2 {\n' + "".join(
+            f"template __global__ void attn_mma_kernel<AttnMmaTraits<{d}, QKType::kInt8, PVType::kFp16>>"
+            "(const AttnMmaArgs);\n" for d in (64, 128)) + "}\n")
+        jobs.append(("baseline_sm90", ["-DSA2_ARCH=90", "-DSA2_HAS_FP8_MMA=1", "-DSA2_FAMILY_WGMMA=0",
+                                        f"-I{inc.parent}", str(src)], 90))
+    for arch in archs if ours else ():
         src = WORK / f"ours_sm{arch}.cu"
         src.write_text(ours_source(arch))
         jobs.append((f"ours_sm{arch}", [f"-DSA2_ARCH={arch}", f"-DSA2_HAS_FP8_MMA={int(arch >= 89)}",
                                          "-DSA2_FAMILY_WGMMA=0", f"-I{ROOT / 'csrc' / 'include'}", str(src)], arch))
     if thuml:
         import sysconfig
+
+        thuml = thuml.resolve()
 
         import torch
 
@@ -298,13 +331,13 @@ def registers(res_text: str) -> dict[str, int]:
 # Model
 
 
-def smem_bytes_ours(d: int, fp8: bool, smooth_q: bool = False) -> int:
-    """AttnMmaTraits::kSmemBytes (dynamic shared memory of one CTA) at kCtaQ 128, 4 warps."""
-    q = 128 * d
-    k = 2 * 64 * d
+def smem_bytes_ours(d: int, qk_bytes: int, fp8: bool, smooth_q: bool) -> int:
+    """Dynamic shared memory of one CTA at kCtaQ 128, 4 warps (AttnMmaTraits: kSmemBytes with Q
+    smoothing, kQbarOffset without)."""
+    q = 128 * qk_bytes
+    k = 2 * 64 * qk_bytes
     v = (2 * d * 64) if fp8 else 64 * 2 * d
-    extra = 4 * d + 4 * 64 * 4
-    return q + k + v + extra
+    return q + k + v + ((4 * d + 4 * 64 * 4) if smooth_q else 0)
 
 
 def occupancy(card: Card, regs: int, smem: int, threads: int = 128) -> int:
@@ -344,10 +377,10 @@ def load_kernels() -> list[dict]:
     slugs = {thuml_slug(level): level for level in THUML}
     for sass_path in sorted(WORK.glob("*.sass")):
         stem, arch = sass_path.stem.rsplit("_sm", 1)
-        who = "ours" if stem.startswith("ours") else "thu-ml"
+        who = "ours" if stem.startswith("ours") else "baseline" if stem.startswith("baseline") else "thu-ml"
         regs = registers(sass_path.with_suffix(".res").read_text())
         for name, ins in parse_functions(sass_path.read_text()).items():
-            if who == "ours":
+            if who in ("ours", "baseline"):
                 tag = ours_level(name)
             else:
                 d = thuml_head_dim(name)
@@ -355,7 +388,9 @@ def load_kernels() -> list[dict]:
             if tag is None:
                 continue
             level, d = tag
-            loop = loop_counts(main_loop(ins))
+            steady, conditional = main_loop(ins)
+            loop = loop_counts(steady)
+            loop["conditional"] = len(conditional)
             rows.append({"who": who, "arch": int(arch), "level": level, "d": d, "regs": regs.get(name, 0),
                          "loop": loop, "kernel": name})
     return rows
@@ -365,13 +400,14 @@ def table(out: Path | None) -> str:
     rows = load_kernels()
     if not rows:
         sys.exit(f"no SASS under {WORK}: run `python tools/cycle_model.py build` first")
-    lines = ["| card | kernel | level | D | regs | warps/SM | instr/tile | MMA | MUFU | ldmatrix | spill ld/st | "
+    efficiency, fit = fit_efficiency(rows)
+    lines = fit + ["| card | kernel | level | D | regs | warps/SM | instr/tile | MMA | MUFU | ldmatrix | spill ld/st | "
              "tensor / mufu / issue / smem clk | bound by | predicted TOPS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for card in CARDS:
         for r in sorted(rows, key=lambda r: (r["d"], r["level"], r["who"])):
-            if r["arch"] != card.arch:
+            if r["arch"] != card.arch or r["who"] == "baseline":
                 continue
             key = (card.name, r["who"], r["level"], r["d"])
             if key in seen:
@@ -381,10 +417,12 @@ def table(out: Path | None) -> str:
             if not parts:
                 continue
             fp8 = "fp8" in r["level"]
-            smem = smem_bytes_ours(r["d"], fp8) if r["who"] == "ours" else thuml_smem(r["d"], fp8)
+            int4 = r["level"].startswith("int4")  # INT4 levels smooth Q by default
+            smem = (smem_bytes_ours(r["d"], r["d"] // 2 if int4 else r["d"], fp8, int4) if r["who"] == "ours"
+                    else thuml_smem(r["d"], fp8))
             warps = occupancy(card, r["regs"], smem)
             c = r["loop"]["counts"]
-            tops = predict_tops(card, r["d"], parts["bound"] / EFFICIENCY)
+            tops = predict_tops(card, r["d"], parts["bound"] / efficiency)
             lines.append(
                 f"| {card.name} | {r['who']} | {r['level']} | {r['d']} | {r['regs']} | {warps} | {c['instructions']} | "
                 f"{c.get('mma', 0)} | {c.get('mufu', 0)} | {c.get('ldsm', 0)} | {c.get('spill ld/st', 0)} | "
@@ -402,8 +440,36 @@ def thuml_smem(d: int, fp8: bool) -> int:
     return 128 * d + 64 * d + (64 * d * (1 if fp8 else 2))
 
 
-# Fitted on H100 (see the module docstring); set from the validation run.
-EFFICIENCY = 1.0
+# H100 whole calls, int8+fp16, TOPS (rtx-anchors.md, one run on 2026-12-07): our kernel at
+# BASELINE_REV and thu-ml's sm80 kernel; 1x40x32760x128 and 1x24x16384x64, where quantization
+# is a few % of the call.
+BASELINE_REV = "68b357c"
+MEASURED_H100 = {("baseline", 128): 326.0, ("baseline", 64): 212.0, ("thu-ml", 128): 460.0, ("thu-ml", 64): 358.0}
+
+
+def fit_efficiency(rows: list[dict]) -> tuple[float, list[str]]:
+    """Measured / bound-predicted TOPS on H100 for each measured kernel; the mean is the model's
+    efficiency, the spread its validation error."""
+    card = next(c for c in CARDS if c.arch == 90)
+    ratios, lines = [], []
+    for r in rows:
+        key = (r["who"], r["d"])
+        if r["arch"] != 90 or r["level"] != "int8+fp16" or key not in MEASURED_H100:
+            continue
+        parts = tile_cycles(card, r["loop"])
+        ideal = predict_tops(card, r["d"], parts["bound"])
+        ratios.append(MEASURED_H100[key] / ideal)
+        lines.append(f"| {r['who']} | {r['d']} | {r['loop']['counts']['instructions']} | "
+                     f"{parts['tensor']:.0f} / {parts['mufu']:.0f} / {parts['issue']:.0f} / {parts['smem']:.0f} | "
+                     f"{parts['bound_by']} | {ideal:.0f} | {MEASURED_H100[key]:.0f} | {ratios[-1]:.2f} |")
+    eff = sum(ratios) / len(ratios) if ratios else 1.0
+    err = max(abs(x / eff - 1) for x in ratios) if ratios else 0.0
+    head = ["H100 fit (int8+fp16, mma.sync; ideal = the bound at 1.98 GHz with perfect overlap):", "",
+            "| kernel | D | instr/tile | tensor / mufu / issue / smem clk | bound by | ideal TOPS | measured | ratio |",
+            "|---|---|---|---|---|---|---|---|"]
+    tail = ["", f"Efficiency (mean ratio) {eff:.2f}; the worst kernel is {100 * err:.0f} % off it: the model's "
+            "validation error.", ""]
+    return eff, head + lines + tail
 
 
 def main() -> None:
@@ -413,12 +479,15 @@ def main() -> None:
     b.add_argument("--archs", type=int, nargs="+", default=[86, 89, 120, 90])
     b.add_argument("--thuml", type=Path, help="a thu-ml SageAttention source tree (not part of this repo)")
     b.add_argument("-j", "--jobs", type=int, default=2)
+    b.add_argument("--no-ours", action="store_true", help="only thu-ml's kernels")
+    b.add_argument("--baseline-rev", default=BASELINE_REV,
+                   help="git revision of our kernel whose H100 speed is in MEASURED_H100 (built for sm_90a)")
     t = sub.add_parser("table")
     t.add_argument("--out", type=Path)
     t.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.cmd == "build":
-        build(args.archs, args.thuml, args.jobs)
+        build(args.archs, args.thuml, args.jobs, ours=not args.no_ours, baseline_rev=args.baseline_rev)
     else:
         print(table(args.out))
         if args.json:
