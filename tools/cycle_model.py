@@ -432,8 +432,8 @@ def table(out: Path | None) -> str:
     rtx_eff, rtx_fit = fit_rtx(rows)
     rtx_mean = sum(rtx_eff.values()) / len(rtx_eff) if rtx_eff else h100_eff
     lines = fit + rtx_fit + ["| card | kernel | level | D | regs | warps/SM | instr/tile | MMA | MUFU | ldmatrix | spill ld/st | "
-             "tensor / mufu / issue / smem clk | bound by | predicted TOPS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tensor / mufu / issue / smem clk | bound by | no-overlap clk | predicted TOPS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for card in CARDS:
         for r in sorted(rows, key=lambda r: (r["d"], r["level"], r["who"], r["arch"] != card.arch)):
@@ -466,7 +466,7 @@ def table(out: Path | None) -> str:
                 f"| {card.name} | {who} | {r['level']} | {r['d']} | {r['regs']} | {warps} | {c['instructions']} | "
                 f"{c.get('mma', 0)} | {c.get('mufu', 0)} | {c.get('ldsm', 0)} | {c.get('spill ld/st', 0)} | "
                 f"{parts['tensor']:.0f} / {parts['mufu']:.0f} / {parts['issue']:.0f} / {parts['smem']:.0f} | "
-                f"{parts['bound_by']} | {tops:.0f} |")
+                f"{parts['bound_by']} | {parts['sum']:.0f} | {tops:.0f} |")
     text = "\n".join(lines) + "\n"
     if out:
         out.write_text(text)
