@@ -3,8 +3,10 @@
 #
 #   bash tests/gpu/rtx_round.sh [build] [test] [bench] [ncu]     (default: all four, in order)
 #
-#   build  our library for sm_90a (install.py, ptxas -v) and thu-ml's fused quantizers + sm80
-#          kernel (tests/gpu/build_thuml.sh, from .thirdparty/SageAttention, carried), in parallel
+#   build  our kernels for this GPU with NVRTC (install.py --all: the accumulator variants dispatch
+#          does not pick too; registers and spills from the cubins) and thu-ml's fused
+#          quantizers + sm80 kernel (tests/gpu/build_thuml.sh, from .thirdparty/SageAttention,
+#          carried), in parallel
 #   test   the mma GPU suite (tests/gpu/test_mma_kernels.py: FP16 accumulation included)
 #   bench  bench/bench_attention.py at hd64/hd128, 4K-32K and causal: our mma int8+fp16 whole
 #          call vs thu-ml `sageattn_qk_int8_pv_fp16_cuda`, same run; then fp16 inputs (our
@@ -12,7 +14,7 @@
 #   ncu    one shape (1x24x8192x128): our int8+fp16 kernel and thu-ml's, key sections
 #
 # The stages can run in separate calls on the same warm machine (the library stays in
-# sageattn2/_build, thu-ml in place). Everything is logged under $OUT (default ./rtx_out); a
+# the kernel cache, thu-ml in place). Everything is logged under $OUT (default ./rtx_out); a
 # failed stage prints FAILED and the script exits non-zero at the end.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,23 +33,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 
 if has build; then
-  echo "== build (ours sm_90a || thu-ml fused + sm80)"
+  echo "== build (ours, NVRTC || thu-ml fused + sm80)"
   start=$(date +%s)
   [ -d "$THUML/csrc" ] || { echo "FAILED: $THUML not carried"; exit 1; }
   (THUML_EXTS="fused sm80" MAX_JOBS=8 bash tests/gpu/build_thuml.sh "$THUML" > "$OUT/build_thuml.log" 2>&1; echo $? > "$OUT/build_thuml.rc") &
   thuml_pid=$!
-  TORCH_CUDA_ARCH_LIST=9.0 SAGEATTN2_NVCC_FLAGS="-Xptxas -v" python3 install.py -j 8 --no-selfcheck > "$OUT/build.log" 2>&1 \
-    || { grep -v "ptxas info" "$OUT/build.log" | tail -30; failed+=(build); }
+  python3 install.py --all --no-selfcheck -j 8 > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; failed+=(build); }
   echo "ours built in $(( $(date +%s) - start )) s"
-  python3 - "$OUT/build.log" <<'PY' | tee "$OUT/ptxas.txt"
-import re, sys
-log = open(sys.argv[1]).read()
-pat = r"Compiling entry function '(_ZN3sa215attn_mma[^']*)' for 'sm_90a'\n(.*?)Used (\d+) registers"
-for m in re.finditer(pat, log, re.S):
-    g = re.search(r"ILi(\d+)ELNS_6QKTypeE(\d)ELNS_6PVTypeE(\d)ELNS_7PVAccumE(\d)", m.group(1)).groups()
-    sp = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", m.group(2))
-    print("attn_mma D%s qk%s pv%s acc%s regs %s spill st/ld %s" % (*g, m.group(3), "/".join(sp.groups()) if sp else "0/0"))
-PY
+  rm -rf /tmp/rtx_cubins && python3 -m sageattn2.build extract /tmp/rtx_cubins > /dev/null
+  for f in /tmp/rtx_cubins/*/mma-*.cubin; do
+    cuobjdump --dump-resource-usage "$f" 2>/dev/null | grep -m1 -o "REG:[0-9]*.*" | sed "s|^|$(basename "$(dirname "$f")")/$(basename "$f" .cubin) |"
+  done | tee "$OUT/resources.txt"
+  [ -s "$OUT/resources.txt" ] || { echo "FAILED: no mma cubin in the cache"; failed+=(build); }
   wait $thuml_pid
   echo "thu-ml built in $(( $(date +%s) - start )) s, rc $(cat "$OUT/build_thuml.rc")"
   tail -4 "$OUT/build_thuml.log"

@@ -429,6 +429,41 @@ def test_fp16_accumulator_cannot_overflow(precision):
     torch.testing.assert_close(o.float(), v.float(), rtol=2e-3, atol=0)
 
 
+@pytest.mark.parametrize("smoothing", ["k", "kv"])
+def test_fp8_v_for_fp16_accumulation(smoothing):
+    """pv_accum='fp16' quantizes V to |V_hat| <= 2 (the quantizer's fp8_max): scales equal the
+    reference's, every stored E4M3 value lies in [-2, 2] and the top one reaches 2."""
+    sk, sq, sv = QUANT_SMOOTHINGS[smoothing]
+    cfg = AttnConfig(qk_dtype="int8", pv_dtype="fp8", smooth_k=sk, smooth_q=sq, smooth_v=sv, pv_accum="fp16")
+    need(cfg)
+    q, k, v = make_qkv(1, 4, 2, 300, 333, 128, dtype=torch.bfloat16, device=DEV, v_bias=1.0)
+    poison_allocator()
+    qz = mma.quantize(q, k, v, layout="HND", cfg=cfg, dk=LIB)
+    torch.cuda.synchronize()
+    rv = quantize_v(v, cfg, tensor_layout="HND")
+    torch.testing.assert_close(qz.v_scale, rv.scale, rtol=2e-6, atol=0)
+    mine = _v_by_token(qz.v)[:, :, : rv.values.shape[2]]
+    assert mine.abs().max() == 2.0, float(mine.abs().max())
+    _values_close(mine, rv.values, 2 ** -3, "v fp8 values (|V_hat| <= 2)")  # one E4M3 step in [1, 2)
+
+
+def test_dispatch_default_accumulator_and_launch_smem():
+    """The arch table's accumulator is what dispatch runs (FP8 PV in fp16 on sm_89/120/121), and
+    a launch without Q smoothing asks for the smaller shared memory (two CTAs per GeForce SM at
+    D = 128)."""
+    from sageattn2 import dispatch
+
+    acc = dispatch.default_pv_accum(CAP, PVDType.FP8)
+    assert (acc.value == "fp16") == LIB.arch.fp8_pv_fp16_accum
+    for smooth_q in (False, True):
+        cfg = make_cfg("int8+fp16", smoothing="kq" if smooth_q else "k")
+        kernel = LIB.get(mma.attention_kernel_for(cfg, torch.float16, 128))
+        assert kernel.info["smem_no_qbar"] < kernel.info["smem"]
+        assert mma._attention_smem(kernel, smooth_q) == kernel.info["smem" if smooth_q else "smem_no_qbar"]
+    if CAP in ((8, 6), (8, 9), (12, 0), (12, 1)):
+        assert kernel.info["smem_no_qbar"] <= 48 * 1024
+
+
 def test_fp16_accumulation_declines_bf16_16bit_pv():
     q, k, v = make_qkv(1, 2, 2, 64, 64, 64, dtype=torch.bfloat16, device=DEV)
     why = mma.unsupported_reason(q, k, v, layout="HND", cfg=make_cfg("int8+fp16", pv_accum="fp16"), is_causal=False)
