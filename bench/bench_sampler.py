@@ -393,6 +393,8 @@ def host_cost(evaluations: int = 200) -> list[str]:
 
 
 def driver(args) -> int:
+    """Workers one after another; the table is rewritten after each, so a run cut short by a
+    time limit still leaves the processes it finished."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for p in range(args.processes):
@@ -413,18 +415,23 @@ def driver(args) -> int:
                 print("[bench_sampler] a worker failed: no table", file=sys.stderr)
                 return 1
             results.append(json.loads(path.read_text()))
+            text = driver_table(args, results)
+            if args.out:
+                Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def driver_table(args, results) -> str:
     commit = os.environ.get("SAGEATTN2_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     lines = [f"# In ComfyUI's sampler: {results[0]['device']}, torch {results[0]['torch']}, "
              f"{datetime.date.today()}, commit {commit or 'unknown'}", "",
-             f"{args.processes} fresh processes; per process {args.warmup} warm-up and {args.rounds} timed rounds "
-             "of every variant (comfy.sample.sample, wall clock, GPU drained before and after).", ""]
+             f"{len(results)} of {args.processes} fresh processes; per process {args.warmup} warm-up and "
+             f"{args.rounds} timed rounds of every variant (comfy.sample.sample, wall clock, GPU drained before "
+             "and after).", ""]
     lines += aggregate(results)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:

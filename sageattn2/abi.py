@@ -134,7 +134,7 @@ def layout_asserts(struct: type[ctypes.Structure], c_name: str) -> str:
              f'"ABI: sizeof({c_name}) differs from sageattn2/abi.py {struct.__name__}");']
     for path, off, size in field_offsets(struct):
         where = f"{c_name}::{path}"
-        lines.append(f'static_assert(__builtin_offsetof({c_name}, {path}) == {off} && '
+        lines.append(f'static_assert(SA2_OFFSETOF({c_name}, {path}) == {off} && '
                      f'sizeof((({c_name}*)nullptr)->{path}) == {size}, "ABI: {where} differs from sageattn2/abi.py");')
     return "\n".join(lines)
 

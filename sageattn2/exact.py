@@ -38,9 +38,18 @@ def _aligned(t):
     return t
 
 
+def _rows_ready(t):
+    """q, k or v for torch's fused kernels: aligned, and a contiguous last dim (else torch falls
+    back to its math backend, which materialises the whole score matrix: N^2 memory)."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return t.contiguous()
+    return _aligned(t)
+
+
 def _plain_sdpa(query, key, value, attn_mask, **kw):
     """One torch call; slices of the callers' tensors may start misaligned, so align here."""
-    query, key, value, attn_mask = (_aligned(t) for t in (query, key, value, attn_mask))
+    query, key, value = (_rows_ready(t) for t in (query, key, value))
+    attn_mask = _aligned(attn_mask)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, **kw)
 
 

@@ -8,7 +8,13 @@ import secrets
 import sys
 from pathlib import Path
 
-import torch
+import pytest
+
+try:
+    import torch
+except ModuleNotFoundError:
+    pytest.exit("torch is not installed in this environment: `python tests/install_deps.py` installs "
+                "its CPU build (the tests need no GPU)", returncode=4)
 
 # Let `import sageattn2` work however pytest is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -372,3 +372,21 @@ def test_wgmma_copies_v_that_tma_cannot_map(layout):
     assert _tma_readable_v(expanded, layout, fp16.with_(pv_dtype=PVDType.FP8)) is expanded  # quantizer reads it
     odd = rand(2, 4, 40, 36, dtype=torch.float16).expand(2, 4, 40, 36)
     assert _tma_readable_v(odd, "HND", fp16) is odd  # rows not 16-byte: the quantizer's padded copy
+
+
+def test_exact_sdpa_gets_a_contiguous_last_dim(monkeypatch):
+    """A strided last dim sends torch's SDPA to its math backend, which materialises the whole
+    score matrix (the fuzz saw 7 GB extra at 20K tokens): the exact path copies such inputs."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        seen.append(tuple(t.stride(-1) for t in (q, k, v)))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(exact.F, "scaled_dot_product_attention", recording)
+    base = rand(1, 2, 33, 32, 2, seed=7)
+    q, k, v = base[..., 0], base[..., 1], base[..., 0].flip(-2)
+    got = exact.sdpa(q, k, v)
+    assert seen and all(s == (1, 1, 1) for s in seen)
+    torch.testing.assert_close(got, real(q, k, v), atol=1e-6, rtol=1e-6)

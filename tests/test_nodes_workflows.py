@@ -1,11 +1,14 @@
 """The example workflows load in ComfyUI: known node types, consistent links, inputs and
-outputs as the node definitions declare them, widget values that fit the widgets.
+outputs as the node definitions declare them, widget values that fit the widgets; and they
+make a good first impression: a picture and a title for the template browser, the download
+of every model they name, a view that shows the whole graph.
 
 Core node definitions come from tests/comfy/core_nodes.json (dumped from a ComfyUI tree
 by tests/comfy/dump_core_nodes.py; tests/comfy checks it against a live tree when
 COMFYUI_PATH is set)."""
 import json
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -13,7 +16,8 @@ from test_nodes_support import ROOT, pack
 
 from sageattn2_pack.nodes.schedule import parse
 
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+FOLDER = ROOT / "example_workflows"  # the folder name ComfyUI's template browser looks for
+WORKFLOWS = sorted(FOLDER.glob("*.json"))
 CORE = json.loads((ROOT / "tests" / "comfy" / "core_nodes.json").read_text())["nodes"]
 OPTIONAL, SEED_CONTROL = 1, 2
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -41,11 +45,71 @@ def schema_of(node_type):
             "outputs": [tuple(o) for o in entry["outputs"]]}
 
 
+# Where ComfyUI looks for each loader's files (folder_paths' names).
+MODEL_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders",
+                 "VAELoader": "vae", "CheckpointLoaderSimple": "checkpoints"}
+
+
 def test_there_are_the_promised_workflows():
     names = {p.stem for p in WORKFLOWS}
-    assert {"flux_patch", "wan21_t2v_patch", "wan22_t2v_patch", "sdxl_patch", "hunyuan_video_patch",
-            "adaptive_schedule", "calibrate_then_adaptive"} <= names
-    assert (ROOT / "workflows" / "flux_patch.png").stat().st_size > 10_000
+    assert {"Flux with Sage Attention", "WAN 2.1 text to video with Sage Attention",
+            "WAN 2.2 with Sage Attention per model", "SDXL with Sage Attention", "HunyuanVideo with Sage Attention",
+            "Flux with a Sage Attention schedule", "Flux calibration then adaptive sampling"} <= names
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_template_card_has_a_title_and_a_picture(path: Path):
+    """The browser shows the file name as the card's title (and, with '-' and '_' turned into
+    spaces, as its description) and `<name>.jpg` as its picture."""
+    assert not set(path.stem) & set('-_<>:"/\\|?*'), "a title without '-', '_' or characters Windows forbids"
+    data = path.with_suffix(".jpg").read_bytes()
+    width, height = jpeg_size(data)
+    assert width == height >= 400, "square, like the cards"
+    assert len(data) > 15_000, "a picture, not a blank"
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a JPEG's start-of-frame segment."""
+    assert data[:2] == b"\xff\xd8", "not a JPEG"
+    i = 2
+    while i + 9 < len(data):
+        marker, length = data[i + 1], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    raise AssertionError("no start-of-frame segment")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_model_file_comes_with_its_download(path: Path):
+    """properties.models on each loader: what the frontend's missing-models dialog offers."""
+    wf = json.loads(path.read_text())
+    loaders = 0
+    for n in wf["nodes"]:
+        files = [v for v in n["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+        models = n["properties"].get("models", [])
+        assert [m["name"] for m in models] == files, n["type"]
+        for m in models:
+            loaders += 1
+            assert m["directory"] == MODEL_FOLDERS[n["type"]], (n["type"], m)
+            url = urlparse(m["url"])
+            assert url.scheme == "https" and url.netloc == "huggingface.co" and not url.query, m["url"]
+            assert "/resolve/main/" in url.path and url.path.endswith("/" + m["name"]), m["url"]
+    assert loaders >= 1
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_opens_showing_the_whole_graph(path: Path):
+    """extra.ds (screen = (canvas + offset) * scale): in a 1400 x 800 browser window the graph
+    lies right of the frontend's 56-pixel sidebar and below its menu bars, and fits."""
+    wf = json.loads(path.read_text())
+    scale, (ox, oy) = wf["extra"]["ds"]["scale"], wf["extra"]["ds"]["offset"]
+    left = min((n["pos"][0] + ox) * scale for n in wf["nodes"])
+    top = min((n["pos"][1] - 30 + oy) * scale for n in wf["nodes"])
+    right = max((n["pos"][0] + n["size"][0] + ox) * scale for n in wf["nodes"])
+    bottom = max((n["pos"][1] + n["size"][1] + oy) * scale for n in wf["nodes"])
+    assert 56 + 20 <= left and 100 <= top and right <= 1400 and bottom <= 800, (left, top, right, bottom)
+    assert 0.4 <= scale <= 1
 
 
 def test_core_node_list_is_a_real_dump():

@@ -1,7 +1,10 @@
-"""Draw a UI-format ComfyUI workflow as a PNG (for the README), in the style of ComfyUI's
-dark canvas: nodes with their slots and widget values, links coloured by type.
+"""Draw the template-browser picture of each example workflow: `<name>.jpg` beside
+`<name>.json` in example_workflows/, square like the browser's cards. It shows what a card
+is too small to show as a graph: the workflow's title and its model path (loader ->
+model patches -> sampler, one column per sampler) as ComfyUI-styled nodes with the one
+setting that matters on each.
 
-    python tools/render_workflow.py workflows/flux_patch.json workflows/flux_patch.png
+    python tools/render_workflow.py            (every workflow)
 
 Needs Pillow (with FreeType, as PyPI's wheels have). Not used by the tests.
 """
@@ -14,155 +17,162 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflows"))
+sys.path.insert(0, str(ROOT / "example_workflows"))
 import build_workflows  # noqa: E402  (node schemas: widget names per node type)
 
-SCALE = 2
-TITLE_H, SLOT_H, WIDGET_H = 30, 22, 26
+SIZE = 600
+HEAD_H = 36  # node title bar
 BG, GRID = (32, 32, 32), (40, 40, 40)
 NODE_BG, NODE_TITLE, NODE_EDGE = (53, 53, 53), (34, 34, 34), (20, 20, 20)
 OURS_TITLE = (36, 82, 96)
-NOTE_BG, NOTE_TITLE = (102, 85, 51), (68, 51, 34)
-TEXT, DIM = (230, 230, 230), (160, 160, 160)
-WIDGET_BG = (34, 34, 34)
+TEXT, DIM, ACCENT = (235, 235, 235), (175, 175, 175), (77, 208, 180)
+SAMPLERS = {"KSampler", "KSamplerAdvanced"}
 # Titles ComfyUI shows for core nodes whose display name differs from the type.
 CORE_DISPLAY_NAMES = {
-    "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
-    "VAEDecode": "VAE Decode", "SaveImage": "Save Image", "CheckpointLoaderSimple": "Load Checkpoint",
-    "CLIPLoader": "Load CLIP", "EmptyLatentImage": "Empty Latent Image", "PreviewImage": "Preview Image",
+    "UNETLoader": "Load Diffusion Model", "CheckpointLoaderSimple": "Load Checkpoint",
     "KSamplerAdvanced": "KSampler (Advanced)",
 }
-TYPE_COLORS = {
-    "MODEL": (179, 157, 219), "CLIP": (255, 213, 0), "VAE": (255, 110, 110), "CONDITIONING": (255, 169, 49),
-    "LATENT": (255, 156, 249), "IMAGE": (100, 181, 246), "SAGE_SCHEDULE": (77, 208, 180),
-    "SAGE_CALIBRATION": (129, 199, 132), "STRING": (160, 200, 120),
-}
+TYPE_COLORS = {"MODEL": (179, 157, 219), "SAGE_SCHEDULE": (77, 208, 180), "SAGE_CALIBRATION": (129, 199, 132)}
 
 
 def font(size):
-    return ImageFont.load_default(size=size * SCALE)
+    return ImageFont.load_default(size=size)
 
 
-def widget_names(schemas, node_type):
-    schema = schemas.get(node_type)
-    if not schema:
-        return []
+def widgets_of(node, schemas) -> dict:
     names = []
-    for name, t, flag in schema["inputs"]:
+    for name, t, flag in schemas[node["type"]]["inputs"]:
         if not t.startswith("link:"):
             names.append(name)
             if flag & build_workflows.SEED_CONTROL:
-                names.append("control after generate")
-    return names
+                names.append(f"{name}_control")
+    return dict(zip(names, node["widgets_values"]))
 
 
-def shown(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    text = str(value).replace("\n", " | ")
-    return text if len(text) <= 34 else text[:33] + "…"
+def setting(node, schemas) -> str:
+    """The one line a thumbnail shows under a node's title."""
+    w = widgets_of(node, schemas)
+    kind = node["type"]
+    if kind in ("UNETLoader", "CheckpointLoaderSimple"):
+        return next(v for v in w.values() if isinstance(v, str) and v.endswith(".safetensors"))
+    if kind == "ModelSamplingSD3":
+        return f"shift {w['shift']:g}"
+    if kind == "SageAttn2Patch":
+        return f"precision: {w['precision']}"
+    if kind == "SageAttn2Calibrate":
+        return "measures every precision level"
+    if kind == "KSampler":
+        return f"{w['steps']} steps, {w['sampler_name']}"
+    if kind == "KSamplerAdvanced":
+        end = w["end_at_step"] if w["end_at_step"] < w["steps"] else w["steps"]
+        return f"steps {w['start_at_step']}-{end} of {w['steps']}"
+    return ""
 
 
-def wrap(draw, text, f, width):
-    lines = []
-    for para in text.split("\n"):
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}".strip()
-            if draw.textlength(trial, font=f) > width and line:
-                lines.append(line)
-                line = word
-            else:
-                line = trial
-        lines.append(line)
-    return lines
-
-
-def render(workflow: dict, schemas: dict, ours: set, display_names: dict, margin=40) -> Image.Image:
+def model_chains(workflow) -> list[list[dict]]:
+    """Per sampler, the nodes its MODEL input comes through, loader first."""
     nodes = {n["id"]: n for n in workflow["nodes"]}
-    x0 = min(n["pos"][0] for n in nodes.values()) - margin
-    y0 = min(n["pos"][1] for n in nodes.values()) - margin - TITLE_H
-    x1 = max(n["pos"][0] + n["size"][0] for n in nodes.values()) + margin
-    y1 = max(n["pos"][1] + n["size"][1] for n in nodes.values()) + margin
-    s = SCALE
+    links = {l[0]: l for l in workflow["links"]}
+    chains = []
+    for sampler in sorted((n for n in nodes.values() if n["type"] in SAMPLERS), key=lambda n: n["pos"]):
+        chain, node = [sampler], sampler
+        while True:
+            model_in = next((i for i in node["inputs"] if i["name"] == "model" and i["link"] is not None), None)
+            if model_in is None:
+                break
+            node = nodes[links[model_in["link"]][1]]
+            chain.insert(0, node)
+        chains.append(chain)
+    return chains
 
-    def P(x, y):
-        return ((x - x0) * s, (y - y0) * s)
 
-    img = Image.new("RGB", (int((x1 - x0) * s), int((y1 - y0) * s)), BG)
+def side_inputs(node, workflow) -> list[tuple[str, dict]]:
+    """(type, source node) of the pack's own inputs fed into `node` besides the model."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {l[0]: l for l in workflow["links"]}
+    return [(i["type"], nodes[links[i["link"]][1]]) for i in node["inputs"]
+            if i["type"] in TYPE_COLORS and i["type"] != "MODEL" and i["link"] is not None]
+
+
+def wrap(draw, text, f, width) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=f) > width and line:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line]
+
+
+def fit(draw, text, f, width) -> str:
+    if draw.textlength(text, font=f) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=f) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def thumbnail(title: str, workflow: dict, schemas: dict, ours: set, display_names: dict) -> Image.Image:
+    img = Image.new("RGB", (SIZE, SIZE), BG)
     d = ImageDraw.Draw(img)
-    for gx in range(0, img.width, 40 * s):
-        d.line([(gx, 0), (gx, img.height)], fill=GRID, width=1)
-    for gy in range(0, img.height, 40 * s):
-        d.line([(0, gy), (img.width, gy)], fill=GRID, width=1)
-    f_title, f_text, f_small = font(14), font(12), font(11)
+    for g in range(0, SIZE, 30):
+        d.line([(g, 0), (g, SIZE)], fill=GRID)
+        d.line([(0, g), (SIZE, g)], fill=GRID)
 
-    def in_slot(n, i):
-        return n["pos"][0], n["pos"][1] + SLOT_H * i + SLOT_H / 2 + 4
+    f_head = font(42)
+    y = 24
+    for line in wrap(d, title, f_head, SIZE - 60)[:3]:
+        d.text((30, y), line, font=f_head, fill=TEXT)
+        y += 50
+    top = y + 18
 
-    def out_slot(n, i):
-        return n["pos"][0] + n["size"][0], n["pos"][1] + SLOT_H * i + SLOT_H / 2 + 4
-
-    # Links first, under the nodes: cubic curves leaving and entering horizontally.
-    for _, src, src_slot, dst, dst_slot, t in workflow["links"]:
-        (ax, ay), (bx, by) = out_slot(nodes[src], src_slot), in_slot(nodes[dst], dst_slot)
-        dx = max(abs(bx - ax) * 0.5, 60)
-        pts = []
-        for k in range(41):
-            u = k / 40
-            x = (1 - u) ** 3 * ax + 3 * (1 - u) ** 2 * u * (ax + dx) + 3 * (1 - u) * u ** 2 * (bx - dx) + u ** 3 * bx
-            y = (1 - u) ** 3 * ay + 3 * (1 - u) ** 2 * u * ay + 3 * (1 - u) * u ** 2 * by + u ** 3 * by
-            pts.append(P(x, y))
-        d.line(pts, fill=TYPE_COLORS.get(t, DIM), width=3 * s, joint="curve")
-
-    for n in sorted(nodes.values(), key=lambda n: n["order"]):
-        x, y = n["pos"]
-        w, h = n["size"]
-        note = n["type"] == "Note"
-        title_bg = NOTE_TITLE if note else OURS_TITLE if n["type"] in ours else NODE_TITLE
-        body = NOTE_BG if note else NODE_BG
-        d.rounded_rectangle([P(x, y - TITLE_H), P(x + w, y + h)], radius=8 * s, fill=body, outline=NODE_EDGE,
-                            width=s)
-        d.rounded_rectangle([P(x, y - TITLE_H), P(x + w, y)], radius=8 * s, fill=title_bg, corners=(True, True,
-                                                                                                  False, False))
-        d.ellipse([P(x + 10, y - TITLE_H / 2 - 5), P(x + 20, y - TITLE_H / 2 + 5)], fill=DIM)
-        title = n.get("title") or display_names.get(n["type"], n["type"])
-        d.text(P(x + 28, y - TITLE_H / 2), title, font=f_title, fill=TEXT, anchor="lm")
-        if note:
-            for i, line in enumerate(wrap(d, n["widgets_values"][0], f_text, (w - 20) * s)):
-                d.text(P(x + 10, y + 10 + 17 * i), line, font=f_text, fill=TEXT)
-            continue
-        for i, inp in enumerate(n["inputs"]):
-            cx, cy = in_slot(n, i)
-            color = TYPE_COLORS.get(inp["type"], DIM)
-            d.ellipse([P(cx - 5, cy - 5), P(cx + 5, cy + 5)], fill=color if inp["link"] else body, outline=color,
-                      width=2 * s)
-            d.text(P(cx + 12, cy), inp["name"], font=f_small, fill=TEXT if inp["link"] else DIM, anchor="lm")
-        for i, out in enumerate(n["outputs"]):
-            cx, cy = out_slot(n, i)
-            color = TYPE_COLORS.get(out["type"], DIM)
-            d.ellipse([P(cx - 5, cy - 5), P(cx + 5, cy + 5)], fill=color)
-            d.text(P(cx - 12, cy), out["name"], font=f_small, fill=TEXT, anchor="rm")
-        top = y + SLOT_H * max(len(n["inputs"]), len(n["outputs"])) + 8
-        for i, (name, value) in enumerate(zip(widget_names(schemas, n["type"]), n["widgets_values"])):
-            wy = top + WIDGET_H * i
-            d.rounded_rectangle([P(x + 10, wy), P(x + w - 10, wy + WIDGET_H - 6)], radius=9 * s, fill=WIDGET_BG)
-            d.text(P(x + 20, wy + (WIDGET_H - 6) / 2), name, font=f_small, fill=DIM, anchor="lm")
-            d.text(P(x + w - 20, wy + (WIDGET_H - 6) / 2), shown(value), font=f_small, fill=TEXT, anchor="rm")
+    chains = model_chains(workflow)
+    gap_x = 24
+    col_w = (SIZE - 60 - gap_x * (len(chains) - 1)) // len(chains)
+    rows = max(len(c) for c in chains)
+    pitch = (SIZE - top - 20) / rows
+    box_h = min(pitch - 18, 104)
+    wide = col_w > 300
+    f_title, f_value, f_side = font(26 if wide else 21), font(23 if wide else 18), font(19 if wide else 15)
+    for c, chain in enumerate(chains):
+        x = 30 + c * (col_w + gap_x)
+        for r, node in enumerate(chain):
+            by = top + r * pitch
+            if r:
+                d.line([(x + col_w / 2, by - pitch + box_h), (x + col_w / 2, by)], fill=TYPE_COLORS["MODEL"],
+                       width=5)
+            head = NODE_TITLE if node["type"] not in ours else OURS_TITLE
+            d.rounded_rectangle([x, by, x + col_w, by + box_h], radius=10, fill=NODE_BG, outline=NODE_EDGE, width=2)
+            d.rounded_rectangle([x, by, x + col_w, by + HEAD_H], radius=10, fill=head,
+                                corners=(True, True, False, False))
+            name = (node.get("title") or display_names.get(node["type"], node["type"])).replace(" (SA2)", "")
+            d.text((x + 12, by + HEAD_H / 2), fit(d, name, f_title, col_w - 24), font=f_title, fill=TEXT, anchor="lm")
+            lines = [(setting(node, schemas), f_value, DIM)]
+            lines += [(f"{kind.split('_', 1)[1].lower()}: {display_names.get(src['type'], src['type'])}".replace(
+                " (SA2)", ""), f_side,
+                       TYPE_COLORS[kind]) for kind, src in side_inputs(node, workflow)]
+            ly = by + HEAD_H + 8
+            for text, f, color in lines:
+                if text and ly + f.size <= by + box_h:
+                    d.text((x + 12, ly), fit(d, text, f, col_w - 24), font=f, fill=color)
+                    ly += f.size + 6
     return img
 
 
-def main(src: str, dst: str) -> None:
+def main() -> None:
     pack = build_workflows.load_pack()
     schemas = dict(json.loads(build_workflows.CORE.read_text())["nodes"])
-    schemas.update(build_workflows.our_schemas(pack.NODE_CLASS_MAPPINGS))
+    schemas.update(build_workflows.our_schemas(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS))
     display_names = dict(CORE_DISPLAY_NAMES, **pack.NODE_DISPLAY_NAME_MAPPINGS)
-    img = render(json.loads(Path(src).read_text()), schemas, set(pack.NODE_CLASS_MAPPINGS), display_names)
-    img.save(dst, optimize=True)
-    print(f"{dst}: {img.width}x{img.height}")
+    for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        img = thumbnail(path.stem, json.loads(path.read_text()), schemas, set(pack.NODE_CLASS_MAPPINGS),
+                        display_names)
+        out = path.with_suffix(".jpg")
+        img.save(out, quality=88, optimize=True)
+        print(f"{out.name}: {out.stat().st_size // 1024} KB")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()

@@ -48,13 +48,18 @@ def _stand_in_optional(name: str, submodules: tuple[str, ...]) -> None:
         setattr(parent, sub.rsplit(".", 1)[-1], sys.modules[full])
 
 
+def stand_in_media_modules() -> None:
+    """torchvision and torchaudio as they are, or empty stand-ins where they cannot be imported."""
+    _stand_in_optional("torchvision", ("transforms", "transforms.functional"))
+    _stand_in_optional("torchaudio", ("transforms", "functional"))
+
+
 def setup(path: str, cpu: bool) -> None:
     """Make `import comfy...` work for the tree at `path`."""
     if path in sys.path:
         sys.path.remove(path)
     sys.path.insert(0, path)
-    _stand_in_optional("torchvision", ("transforms", "transforms.functional"))
-    _stand_in_optional("torchaudio", ("transforms", "functional"))
+    stand_in_media_modules()
     import utils.install_util  # noqa: F401  (ComfyUI's `utils` package before comfy/ adds comfy/utils.py)
     import comfy.options
 

@@ -364,7 +364,7 @@ json.dump({{"loaded": ok, "types": types}}, open({str(tmp_path / "types.json")!r
     assert live["loaded"] is True
     assert set(pack.NODE_CLASS_MAPPINGS) <= set(live["types"])
     core = json.loads((HERE / "core_nodes.json").read_text())["nodes"]
-    for path in sorted((repo / "workflows").glob("*.json")):
+    for path in sorted((repo / "example_workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] in ("Note", "MarkdownNote"):
                 continue
@@ -401,7 +401,7 @@ def test_comfyui_validates_every_example_workflow(tmp_path):
     out = tmp_path / "validation.json"
     run_comfyui_process([sys.executable, str(HERE / "validate_workflows.py"), comfyui_path(), str(out)], tmp_path)
     results = json.loads(out.read_text())
-    assert set(results) == {p.stem for p in (HERE.parents[1] / "workflows").glob("*.json")}
+    assert set(results) == {p.stem for p in (HERE.parents[1] / "example_workflows").glob("*.json")}
     for name, r in results.items():
         assert r["valid"] is True and not r["node_errors"], (name, r["error"], r["node_errors"])
         assert r["outputs"], name

@@ -60,7 +60,7 @@ def main(comfy_path: str, out_path: str) -> None:
     if not asyncio.run(nodes.load_custom_node(str(REPO))):
         raise SystemExit("ComfyUI could not load the pack")
 
-    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "workflows").glob("*.json"))}
+    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "example_workflows").glob("*.json"))}
     models = tempfile.mkdtemp(prefix="sa2_models_")
     for wf in workflows.values():
         for node in wf["nodes"]:

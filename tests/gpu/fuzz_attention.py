@@ -521,6 +521,8 @@ def main(argv=None) -> int:
             log.write(json.dumps(rec) + "\n")
     fuzz_seconds = time.perf_counter() - start
 
+    if cuda:
+        torch.cuda.empty_cache()  # the children share the card: leave them this process's cache
     children = [] if args.no_children or args.only else run_child_cases(device, isolate=cuda, timeout=240 if cuda else 120)
     child_failed = [c for c in children if not c["passed"]]
     for c in child_failed:

@@ -3,10 +3,10 @@
 #   STEPS=install bash tests/gpu/nvrtc_cleanroom.sh   then STEPS=suites, then STEPS=ab (each < 10 min;
 #   default: all three). Repo root, a GPU machine with a CUDA torch. The kernels go to the pack's
 #   own cache (sageattn2/_build/kernels), emptied by the install step, kept for the later steps.
-# The device has torch 2.11+cu130 system-wide and no internet, so the venv sees the system
-# site-packages (`--system-site-packages` is NOT a clean room for Python packages); what is made
-# unreachable is the toolchain: PATH holds only the venv and the basic system tools, with nvcc,
-# gcc, g++, cc and ninja removed, and CUDA_HOME / CUDA_PATH unset.
+# The device has torch 2.11+cu130 installed and no internet, so its Python packages stay as they
+# are (not a clean room for Python packages); what is made unreachable is the toolchain: PATH
+# holds only the basic system tools and a `python` that runs the torch interpreter, with nvcc,
+# gcc, g++, cc and ninja absent, and CUDA_HOME / CUDA_PATH unset.
 # Then: install.py (timed) + self-check, both GPU suites, and an A/B of the attention benchmark
 # (kernel and whole-call TOPS, error, host time per call) against the previous commit's nvcc build.
 set -uo pipefail
@@ -14,14 +14,15 @@ OUT=${OUT:-$PWD/cleanroom_out}; mkdir -p "$OUT"
 STEPS=${STEPS:-install suites ab}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 fail=0
-python3 -m venv --system-site-packages /tmp/sa2_venv > "$OUT/venv.log" 2>&1 \
-  || echo "venv creation failed (see venv.log): the system python runs with the stripped PATH" | tee -a "$OUT/summary.txt"
 BIN=/tmp/sa2_bin; rm -rf "$BIN"; mkdir -p "$BIN"
 for t in bash sh env ls cat mkdir rm cp mv tar grep sed awk head tail tee date nproc timeout git uname dirname basename readlink; do
   p=$(command -v $t) && ln -sf "$p" "$BIN/$t"
 done
-ln -sf "$(command -v python3)" "$BIN/python"  # used only if the venv could not be made
-CLEAN="env -u CUDA_HOME -u CUDA_PATH PATH=/tmp/sa2_venv/bin:$BIN HOME=$HOME"
+# The interpreter that has torch, called by its full path: its own bin folder (which may hold
+# ninja or nvcc from pip) stays off PATH.
+PY=$(python3 -c 'import sys; print(sys.executable)')
+printf '#!/bin/sh\nexec %s "$@"\n' "$PY" > "$BIN/python"; chmod +x "$BIN/python"
+CLEAN="env -u CUDA_HOME -u CUDA_PATH PATH=$BIN HOME=$HOME"
 for t in nvcc gcc g++ cc ninja; do
   $CLEAN bash -c "command -v $t" >/dev/null && { echo "CLEAN ROOM BROKEN: $t reachable" | tee -a "$OUT/summary.txt"; fail=1; }
 done

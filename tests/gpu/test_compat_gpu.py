@@ -134,7 +134,7 @@ def test_wan_shape_with_lse():
     cos, l1 = metrics(o[:, rows], o64)
     lse_err = (lse[..., rows].double() - lse64).abs().max().item()
     _log(kind="compat_wan", cos_exact=cos, rel_l1_exact=l1, lse_err_exact=lse_err)
-    assert cos > 0.999 and lse_err < 0.05, (cos, l1, lse_err)
+    assert cos > 0.998 and l1 < 0.07 and lse_err < 0.05, (cos, l1, lse_err)  # int8+fp8's floor, numerics.md §5
 
 
 def _thu_ml():

@@ -81,7 +81,9 @@ def check(case, merged, merged_lse, whole, whole_lse, o64, lse64, level):
     msg = (case, level, cos_m, l1_m, cos_w, l1_w, cos_mw, lse_m, lse_w)
     assert cos_m > min(min_cos, cos_w) and l1_m < max(max_l1, l1_w), msg
     assert l1_m < 1.25 * l1_w + 0.003, msg
-    assert cos_mw > min_cos, msg
+    # Merged and unsharded quantize differently (each shard has its own K mean and scales), so
+    # they differ by about the level's own error: bounded by the unsharded call's distance to exact.
+    assert 1 - cos_mw <= 2.5 * (1 - cos_w) + 1e-5, msg
     assert lse_m < 1.5 * lse_w + 0.02, msg
 
 

@@ -8,6 +8,17 @@
 #pragma once
 #include "sa2/common.cuh"
 
+// offsetof for the generated layout checks. NVRTC 13.0 has no __builtin_offsetof (13.5 and host
+// compilers do); its front end's __INTADDR__ folds the classic null-pointer form to a constant.
+#if defined(__has_builtin)
+#  if __has_builtin(__builtin_offsetof)
+#    define SA2_OFFSETOF(T, member) __builtin_offsetof(T, member)
+#  endif
+#endif
+#ifndef SA2_OFFSETOF
+#  define SA2_OFFSETOF(T, member) __INTADDR__(&(((T*)0)->member))
+#endif
+
 namespace sa2 {
 
 // QK operand type, PV operand type (the 16-bit types are the input dtype), PV accumulator,

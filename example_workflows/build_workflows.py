@@ -1,11 +1,16 @@
 """Writes the example workflows (ComfyUI UI format, version 0.4) in this folder.
 
-    python workflows/build_workflows.py
+    python example_workflows/build_workflows.py
+
+ComfyUI's template browser lists the .json files of a node pack's example_workflows/ under
+the pack's folder name, shows each file name as the card's title and `<name>.jpg` beside
+it as its picture (tools/render_workflow.py draws those): the file names are the titles.
 
 Node inputs, widget order and outputs come from the node definitions themselves: ours from
 the pack, core ones from tests/comfy/core_nodes.json (dumped from a ComfyUI tree), so slots
-and widgets_values line up with what ComfyUI expects. tests/test_nodes_workflows.py checks
-the written files independently.
+and widgets_values line up with what ComfyUI expects. Loader nodes carry the download of
+each model file they name (properties.models), which the frontend offers when the file is
+missing. tests/test_nodes_workflows.py checks the written files independently.
 """
 from __future__ import annotations
 
@@ -20,6 +25,33 @@ CORE = ROOT / "tests" / "comfy" / "core_nodes.json"
 OPTIONAL, SEED_CONTROL = 1, 2
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 COL, GAP, TITLE_H = 380, 40, 30  # column pitch, vertical gap, title bar (canvas pixels)
+TITLE_CHAR_W = 7.2  # mean advance of a title character (canvas pixels)
+# The view a workflow opens with: the whole graph in a browser window of VIEW_W x VIEW_H
+# screen pixels, its left edge right of the frontend's sidebar and below its menu bars.
+VIEW_W, VIEW_H, VIEW_LEFT, VIEW_TOP = 1400, 800, 90, 120
+
+# Where each model file of the examples is downloaded (the names and URLs of the model
+# cards and of ComfyUI's own example workflows), by the folder of models/ it goes in.
+HF = "https://huggingface.co/"
+FLUX_TE = HF + "comfyanonymous/flux_text_encoders/resolve/main/"
+WAN21 = HF + "Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files/"
+WAN22 = HF + "Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files/"
+HUNYUAN = HF + "Comfy-Org/HunyuanVideo_repackaged/resolve/main/split_files/"
+MODELS = {
+    "flux1-dev.safetensors": ("diffusion_models", HF + "Comfy-Org/flux1-dev/resolve/main/"),
+    "clip_l.safetensors": ("text_encoders", FLUX_TE),
+    "t5xxl_fp16.safetensors": ("text_encoders", FLUX_TE),
+    "ae.safetensors": ("vae", HF + "Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/"),
+    "wan2.1_t2v_1.3B_fp16.safetensors": ("diffusion_models", WAN21 + "diffusion_models/"),
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors": ("text_encoders", WAN21 + "text_encoders/"),
+    "wan_2.1_vae.safetensors": ("vae", WAN21 + "vae/"),
+    "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": ("diffusion_models", WAN22 + "diffusion_models/"),
+    "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": ("diffusion_models", WAN22 + "diffusion_models/"),
+    "sd_xl_base_1.0.safetensors": ("checkpoints", HF + "stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"),
+    "hunyuan_video_t2v_720p_bf16.safetensors": ("diffusion_models", HUNYUAN + "diffusion_models/"),
+    "llava_llama3_fp8_scaled.safetensors": ("text_encoders", HUNYUAN + "text_encoders/"),
+    "hunyuan_video_vae_bf16.safetensors": ("vae", HUNYUAN + "vae/"),
+}
 
 
 def load_pack():
@@ -31,8 +63,8 @@ def load_pack():
     return pack
 
 
-def our_schemas(mappings) -> dict:
-    """Same shape as core_nodes.json entries."""
+def our_schemas(mappings, display_names) -> dict:
+    """Same shape as core_nodes.json entries, plus the display name."""
     table = {}
     for name, cls in mappings.items():
         spec = cls.INPUT_TYPES()
@@ -43,7 +75,8 @@ def our_schemas(mappings) -> dict:
                 f = flag | (SEED_CONTROL if options.get("control_after_generate") else 0)
                 inputs.append([input_name, t if t in WIDGET_TYPES else f"link:{t}", f])
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        table[name] = {"inputs": inputs, "outputs": [[n, t] for n, t in zip(names, cls.RETURN_TYPES)]}
+        table[name] = {"inputs": inputs, "outputs": [[n, t] for n, t in zip(names, cls.RETURN_TYPES)],
+                       "display_name": display_names[name]}
     return table
 
 
@@ -69,7 +102,9 @@ class Node:
         n_links = sum(t.startswith("link:") for _, t, _ in schema["inputs"])
         height = 30 + 22 * max(n_links, len(schema["outputs"])) + 26 * len(names)
         self.pos = [x, y]
-        self.size = [width, height]
+        # Wide enough for the title the frontend draws (14 px Inter, after the title dot).
+        shown_title = title or schema.get("display_name") or type_
+        self.size = [max(width, round(TITLE_CHAR_W * len(shown_title)) + 50), height]
         self.title = title
 
     def out(self, name):
@@ -137,10 +172,13 @@ class Graph:
                       for name, t, _ in n.schema["inputs"] if t.startswith("link:")]
             outputs = [{"name": name, "type": t, "links": n.links_out.get(i, []), "slot_index": i}
                        for i, (name, t) in enumerate(n.schema["outputs"])]
+            properties = {} if n.type == "Note" else {"Node name for S&R": n.type}
+            models = model_downloads(n.widget_values)
+            if models:
+                properties["models"] = models
             entry = {
                 "id": n.id, "type": n.type, "pos": n.pos, "size": n.size, "flags": {}, "order": order[n.id],
-                "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {} if n.type == "Note" else {"Node name for S&R": n.type},
+                "mode": 0, "inputs": inputs, "outputs": outputs, "properties": properties,
                 "widgets_values": n.widget_values,
             }
             if n.title:
@@ -150,8 +188,31 @@ class Graph:
             nodes.append(entry)
         return {
             "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": nodes, "links": self.links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4,
+            "groups": [], "config": {}, "extra": {"ds": self.view()}, "version": 0.4,
         }
+
+    def view(self) -> dict:
+        """Scale and offset (canvas units; screen = (canvas + offset) * scale) that show the
+        whole graph at VIEW_LEFT, VIEW_TOP in a VIEW_W x VIEW_H window, at most 1:1."""
+        x0 = min(n.pos[0] for n in self.nodes)
+        y0 = min(n.pos[1] for n in self.nodes) - TITLE_H
+        x1 = max(n.pos[0] + n.size[0] for n in self.nodes)
+        y1 = max(n.pos[1] + n.size[1] for n in self.nodes)
+        scale = min(1.0, (VIEW_W - VIEW_LEFT - 20) / (x1 - x0), (VIEW_H - VIEW_TOP - 20) / (y1 - y0))
+        scale = round(scale, 3)
+        return {"scale": scale, "offset": [round(VIEW_LEFT / scale - x0, 1), round(VIEW_TOP / scale - y0, 1)]}
+
+
+def model_downloads(widget_values) -> list[dict]:
+    """properties.models of a node: the download of each model file among its widget values."""
+    models = []
+    for value in widget_values:
+        if isinstance(value, str) and value.endswith(".safetensors"):
+            if value not in MODELS:
+                raise KeyError(f"{value}: no download in MODELS")
+            directory, url = MODELS[value]
+            models.append({"name": value, "url": url + value, "directory": directory})
+    return models
 
 
 PATCH_DEFAULTS = dict(precision="auto", qk_granularity="per_thread", smooth_k=True, smooth_q="auto",
@@ -386,21 +447,23 @@ def calibrate_then_adaptive(schemas):
     return g
 
 
+# File name (the template browser's title) -> builder. No '-' or '_': the browser shows
+# them as spaces in the card's description line.
 WORKFLOWS = {
-    "flux_patch": flux_patch,
-    "wan21_t2v_patch": wan21_t2v_patch,
-    "wan22_t2v_patch": wan22_t2v_patch,
-    "sdxl_patch": sdxl_patch,
-    "hunyuan_video_patch": hunyuan_video_patch,
-    "adaptive_schedule": adaptive_schedule,
-    "calibrate_then_adaptive": calibrate_then_adaptive,
+    "Flux with Sage Attention": flux_patch,
+    "WAN 2.1 text to video with Sage Attention": wan21_t2v_patch,
+    "WAN 2.2 with Sage Attention per model": wan22_t2v_patch,
+    "SDXL with Sage Attention": sdxl_patch,
+    "HunyuanVideo with Sage Attention": hunyuan_video_patch,
+    "Flux with a Sage Attention schedule": adaptive_schedule,
+    "Flux calibration then adaptive sampling": calibrate_then_adaptive,
 }
 
 
 def main():
     pack = load_pack()
     schemas = dict(json.loads(CORE.read_text())["nodes"])
-    schemas.update(our_schemas(pack.NODE_CLASS_MAPPINGS))
+    schemas.update(our_schemas(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS))
     for name, build in WORKFLOWS.items():
         data = build(schemas).to_json()
         (HERE / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
