@@ -20,7 +20,9 @@ from . import abi
 from .archs import Arch
 
 CSRC_INCLUDE = Path(__file__).resolve().parent.parent / "csrc" / "include"
-BASE_OPTIONS = ("-std=c++17",)
+# -default-device: the sources are device-only; NVRTC 13.0 otherwise treats the call operator of
+# a generic lambda inside a kernel as a host function and refuses it (13.5 does not).
+BASE_OPTIONS = ("-std=c++17", "-default-device")
 
 # wgmma schedules: name -> (Schedule enumerator, consumer warpgroups). Head dim 64 builds only
 # the sequential ones (ping-pong / overlap were 10-20 % slower there, docs/notes-wgmma.md v5).
