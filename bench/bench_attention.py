@@ -131,8 +131,9 @@ def methods(q, k, v, causal, all_schedules, with_mma=True):
     except ImportError:
         mma = None
     if mma is not None and with_mma:
-        for level, pv in (("int8+fp8", PVDType.FP8), ("int8+fp16", PVDType.FP16)):
-            cfg = AttnConfig(pv_dtype=pv, family=Family.MMA)
+        for level, pv, acc in (("int8+fp8", PVDType.FP8, "fp32"), ("int8+fp16", PVDType.FP16, "fp32"),
+                               ("int8+fp8 acc16", PVDType.FP8, "fp16"), ("int8+fp16 acc16", PVDType.FP16, "fp16")):
+            cfg = AttnConfig(pv_dtype=pv, family=Family.MMA, pv_accum=acc)
             try:
                 if mma.unsupported_reason(q, k, v, layout="HND", cfg=cfg, is_causal=causal):
                     continue
@@ -151,6 +152,15 @@ def methods(q, k, v, causal, all_schedules, with_mma=True):
     if sageattn is not None:
         out.append(("thu-ml sageattn",
                     lambda: sageattn(q, k, v, tensor_layout="HND", is_causal=causal), None))
+    try:  # its sm80 mma.sync kernel (tests/gpu/build_thuml.sh builds the fp32-accumulation variant)
+        from sageattention import sageattn_qk_int8_pv_fp16_cuda
+        from sageattention import sm80_compile  # noqa: F401  (absent when not built)
+    except ImportError:
+        sageattn_qk_int8_pv_fp16_cuda = None
+    if sageattn_qk_int8_pv_fp16_cuda is not None:
+        out.append(("thu-ml sm80 int8+fp16",
+                    lambda: sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", is_causal=causal,
+                                                          pv_accum_dtype="fp32"), None))
     return out
 
 
@@ -272,6 +282,8 @@ def main():
     ap.add_argument("--no-table", action="store_true", help="only the --breakdown")
     ap.add_argument("--json", help="write the --breakdown numbers here")
     ap.add_argument("--package-root", help="import sageattn2 from this directory")
+    ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16",
+                    help="input dtype of the table (fp16 also times the fp16-accumulated 16-bit PV)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="before/after of two --json files")
     args = ap.parse_args()
     if args.compare:
@@ -288,7 +300,7 @@ def main():
                                     text=True, cwd=Path(__file__).parent).stdout.strip()
         except OSError:
             commit = ""
-    header = (f"{dev}, torch {torch.__version__}, "
+    header = (f"{dev}, torch {torch.__version__}, {args.dtype} inputs, "
               f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, commit {commit or 'uncommitted'}")
 
     out = args.out or (os.path.join(os.environ["OUT"], "bench_attention.md") if "OUT" in os.environ
@@ -302,6 +314,7 @@ def main():
 
         Path(args.json).write_text(json.dumps(records, indent=1))
     rows, columns = [], []
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     if args.no_table:
         shapes = []
 
@@ -338,9 +351,8 @@ def main():
     for spec in shapes:
         b, h, n, d, causal = parse_shape(spec)
         g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16)
-                   for _ in range(3))
-        k = (k + 3 * torch.randn(1, h, 1, d, device="cuda", generator=g, dtype=torch.bfloat16))
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g, dtype=dtype) for _ in range(3))
+        k = (k + 3 * torch.randn(1, h, 1, d, device="cuda", generator=g, dtype=dtype))
         ref = None
         if n <= ERROR_MAX_N:
             ref = torch.nn.functional.scaled_dot_product_attention(

@@ -10,20 +10,22 @@ import ctypes
 
 import torch
 
-from .config import Granularity, QKDType
+from .config import Granularity, PVAccum, QKDType
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _i32 = ctypes.c_int32
 
-# Enum codes (abi.cuh: QKType, PVType, Granularity).
+# Enum codes (abi.cuh: QKType, PVType, PVAccum, Granularity).
 QK_CODES = {QKDType.INT8: 0, QKDType.INT4: 1}
 PV_FP16, PV_BF16, PV_FP8 = 0, 1, 2
+PV_ACCUM_CODES = {PVAccum.FP32: 0, PVAccum.FP16: 1}
 PV_16BIT = {torch.float16: PV_FP16, torch.bfloat16: PV_BF16}
 GRANULARITY_CODES = {Granularity.PER_THREAD: 0, Granularity.PER_WARP: 1, Granularity.PER_BLOCK: 2}
 ENUM_ASSERTS = (
     ("int(sa2::QKType::kInt8)", 0), ("int(sa2::QKType::kInt4)", 1),
     ("int(sa2::PVType::kFp16)", PV_FP16), ("int(sa2::PVType::kBf16)", PV_BF16), ("int(sa2::PVType::kFp8)", PV_FP8),
+    ("int(sa2::PVAccum::kFp32)", PV_ACCUM_CODES[PVAccum.FP32]), ("int(sa2::PVAccum::kFp16)", PV_ACCUM_CODES[PVAccum.FP16]),
     ("int(sa2::kPerThread)", 0), ("int(sa2::kPerWarp)", 1), ("int(sa2::kPerBlock)", 2),
     ("int(sa2::kStats)", 0), ("int(sa2::kQ)", 1), ("int(sa2::kKV)", 2),
 )
@@ -36,7 +38,7 @@ class MmaAttnParams(ctypes.Structure):
                 ("head_dim", _i64), ("padded_head_dim", _i64), ("nq_pad", _i64), ("nk_pad", _i64),
                 ("v_pad", _i64), ("v_stride_b", _i64), ("v_stride_h", _i64), ("v_stride_n", _i64),
                 ("o_stride_b", _i64), ("o_stride_h", _i64), ("o_stride_n", _i64), ("qk_int4", _i64),
-                ("pv_type", _i64), ("out_bf16", _i64), ("granularity", _i64), ("smooth_q", _i64),
+                ("pv_type", _i64), ("pv_accum", _i64), ("out_bf16", _i64), ("granularity", _i64), ("smooth_q", _i64),
                 ("q_mean_rows", _i64), ("causal", _i64), ("sm_scale", ctypes.c_double)]
 
 
@@ -71,7 +73,7 @@ class GroupRule(ctypes.Structure):
 
 
 class StatsJob(ctypes.Structure):
-    _fields_ = [("x", StridedInput), ("partial", _p), ("mean", _p), ("fp8_scale", _p), ("fp8_inv", _p),
+    _fields_ = [("x", StridedInput), ("fp8_max", ctypes.c_float), ("partial", _p), ("mean", _p), ("fp8_scale", _p), ("fp8_inv", _p),
                 ("counter", _p), ("vec", _i32)]
 
 

@@ -6,6 +6,10 @@ which levels are native or substituted. Nothing else restates these facts.
     int4_mma  INT4 mma.sync runs natively (sm_80-89, sm_120); Hopper emulates it ~10x slower,
               so an int4 request runs INT8 there unless emulation is forced
     wgmma     the Hopper family (sm_90a only: wgmma, TMA, setmaxnreg)
+    fp8_pv_fp16_accum
+              FP8 P.V in the mma family accumulates in fp16 by default: GeForce Ada and
+              Blackwell run that MMA at twice the rate of fp32 accumulation, at the same error
+              within 0.1 % (numerics.md §2.6); Hopper emulates FP8 mma.sync, so it gains nothing
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ class Arch:
     fp8_mma: bool
     int4_mma: bool
     wgmma: bool
+    fp8_pv_fp16_accum: bool = False
 
     @property
     def number(self) -> int:
@@ -45,10 +50,10 @@ _TABLE = {
     (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 6): Arch(8, 6, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False),
-    (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False),
+    (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
     (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True),
     (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False),
-    (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=True, wgmma=False),
+    (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
 }
 
 # What CI compiles every product kernel for.
@@ -64,7 +69,7 @@ def arch(major: int, minor: int) -> Arch | None:
         return None
     same_major = [cc for cc in _TABLE if cc[0] == major and cc[1] <= minor]
     base = _TABLE[max(same_major)] if same_major else _TABLE[max(_TABLE)]
-    return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False)
+    return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False, fp8_pv_fp16_accum=base.fp8_pv_fp16_accum)
 
 
 def why_unsupported(major: int, minor: int) -> str:

@@ -6,6 +6,7 @@ must read it from here and nowhere else.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -21,6 +22,14 @@ class QKDType(str, Enum):
 class PVDType(str, Enum):
     FP16 = "fp16"  # P and V in the input dtype (fp16 or bf16), fp32 accumulation
     FP8 = "fp8"  # P and V in FP8 E4M3, two-level accumulation
+
+
+class PVAccum(str, Enum):
+    """Accumulator of the P.V MMA inside one key tile; across tiles O is always fp32."""
+
+    FP32 = "fp32"  # fp32 accumulator (FP8 PV: a fresh one per tile, added into O)
+    FP16 = "fp16"  # fp16 accumulator per tile, added into fp32 O ("SageAttention2++"): twice the
+    #                MMA rate of fp32 accumulation on GeForce cards; FP8 PV, or FP16 PV on fp16 inputs
 
 
 class Granularity(str, Enum):
@@ -42,11 +51,22 @@ QUANTIZED_PRECISIONS = ("int8+fp8", "int8+fp16", "int4+fp8", "int4+fp16")
 
 # Largest E4M3 value: P is produced in [0, 448] and V is scaled so |V| <= 448.
 FP8_MAX = 448.0
+FP16_MAX = 65504.0
 INT8_MAX = 127.0
 INT4_MAX = 7.0
 # Group absmax is clamped to this before computing a scale, so an all-zero group never
 # divides by zero and its scale stays finite.
 ABSMAX_EPS = 1e-6
+# FP16 accumulation (numerics.md §2.6): operand scales that make an overflow of the fp16 tile
+# accumulator impossible. FP8 PV keeps P in [0, 448] and scales V to |V_hat| <= 2, so a product
+# is <= 7 * 2^7 and a k_tile-key sum <= 64 * 896 = 57344, exactly representable in fp16: no
+# rounding of any partial sum can pass it. 16-bit PV cannot rescale V (it is read in place), so
+# P is produced in [0, 2^-7]: 64 products of at most 65504 * 2^-7 stay below 32768.
+FP8_V_MAX_FP16_ACC = 2.0
+P_LOG2_MAX_FP16_ACC_16BIT = -7.0
+# Keys per MMA k-step, after each of which an fp16 accumulator is rounded (numerics.md §2.6).
+MMA_K_STEP = {PVDType.FP8: 32, PVDType.FP16: 16}
+
 # Largest head dim any kernel serves (after padding); larger goes to exact attention.
 MAX_HEAD_DIM = 256
 
@@ -214,6 +234,11 @@ class AttnConfig:
     smooth_q: bool = False
     smooth_v: bool = False
     family: Family = Family.MMA
+    pv_accum: PVAccum = PVAccum.FP32
+    # Q and K rotated by an orthonormal Walsh-Hadamard transform of the (padded) head dim before
+    # quantization (numerics.md §1.6): Q K^T is unchanged, outlier channels are spread over all
+    # channels. Reference only so far: the kernels decline it.
+    hadamard: bool = False
 
     def __post_init__(self):
         # Accept plain strings and normalise them to the enums, with a clear error.
@@ -222,6 +247,7 @@ class AttnConfig:
             ("pv_dtype", PVDType),
             ("granularity", Granularity),
             ("family", Family),
+            ("pv_accum", PVAccum),
         ):
             value = getattr(self, name)
             try:
@@ -229,6 +255,8 @@ class AttnConfig:
             except ValueError:
                 choices = [e.value for e in enum]
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+        if self.pv_accum is PVAccum.FP16 and self.family is not Family.MMA:
+            raise ValueError("pv_accum='fp16' exists only in the mma family")
 
     @property
     def precision(self) -> str:
@@ -243,10 +271,23 @@ class AttnConfig:
         flags = "".join(
             c for c, on in (("k", self.smooth_k), ("q", self.smooth_q), ("v", self.smooth_v)) if on
         )
+        acc = ("_acc-fp16" if self.pv_accum is PVAccum.FP16 else "") + ("_hadamard" if self.hadamard else "")
         return (
-            f"{self.family.value}_{self.precision}_{self.granularity.value}"
+            f"{self.family.value}_{self.precision}{acc}_{self.granularity.value}"
             f"_smooth-{flags or 'none'}"
         )
+
+    @property
+    def v_fp8_max(self) -> float:
+        """Largest |V_hat| of FP8 V (the per-channel quantizer maps max|V - vbar| to it)."""
+        return FP8_V_MAX_FP16_ACC if self.pv_accum is PVAccum.FP16 else FP8_MAX
+
+    @property
+    def p_log2_max(self) -> float:
+        """P is produced as exp2(x - m + p_log2_max): its largest value is 2^p_log2_max."""
+        if self.pv_dtype is PVDType.FP8:
+            return math.log2(FP8_MAX)
+        return P_LOG2_MAX_FP16_ACC_16BIT if self.pv_accum is PVAccum.FP16 else 0.0
 
 
 def default_smooth_q(qk_dtype: QKDType) -> bool:

@@ -16,6 +16,7 @@ from .config import (
     AttnConfig,
     Family,
     Granularity,
+    PVAccum,
     PVDType,
     QKDType,
     default_smooth_q,
@@ -47,6 +48,14 @@ def default_precision(capability: tuple[int, int]) -> str:
     """What `auto` means on a GPU (sageattn2/archs.py)."""
     arch = archs.arch(*capability)
     return archs.default_precision(arch) if arch else "int8+fp16"
+
+
+def default_pv_accum(capability: tuple[int, int], pv_dtype: PVDType) -> PVAccum:
+    """The mma family's P.V accumulator where the caller did not choose one (sageattn2/archs.py)."""
+    arch = archs.arch(*capability)
+    if pv_dtype is PVDType.FP8 and arch is not None and arch.fp8_pv_fp16_accum:
+        return PVAccum.FP16
+    return PVAccum.FP32
 
 
 def backend_module(name: str):
@@ -155,6 +164,8 @@ def plan_for_library(
         # Q smoothing was on only because INT4 defaults to it; INT8 does not need it, and
         # keeping it would bar the (faster) wgmma family, which does not implement it.
         cfg = cfg.with_(qk_dtype=QKDType.INT8, smooth_q=cfg.smooth_q if smooth_q is not None else False)
+    if "wgmma" not in lib.families:  # pv_accum exists only in the mma family
+        cfg = cfg.with_(pv_accum=default_pv_accum(capability, cfg.pv_dtype))
 
     reasons = []
     for family in lib.families:

@@ -20,7 +20,9 @@ from . import abi
 from .archs import Arch
 
 CSRC_INCLUDE = Path(__file__).resolve().parent.parent / "csrc" / "include"
-BASE_OPTIONS = ("-std=c++17",)
+# -default-device: the sources are device-only; NVRTC 13.0 otherwise treats the call operator of
+# a generic lambda inside a kernel as a host function and refuses it (13.5 does not).
+BASE_OPTIONS = ("-std=c++17", "-default-device")
 
 # wgmma schedules: name -> (Schedule enumerator, consumer warpgroups). Head dim 64 builds only
 # the sequential ones (ping-pong / overlap were 10-20 % slower there, docs/notes-wgmma.md v5).
@@ -64,12 +66,19 @@ class Kernel:
         ])
 
 
-def mma_kernel(head_dim: int, qk_int4: bool, pv: int) -> Kernel:
+def mma_kernel(head_dim: int, qk_int4: bool, pv: int, f16_accum: bool = False) -> Kernel:
+    """`f16_accum`: P.V accumulated in fp16 inside a key tile (FP8 or fp16 PV only). `smem` is
+    the launch's shared memory with Q smoothing, `smem_no_qbar` without."""
+    if f16_accum and pv == abi.PV_BF16:
+        raise ValueError("an fp16 P.V accumulator needs fp16 or FP8 operands, not bf16")
+    acc = "sa2::PVAccum::kFp16" if f16_accum else "sa2::PVAccum::kFp32"
     traits = (f"sa2::AttnMmaTraits<{head_dim}, sa2::QKType::{'kInt4' if qk_int4 else 'kInt8'}, "
-              f"{_PV_ENUM[pv]}>")
-    return Kernel(f"mma-d{head_dim}-{'int4' if qk_int4 else 'int8'}-{_PV_NAMES[pv]}", "sa2/attn_mma.cuh", traits,
-                  f"sa2::attn_mma_kernel<{traits}>", abi.MmaAttnParams, "sa2::MmaAttnParams",
-                  (("threads", "SA2_T::kThreads"), ("smem", "SA2_T::kSmemBytes"), ("cta_q", "SA2_T::kCtaQ"),
+              f"{_PV_ENUM[pv]}, {acc}>")
+    name = f"mma-d{head_dim}-{'int4' if qk_int4 else 'int8'}-{_PV_NAMES[pv]}{'-acc16' if f16_accum else ''}"
+    return Kernel(name, "sa2/attn_mma.cuh", traits, f"sa2::attn_mma_kernel<{traits}>", abi.MmaAttnParams,
+                  "sa2::MmaAttnParams",
+                  (("threads", "SA2_T::kThreads"), ("smem", "SA2_T::kSmemBytes"),
+                   ("smem_no_qbar", "SA2_T::kQbarOffset"), ("cta_q", "SA2_T::kCtaQ"),
                    ("k_tile", "SA2_T::kKTile"), ("warp_q", "SA2_T::kWarpQ")))
 
 
@@ -107,7 +116,9 @@ def product_kernels(arch: Arch) -> list[Kernel]:
     out += [smooth_v16_kernel(bf16) for bf16 in (False, True)]
     pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
     qks = (False, True) if arch.int4_mma else (False,)
-    out += [mma_kernel(d, int4, pv) for d in MMA_HEAD_DIMS for int4 in qks for pv in pvs]
+    # FP8 PV runs with the arch's default accumulator (archs.Arch.fp8_pv_fp16_accum).
+    out += [mma_kernel(d, int4, pv, pv == abi.PV_FP8 and arch.fp8_pv_fp16_accum)
+            for d in MMA_HEAD_DIMS for int4 in qks for pv in pvs]
     if arch.wgmma:
         for d in WGMMA_HEAD_DIMS:
             for pv in (abi.PV_FP8, abi.PV_FP16, abi.PV_BF16):
@@ -116,14 +127,21 @@ def product_kernels(arch: Arch) -> list[Kernel]:
 
 
 def test_kernels(arch: Arch) -> list[Kernel]:
-    """The product kernels plus those only tests and benchmarks reach: every wgmma schedule, and
-    INT4 QK where the arch emulates it (`install.py --all`; otherwise they compile on first use)."""
+    """The product kernels plus those only tests and benchmarks reach: every wgmma schedule, INT4
+    QK where the arch emulates it, and the P.V accumulator dispatch does not pick (FP8 with the
+    other one, fp16 PV with an fp16 accumulator) (`install.py --all`; otherwise they compile on
+    first use)."""
     out = product_kernels(arch)
     names = {k.name for k in out}
     extra = []
+    pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
     if not arch.int4_mma:
-        pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
         extra += [mma_kernel(d, True, pv) for d in MMA_HEAD_DIMS for pv in pvs]
+    qks = (False, True)
+    extra += [mma_kernel(d, int4, pv, True) for d in MMA_HEAD_DIMS for int4 in qks
+              for pv in (abi.PV_FP16,) + ((abi.PV_FP8,) if arch.fp8_mma else ())]
+    if arch.fp8_mma:
+        extra += [mma_kernel(d, int4, abi.PV_FP8) for d in MMA_HEAD_DIMS for int4 in qks]
     if arch.wgmma:
         extra += [wgmma_kernel(d, pv, s) for d in WGMMA_HEAD_DIMS for pv in (abi.PV_FP8, abi.PV_FP16, abi.PV_BF16)
                   for s in WGMMA_SCHEDULES if d == 128 or s in WGMMA_HEAD_DIM_64]

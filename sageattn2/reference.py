@@ -28,11 +28,14 @@ from torch import Tensor
 from .config import (
     ABSMAX_EPS,
     FP8_MAX,
+    FP16_MAX,
     INT4_MAX,
     INT8_MAX,
     NATIVE_HEAD_DIMS,
     AttnConfig,
     Family,
+    MMA_K_STEP,
+    PVAccum,
     PVDType,
     QKDType,
     TileShape,
@@ -49,10 +52,8 @@ from .config import (
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
-# exp2(x - m + LOG2_FP8_MAX) puts P in [0, 448] (the E4M3 range) without a multiply.
-LOG2_FP8_MAX = math.log2(FP8_MAX)
 # Keys per FP8 MMA k-step: the accumulator is truncated after each (numerics.md §2.6).
-FP8_MMA_K_STEP = 32
+FP8_MMA_K_STEP = MMA_K_STEP[PVDType.FP8]
 
 LAYOUTS = ("HND", "NHD")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -241,6 +242,23 @@ def _quantize_groups(x: Tensor, group_of_row: Tensor, n_groups: int, qmax: float
     return values.to(torch.int8), scale
 
 
+def hadamard_rotate(x: Tensor) -> Tensor:
+    """x (..., D), D a power of two, times the orthonormal Walsh-Hadamard matrix (Sylvester
+    order), in x's dtype: butterflies (a + b, a - b) over strides 1, 2, 4, ..., then one multiply
+    by 1/sqrt(D) (numerics.md §1.6). Its own inverse."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two head dim, got {d}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < d:
+        y = x.reshape(*lead, d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, d)
+        h *= 2
+    return x * (1.0 / math.sqrt(d))
+
+
 def _padded_fp32(x_hnd: Tensor, n_pad: int, d_pad: int) -> Tensor:
     """float32 copy zero-padded to (B, H, n_pad, d_pad)."""
     B, H, N, d = x_hnd.shape
@@ -303,7 +321,11 @@ def quantize_q(q: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> Qua
         qbar = _block_means(x, n, tile.q_mean_rows)
         x = torch.where(_real_rows(n, n_pad, q.device), x - qbar[:, :, rows // tile.q_mean_rows], 0.0)
         blocks = torch.arange(qbar.shape[2], device=q.device)
+        if cfg.hadamard:
+            qbar = hadamard_rotate(qbar)
         qbar_values, qbar_scale = _quantize_groups(qbar, blocks, qbar.shape[2], INT8_MAX)
+    if cfg.hadamard:
+        x = hadamard_rotate(x)
 
     groups = q_group_of_row(rows, tile, cfg.granularity)
     values, scale = _quantize_groups(x, groups, num_q_groups(n, tile, cfg.granularity), _qk_max(cfg))
@@ -329,6 +351,8 @@ def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool):
 def quantize_k(k: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> QuantK:
     """K minus its mean over all keys (when smooth_k) quantized per K group."""
     x, kbar, n, n_pad, tile = _keys_fp32(k, cfg, tensor_layout, cfg.smooth_k)
+    if cfg.hadamard:  # kbar stays unrotated: the lse adds q . kbar with the caller's q
+        x = hadamard_rotate(x)
 
     groups = k_group_of_key(torch.arange(n_pad, device=k.device), tile, cfg.granularity)
     values, scale = _quantize_groups(x, groups, num_k_groups(n, tile, cfg.granularity), _qk_max(cfg))
@@ -346,9 +370,10 @@ def quantize_v(v: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> Qua
 
     if cfg.pv_dtype is PVDType.FP16:
         return QuantV(x.to(v.dtype).to(torch.float32), torch.ones_like(vbar), vbar)
+    v_max = cfg.v_fp8_max
     amax = x.abs().amax(dim=2).clamp(min=ABSMAX_EPS)
-    inv = torch.div(torch.full_like(amax, FP8_MAX), amax)
-    return QuantV(_e4m3(x * inv[:, :, None]), amax / FP8_MAX, vbar)
+    inv = torch.div(torch.full_like(amax, v_max), amax)
+    return QuantV(_e4m3(x * inv[:, :, None]), amax / v_max, vbar)
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,6 +426,28 @@ def _tile_pv(p_hat: Tensor, v_tile: Tensor, acc_mantissa_bits: int | None, acc: 
     return r
 
 
+def round_to_fp16(x: Tensor) -> Tensor:
+    """float64 -> nearest fp16 value (ties to even, +-inf past 65504, fp16 subnormals), as
+    float64, in one rounding (torch's float64 -> float16 cast rounds twice, through fp32)."""
+    mag = x.abs()
+    exponent = torch.floor(torch.log2(mag.clamp(min=2.0 ** -24))).clamp(min=-14)
+    ulp = torch.exp2(exponent - 10)
+    r = torch.round(x / ulp) * ulp  # x / ulp is exact: a power-of-two division
+    return torch.where(r.abs() > FP16_MAX, torch.sign(x) * math.inf, r)
+
+
+def _tile_pv_fp16_acc(p_hat: Tensor, v_tile: Tensor, k_step: int) -> Tensor:
+    """P_hat . V over one key tile in an fp16 accumulator that starts at zero: every MMA
+    k-step's exact sum is added to it and the result rounded to fp16 (numerics.md §2.6).
+    Returned as float32 (the value the kernel converts and adds into O)."""
+    p64, v64 = p_hat.double(), v_tile.double()
+    r = None
+    for start in range(0, p_hat.shape[-1], k_step):
+        step = p64[..., start : start + k_step] @ v64[..., start : start + k_step, :]
+        r = round_to_fp16(step if r is None else r + step)
+    return r.float()
+
+
 def _check_acc_bits(bits: int | None, flush_tiles: int | None, cfg: AttnConfig) -> None:
     if (bits is not None or flush_tiles is not None) and cfg.pv_dtype is not PVDType.FP8:
         raise ValueError("fp8_acc_mantissa_bits and fp8_flush_tiles only apply to fp8 PV")
@@ -409,6 +456,8 @@ def _check_acc_bits(bits: int | None, flush_tiles: int | None, cfg: AttnConfig) 
     if flush_tiles is not None and (isinstance(flush_tiles, bool) or not isinstance(flush_tiles, int)
                                     or flush_tiles < 1):
         raise ValueError(f"fp8_flush_tiles must be a positive int, got {flush_tiles!r}")
+    if bits is not None and cfg.pv_accum is PVAccum.FP16:
+        raise ValueError("fp8_acc_mantissa_bits models an fp32 accumulator; pv_accum='fp16' rounds to fp16")
     if flush_tiles is not None and cfg.family is not Family.WGMMA:
         raise ValueError("fp8_flush_tiles models the wgmma kernels (row sums from the PV accumulator)")
 
@@ -442,6 +491,9 @@ def reference_attention(
     """
     B, Hq, Hkv, Nq, Nk, d = _check_qkv(q, k, v, tensor_layout, INPUT_DTYPES)
     _check_acc_bits(fp8_acc_mantissa_bits, fp8_flush_tiles, cfg)
+    fp16_acc = cfg.pv_accum is PVAccum.FP16
+    if fp16_acc and cfg.pv_dtype is PVDType.FP16 and q.dtype != torch.float16:
+        raise ValueError(f"pv_accum='fp16' with fp16 PV needs fp16 inputs (the MMA takes fp16 V), got {q.dtype}")
     if is_empty_query(B, Hq, Nq):
         return _empty_result(q, tensor_layout, return_lse)
     # The kernels need sm_scale >= 0 and are served a negative one as (-Q, |sm_scale|).
@@ -465,7 +517,7 @@ def reference_attention(
     if cfg.smooth_q:
         qbar_hat = qq.qbar_values.to(torch.float32)
         block_of_row = rows // tile.q_mean_rows
-    p_offset = LOG2_FP8_MAX if fp8_pv else 0.0
+    p_offset = cfg.p_log2_max
     sum_rounded_p = cfg.family is Family.WGMMA  # numerics.md step 5
 
     m = torch.full((B, Hq, nq_pad), float("-inf"), device=device)
@@ -509,13 +561,17 @@ def reference_attention(
                 l_acc = o_acc = None
         else:
             l = alpha * l + p.sum(dim=-1)
-            o = alpha[..., None] * o + _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
+            if fp16_acc:
+                r = _tile_pv_fp16_acc(p_hat, v_tile, MMA_K_STEP[cfg.pv_dtype])
+            else:
+                r = _tile_pv(p_hat, v_tile, fp8_acc_mantissa_bits)
+            o = alpha[..., None] * o + r
         m = m_new
 
     out = _epilogue(o, l, vq, kv_head, fp8_pv)[:, :, :Nq, :d].to(q.dtype)
     lse = None
     if return_lse:
-        lse = _lse(m[..., :Nq], l[..., :Nq], _to_hnd(q, tensor_layout), kq.kbar[:, kv_head, :d], scale, fp8_pv)
+        lse = _lse(m[..., :Nq], l[..., :Nq], _to_hnd(q, tensor_layout), kq.kbar[:, kv_head, :d], scale, p_offset)
     return _from_hnd(out, tensor_layout), lse
 
 
@@ -530,9 +586,8 @@ def _epilogue(o: Tensor, l: Tensor, vq: QuantV, kv_head: Tensor, fp8_pv: bool) -
     return o + vq.vbar[:, kv_head, None, :]
 
 
-def _lse(m: Tensor, l: Tensor, q_hnd: Tensor, kbar: Tensor, sm_scale: float, fp8_pv: bool) -> Tensor:
-    """Natural-log lse of the unsmoothed scores: the base-2 running state, with the 448
-    offset of FP8 P removed, plus sm_scale * (q . kbar) for the dropped K mean."""
-    l_true = l / FP8_MAX if fp8_pv else l
+def _lse(m: Tensor, l: Tensor, q_hnd: Tensor, kbar: Tensor, sm_scale: float, p_log2_max: float) -> Tensor:
+    """Natural-log lse of the unsmoothed scores: the base-2 running state, with P's scale
+    2^p_log2_max removed, plus sm_scale * (q . kbar) for the dropped K mean."""
     k_mean_term = (q_hnd.to(torch.float32) @ kbar[..., None]).squeeze(-1)
-    return (m + torch.log2(l_true)) * LN_2 + sm_scale * k_mean_term
+    return (m + torch.log2(l) - p_log2_max) * LN_2 + sm_scale * k_mean_term

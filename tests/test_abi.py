@@ -71,7 +71,27 @@ def test_product_builds_hold_what_dispatch_reaches():
         "wgmma-d64-bf16-sequential3wg", "wgmma-d64-fp16-sequential3wg", "wgmma-d64-fp8-sequential3wg"]
     assert not any("int4" in n for n in hopper)  # emulated INT4 compiles only when forced
     assert not any("fp8" in n for n in names[(8, 6)]) and not any("wgmma" in n for n in names[(8, 9)])
-    assert "mma-d256-int4-fp8" in names[(12, 0)]
+    # FP8 PV accumulates in fp16 on GeForce Ada/Blackwell (archs.py), in fp32 on Hopper's mma path.
+    for cc in ((8, 9), (12, 0)):
+        assert "mma-d256-int4-fp8-acc16" in names[cc] and "mma-d256-int4-fp8" not in names[cc]
+    assert "mma-d128-int8-fp8" in hopper and not any(n.endswith("acc16") for n in hopper)
+    # No product build holds fp16 accumulation of 16-bit PV (dispatch never picks it).
+    assert not any(n.endswith("fp16-acc16") for cc in names for n in names[cc])
+    # Every kernel that may exist has a layout the ABI check accepts; bf16 cannot accumulate in fp16.
+    with pytest.raises(ValueError, match="bf16"):
+        kernels.mma_kernel(128, False, abi.PV_BF16, True)
+
+
+def test_mma_pv_accum_reaches_the_kernel_unit():
+    """The accumulator is a template argument of the unit (not only a name) and a field the
+    host fills; the launch constants include the shared memory without Q smoothing."""
+    k16 = kernels.mma_kernel(128, False, abi.PV_FP8, True)
+    k32 = kernels.mma_kernel(128, False, abi.PV_FP8)
+    assert "sa2::PVAccum::kFp16>" in k16.expr and "sa2::PVAccum::kFp32>" in k32.expr
+    assert k16.name != k32.name and k16.source() != k32.source()
+    assert dict(k16.info)["smem_no_qbar"] == "SA2_T::kQbarOffset"
+    assert "pv_accum" in [name for name, _ in abi.MmaAttnParams._fields_]
+    assert "fp8_max" in [name for name, _ in abi.StatsJob._fields_]
 
 
 # ---------------------------------------------------------------------------------------------

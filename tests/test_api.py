@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import sageattn2
 from sageattn2 import dispatch
-from sageattn2.config import Family, PVDType, QKDType
+from sageattn2.config import AttnConfig, Family, PVAccum, PVDType, QKDType
 
 
 def rand(*shape, dtype=torch.float32, seed=None):
@@ -374,3 +374,28 @@ def test_backend_input_checks_name_what_the_kernels_cannot_take():
     ]
     for args, layout, max_d, want in cases:
         assert want in input_reason(*args, layout, max_d)
+
+
+def test_fp16_accumulation_is_the_default_only_on_geforce_fp8_archs(monkeypatch):
+    """SA2++: FP8 PV on sm89/sm120 accumulates in fp16 inside a tile; everything else in fp32."""
+    fake_backends(monkeypatch, {})
+    for tag, cap, fp8 in (("sm_89", (8, 9), True), ("sm_120", (12, 0), True)):
+        p = plan_on(FakeLib(tag, ["mma"], fp8), cap)
+        assert (p.cfg.precision, p.cfg.pv_accum) == ("int8+fp8", PVAccum.FP16)
+        assert plan_on(FakeLib(tag, ["mma"], fp8), cap, precision="int8+fp16").cfg.pv_accum is PVAccum.FP32
+    assert plan_on(FakeLib("sm_86", ["mma"], False), (8, 6), precision="int8+fp8").cfg.pv_accum is PVAccum.FP32
+    assert plan_on(FakeLib("sm_100", ["mma"], True), (10, 0)).cfg.pv_accum is PVAccum.FP32
+    p = plan_on(FakeLib("sm_90a", ["wgmma", "mma"], True), (9, 0))
+    assert p.cfg.pv_accum is PVAccum.FP32
+
+
+def test_custom_op_carries_pv_accum():
+    """torch.compile's path rebuilds the config from the op's arguments: pv_accum must survive."""
+    q, k, v = (rand(1, 2, 33, 64, dtype=torch.bfloat16) for _ in range(3))
+    args = (q, k, v, "HND", "reference", "int8", "fp8", "per_thread", True, False, False, "mma", False, 0.125,
+            False, False)
+    o32, _ = torch.ops.sageattn2.attention(*args)
+    o16, _ = torch.ops.sageattn2.attention(*args, "fp16")
+    from sageattn2.reference import reference_attention
+    ref16, _ = reference_attention(q, k, v, AttnConfig(pv_accum="fp16"), sm_scale=0.125)
+    assert torch.equal(o16, ref16) and not torch.equal(o16, o32)

@@ -30,6 +30,7 @@ from ..config import (
     AttnConfig,
     Family,
     Granularity,
+    PVAccum,
     PVDType,
     QKDType,
     TileShape,
@@ -275,6 +276,8 @@ class _QkvPlan:
         for i, which in enumerate(stats_inputs):
             src = k_h if which == "k" else v_h
             sp.job[i].x.stride_b, sp.job[i].x.stride_h, sp.job[i].x.stride_n = src.stride()[:3]
+            if which == "v" and self.fp8:
+                sp.job[i].fp8_max = cfg.v_fp8_max  # 448, or 2 for an fp16 P.V accumulator
 
         q_seg = (_KIND_Q, b * hq * p.rows[0].blocks_per_head)
         kv_seg = (_KIND_KV, slots * (p.rows[1].blocks_per_head + p.v.tiles_per_head))
@@ -444,7 +447,8 @@ def _shape_reason(q, k, v, layout) -> str | None:
 
 def attention_kernel_for(cfg: AttnConfig, dtype: torch.dtype, head_dim: int) -> kernels.Kernel:
     pv = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[dtype]
-    return kernels.mma_kernel(padded_head_dim(head_dim, Family.MMA), cfg.qk_dtype is QKDType.INT4, pv)
+    return kernels.mma_kernel(padded_head_dim(head_dim, Family.MMA), cfg.qk_dtype is QKDType.INT4, pv,
+                              cfg.pv_accum is PVAccum.FP16)
 
 
 def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
@@ -453,6 +457,10 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return why
     if cfg.family is not Family.MMA:
         return f"config is laid out for the {cfg.family.value} family"
+    if cfg.hadamard:
+        return "the Hadamard rotation is implemented in the reference only"
+    if cfg.pv_accum is PVAccum.FP16 and cfg.pv_dtype is PVDType.FP16 and q.dtype != torch.float16:
+        return f"an fp16 P.V accumulator multiplies fp16 V; {q.dtype} inputs need pv_accum='fp32'"
     dk, why = kernels_for_device(q.device)
     if dk is None:
         return why
@@ -507,16 +515,28 @@ def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_
     a.o_stride_b, a.o_stride_h, a.o_stride_n = o_strides
     a.qk_int4 = int(cfg.qk_dtype is QKDType.INT4)
     a.pv_type = abi.PV_FP8 if cfg.pv_dtype is PVDType.FP8 else abi.PV_16BIT[q_h.dtype]
+    a.pv_accum = abi.PV_ACCUM_CODES[cfg.pv_accum]
     a.out_bf16 = int(q_h.dtype == torch.bfloat16)
     a.granularity = abi.GRANULARITY_CODES[cfg.granularity]
     a.smooth_q, a.q_mean_rows, a.causal, a.sm_scale = int(cfg.smooth_q), tile.q_mean_rows, int(is_causal), sm_scale
     return a
 
 
+def _attention_smem(kernel, smooth_q: bool) -> int:
+    """Dynamic shared memory of one attention launch: without Q smoothing the q-bar and Delta-S
+    rows are left out (48 KB instead of 49.5 KB at D = 128, so two CTAs fit the ~100 KB of an
+    sm_86/89/120 SM)."""
+    return kernel.info["smem"] if smooth_q else kernel.info["smem_no_qbar"]
+
+
 def _check_attention(a: abi.MmaAttnParams, kernel, arch) -> None:
     """What the kernel assumes of its arguments (checked once per plan)."""
     if a.pv_type == abi.PV_FP8 and not arch.fp8_mma:
         raise KernelError(f"FP8 PV needs e4m3 mma.sync (sm_89 or newer); this GPU is {arch.target}")
+    if a.pv_accum not in abi.PV_ACCUM_CODES.values():
+        raise KernelError(f"bad pv_accum {a.pv_accum}")
+    if a.pv_accum == abi.PV_ACCUM_CODES[PVAccum.FP16] and a.pv_type == abi.PV_BF16:
+        raise KernelError("an fp16 P.V accumulator needs fp16 or FP8 operands, not bf16")
     if a.heads_q % a.heads_kv:
         raise KernelError(f"heads_q {a.heads_q} is not a multiple of heads_kv {a.heads_kv}")
     if a.batch > 65535 or a.heads_q > 65535:
@@ -563,6 +583,7 @@ class _AttentionPlan:
                               _contiguous_bhn_strides(q.shape, layout), is_causal, float(sm_scale))
         _check_attention(a, self.kernel, dk.arch)
         self.grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
+        self.smem = _attention_smem(self.kernel, cfg.smooth_q)
         self.template = abi.ParamTemplate(a)
         t, offsets = self.template, self.qkv.offsets
         self.base_slots = tuple((t.slot(field), offsets[part]) for field, part in (
@@ -593,7 +614,7 @@ class _AttentionPlan:
         a[self.out_slot] = out.data_ptr()
         if lse is not None:
             a[self.lse_slot] = lse.data_ptr()
-        self.kernel.launch(self.grid, self.template.kernel_params(a), stream)
+        self.kernel.launch(self.grid, self.template.kernel_params(a), stream, self.smem)
         return out, lse
 
 
@@ -668,5 +689,6 @@ def launch(dk: DeviceKernels, qz: Quantized, q, k, *, layout, cfg, is_causal, sm
                     ("v_scale", qz.v_scale), ("v_mean", qz.vbar), ("out", out), ("lse", lse)):
         setattr(a, name, None if t is None else t.data_ptr())
     dk.drv.ensure_context(dk.index)
-    kernel.launch_struct((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device))
+    kernel.launch_struct((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device),
+                         _attention_smem(kernel, cfg.smooth_q))
     return out, lse

@@ -21,9 +21,13 @@
 
 namespace sa2 {
 
-// QK operand type, PV operand type (the 16-bit types are the input dtype), quantization groups.
+// QK operand type, PV operand type (the 16-bit types are the input dtype), PV accumulator,
+// quantization groups.
 enum class QKType : int { kInt8 = 0, kInt4 = 1 };
 enum class PVType : int { kFp16 = 0, kBf16 = 1, kFp8 = 2 };
+// Accumulator of P.V inside one key tile (O is fp32 across tiles): fp32, or fp16 (twice the MMA
+// rate on GeForce cards; FP8 operands, or fp16 P and V).
+enum class PVAccum : int { kFp32 = 0, kFp16 = 1 };
 enum Granularity : int { kPerThread = 0, kPerWarp = 1, kPerBlock = 2 };
 
 // The NVIDIA driver's CUtensorMap (cuda.h): 128 opaque bytes, 64-byte aligned, filled on the host
@@ -51,7 +55,9 @@ struct MmaAttnParams {
   int64_t nq_pad, nk_pad, v_pad;  // v_pad: row length of FP8 V^T
   int64_t v_stride_b, v_stride_h, v_stride_n;  // 16-bit V, elements
   int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
-  int64_t qk_int4, pv_type, out_bf16, granularity, smooth_q, q_mean_rows, causal;
+  int64_t qk_int4, pv_type;
+  int64_t pv_accum;  // PVAccum: the kernel's accumulator (fp16: FP8 V scaled to |V_hat| <= 2, or fp16 V)
+  int64_t out_bf16, granularity, smooth_q, q_mean_rows, causal;
   double sm_scale;
 };
 
@@ -109,10 +115,11 @@ struct GroupRule {
 // Column statistics of K or V (see stats_job).
 struct StatsJob {
   StridedInput x;
+  float fp8_max;      // with fp8_scale: largest |V_hat|, 448 or 2 (fp16 P.V accumulator, numerics.md §1.5)
   float* partial;     // (B, H, chunks, 3, D)
   float* mean;        // (B, H, D) or null
-  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / 448 (mean = 0 if `mean` is null)
-  float* fp8_inv;     // (B, H, D) or null: 448 / max|x - mean|
+  float* fp8_scale;   // (B, H, D) or null: max|x - mean| / fp8_max (mean = 0 if `mean` is null)
+  float* fp8_inv;     // (B, H, D) or null: fp8_max / max|x - mean|
   unsigned* counter;  // (B * H) tickets, 0 between calls
   int vec;
 };
@@ -146,7 +153,7 @@ struct VJob {
   int heads, n, tiles_per_head;
   int64_t n_pad;
   const float* mean;  // (B, H, D) or null
-  const float* inv;   // (B, H, D): 448 / max|V - mean|
+  const float* inv;   // (B, H, D): fp8_max / max|V - mean| (StatsJob)
   uint8_t* out;       // (B, H, D, n_pad)
   int vec;
 };

@@ -1,5 +1,5 @@
 // The mma.sync attention kernel (sm80/86/89/120, and sm90 through emulation of INT4/FP8):
-// one template, specialised by AttnMmaTraits<head dim, QK type, PV type>.
+// one template, specialised by AttnMmaTraits<head dim, QK type, PV type, PV accumulator>.
 //
 // Inputs come from the fused quantizers (quant_kernels.cuh), all zero-padded:
 //   Q_hat (B, Hq, Nq_pad, QB) and K_hat (B, Hkv, Nk_pad, QB) int8, QB = D (INT8) or D/2 (INT4,
@@ -18,11 +18,13 @@
 
 namespace sa2 {
 
-template <int kHeadDim_, QKType kQK_, PVType kPV_>
+template <int kHeadDim_, QKType kQK_, PVType kPV_, PVAccum kAcc_ = PVAccum::kFp32>
 struct AttnMmaTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr QKType kQK = kQK_;
   static constexpr PVType kPV = kPV_;
+  static constexpr PVAccum kAcc = kAcc_;
+  static constexpr bool kF16Acc = kAcc == PVAccum::kFp16;
   // config.tile_shape(Family.MMA, D): (128, 32, 64) up to 128, (64, 16, 64) at 256 where a
   // 32-row warp's fp32 O fragment (256 registers) would not fit.
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
@@ -36,6 +38,10 @@ struct AttnMmaTraits {
   static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
   static constexpr int kQKSteps = kQKBytes / 32;                         // MMAs along the head dim
   static constexpr bool kFp8PV = kPV == PVType::kFp8;
+  // P = exp2(x - m + kPLog2Max) lies in [0, 2^kPLog2Max] (config.AttnConfig.p_log2_max):
+  // the E4M3 range for FP8; 2^-7 for 16-bit PV into an fp16 accumulator, so that 64 products
+  // with any fp16 V stay far below 65504 (numerics.md §2.6; FP8 bounds V instead).
+  static constexpr float kPLog2Max = kFp8PV ? quant::kLog2Fp8Max : kF16Acc ? -7.0f : 0.0f;
   // V tile in shared memory: V^T rows of kKTile bytes (FP8) or kKTile rows of 2*D bytes.
   static constexpr int kVRowBytes = kFp8PV ? kKTile : 2 * kHeadDim;
   static constexpr int kVRows = kFp8PV ? kHeadDim : kKTile;
@@ -53,12 +59,13 @@ struct AttnMmaTraits {
   static constexpr int kVOffset = kKOffset + 2 * kKTileBytes;
   static constexpr int kQbarOffset = kVOffset + kVStages * kVTileBytes;  // per-warp q-bar (INT8)
   static constexpr int kDsOffset = kQbarOffset + kWarps * kHeadDim;      // per-warp Delta-S row
-  static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;
+  static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;  // with Q smoothing; kQbarOffset without
 
   static_assert(kQKBytes % 32 == 0, "head dim must fill whole QK k-steps");
   static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
   static_assert(kOTiles % 2 == 0 && kSTiles % 4 == 0, "fragments are loaded in pairs");
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB of sm_86/89/120");
+  static_assert(!kF16Acc || kPV != PVType::kBf16, "an fp16 accumulator takes fp16 or FP8 operands, not bf16");
 };
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a tile of kRowBytes-byte rows,
@@ -226,7 +233,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
       for (int e = 0; e < 4; ++e) o[m][n][e] = 0.0f;
   softmax::RowState<M> rows;
   rows.init();
-  constexpr float kPOffset = T::kFp8PV ? quant::kLog2Fp8Max : 0.0f;
+  constexpr float kPOffset = T::kPLog2Max;
 
   // Commit order K0, V0, K1, V1, ...: at the top of tile j wait_group 1 leaves only V_j in
   // flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
@@ -235,7 +242,11 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
   load_v(0, 0);
   cp_async_commit();
 
-  for (int j = 0; j < k_tiles; ++j) {
+  // One key tile. kMasked (a BoolConstant) compiles the per-key mask in: only tiles that
+  // hold keys past nk or (causal) past a row of the CTA need it, so every other tile runs
+  // without the ~3 instructions per score of predicated compares and selects.
+  auto key_tile = [&](const int j, auto masked) {
+    constexpr bool kMasked = decltype(masked)::value;
     const int stage = j & 1;
     cp_async_wait<1>();
     __syncthreads();
@@ -291,7 +302,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
     const float kscale_lane = k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)];
     const float s_to_x = q_scale * kscale_lane * c_log2;
     const int key0 = j * T::kKTile;
-    const bool need_mask = key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0);
+    const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
     // P as A fragments of the PV MMA. FP8 (k32): a step covers S tiles 4kk..4kk+3, in the
     // order V^T is stored in (quant::v_stored_position). 16-bit (k16): S tiles 2kk, 2kk+1.
     constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;
@@ -318,24 +329,39 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
         }
       }
 
-      // Step 2: x = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf.
+      // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. Without
+      // Q smoothing (and with c > 0) the factor is left to the softmax's FFMA: x = s, scale =
+      // s_to_x. With it, x is the finished logit and scale = 1 (a uniform branch, so no
+      // predicated load per score).
       float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key_in_tile = n * 8 + 2 * t + (e & 1);
-          const float ds = smooth_q ? ds_smem[warp * T::kKTile + key_in_tile] : 0.0f;
-          x[n][e] = fmaf(static_cast<float>(s[n][e]), s_to_x, ds);
-          if (need_mask) {
-            const int key = key0 + key_in_tile;
-            const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
-            if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
-          }
+        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[n][e]);
+      float x_scale = s_to_x;
+      if (smooth_q || !(c_log2 > 0.0f)) {
+#pragma unroll
+        for (int n = 0; n < NS; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            x[n][e] = fmaf(x[n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
+        x_scale = 1.0f;
+      }
+      if constexpr (kMasked) {
+        if (need_mask) {
+#pragma unroll
+          for (int n = 0; n < NS; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = key0 + n * 8 + 2 * t + (e & 1);
+              const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
+              if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
+            }
         }
+      }
 
       // Steps 3-5: online softmax in base 2.
-      softmax::online_softmax_tile<NS>(x, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
+      softmax::online_softmax_tile<NS>(x, x_scale, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
 
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
@@ -359,15 +385,22 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
     if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
     cp_async_commit();
 
+    // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
+    // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
+    bool moved = false;
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        o[m][n][0] *= alpha[m][0];
-        o[m][n][1] *= alpha[m][0];
-        o[m][n][2] *= alpha[m][1];
-        o[m][n][3] *= alpha[m][1];
-      }
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[m][n][0] *= alpha[m][0];
+          o[m][n][1] *= alpha[m][0];
+          o[m][n][2] *= alpha[m][1];
+          o[m][n][3] *= alpha[m][1];
+        }
+    }
 
     cp_async_wait<1>();
     __syncthreads();
@@ -386,20 +419,57 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
         }
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          float r0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          if constexpr (T::kF16Acc) {
+            // fp16 tile accumulator (|P_hat| <= 448, |V_hat| <= 2: cannot overflow).
+            uint32_t r0[2] = {0u, 0u}, r1[2] = {0u, 0u};
 #pragma unroll
-          for (int kk = 0; kk < NS / 4; ++kk) {
-            mma_pv_e4m3(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
-            mma_pv_e4m3(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
-          }
+            for (int kk = 0; kk < NS / 4; ++kk) {
+              mma_pv_e4m3_f16acc(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
+              mma_pv_e4m3_f16acc(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
+            }
+            add_f16_fragment(o[m][2 * np], r0);
+            add_f16_fragment(o[m][2 * np + 1], r1);
+          } else {
+            float r0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            o[m][2 * np][e] += r0[e];
-            o[m][2 * np + 1][e] += r1[e];
+            for (int kk = 0; kk < NS / 4; ++kk) {
+              mma_pv_e4m3(r0, p_frag[m][kk], b[kk][0], b[kk][1]);
+              mma_pv_e4m3(r1, p_frag[m][kk], b[kk][2], b[kk][3]);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              o[m][2 * np][e] += r0[e];
+              o[m][2 * np + 1][e] += r1[e];
+            }
           }
         }
       }
 #endif
+    } else if constexpr (T::kF16Acc) {
+      // fp16 tile accumulator per 16 channels (P <= 2^-7: cannot overflow), then into fp32 O.
+#pragma unroll
+      for (int np = 0; np < NO / 2; ++np) {
+        uint32_t r[M][2][2];
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) r[m][i][0] = r[m][i][1] = 0u;
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; ++kk) {
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, vs_addr + v_offsets.at(kk * 16, np * 2));
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            mma_pv16_f16acc(r[m][0], p_frag[m][kk], b[0], b[1]);
+            mma_pv16_f16acc(r[m][1], p_frag[m][kk], b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          add_f16_fragment(o[m][2 * np], r[m][0]);
+          add_f16_fragment(o[m][2 * np + 1], r[m][1]);
+        }
+      }
     } else {
 #pragma unroll
       for (int np = 0; np < NO / 2; ++np) {
@@ -419,7 +489,11 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
     if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
     if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
     cp_async_commit();
-  }
+  };
+  // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
+  const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
+  for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{});
+  for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{});
   cp_async_wait<0>();
 
   // ---- Epilogue (§3): O / l (* vscale) + vbar in the caller's dtype and layout; lse.
@@ -471,7 +545,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
         }
       }
       if (a.lse && t == 0) {
-        // lse = (m + log2 l') ln 2 + sm_scale (q . kbar), l' = l / 448 for FP8 PV.
+        // lse = (m + log2 l - kPLog2Max) ln 2 + sm_scale (q . kbar).
         float lse2 = rows.max[m][h] + log2f(l) - kPOffset;
         float lse = lse2 * quant::kLn2;
         if (a.q_dot_kbar)

@@ -27,4 +27,11 @@ namespace sa2 {
 template <typename T>
 __host__ __device__ constexpr T ceil_div(T a, T b) { return (a + b - 1) / b; }
 
+// A bool as a type (std::bool_constant without <type_traits>): lets a generic lambda compile
+// one body per value.
+template <bool kValue>
+struct BoolConstant {
+  static constexpr bool value = kValue;
+};
+
 }  // namespace sa2

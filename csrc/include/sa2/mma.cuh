@@ -90,7 +90,30 @@ __device__ __forceinline__ void mma_pv16(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
+// R(16x8, f16) += P(16x16, f16) . V(16x8, f16): fp16 accumulator, two registers of two halves
+// (c0 = row g, cols 2t, 2t+1; c1 = row g+8).
+__device__ __forceinline__ void mma_pv16_f16acc(uint32_t (&c)[2], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f16.f16.f16.f16 {%0, %1}, {%2, %3, %4, %5}, {%6, %7}, {%0, %1};\n"
+      : "+r"(c[0]), "+r"(c[1])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// o[0..3] += an fp16 accumulator fragment (the layout of mma_pv16_f16acc's c), in fp32.
+__device__ __forceinline__ void add_f16_fragment(float (&o)[4], const uint32_t (&c)[2]) {
+  o[0] += to_float(f16{static_cast<uint16_t>(c[0] & 0xffffu)});
+  o[1] += to_float(f16{static_cast<uint16_t>(c[0] >> 16)});
+  o[2] += to_float(f16{static_cast<uint16_t>(c[1] & 0xffffu)});
+  o[3] += to_float(f16{static_cast<uint16_t>(c[1] >> 16)});
+}
+
 #if SA2_HAS_FP8_MMA
+// R(16x8, f16) += P(16x32, e4m3) . V(32x8, e4m3) with an fp16 accumulator (sm_89+).
+__device__ __forceinline__ void mma_pv_e4m3_f16acc(uint32_t (&c)[2], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f16.e4m3.e4m3.f16 {%0, %1}, {%2, %3, %4, %5}, {%6, %7}, {%0, %1};\n"
+      : "+r"(c[0]), "+r"(c[1])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // R(16x8, f32) += P(16x32, e4m3) . V(32x8, e4m3). Exists from sm_89 (emulated through HMMA on sm_90).
 __device__ __forceinline__ void mma_pv_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "

@@ -211,7 +211,7 @@ __device__ __forceinline__ void stats_job(const StatsParams& p, int which, int c
     if (job.fp8_scale) {
       // max_t |x_t - mean| = max(max x - mean, mean - min x) exactly: rounding is monotone.
       const float amax = fmaxf(__fsub_rn(hi, mean), __fsub_rn(mean, lo));
-      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kFp8Max);
+      const GroupScale g = sa2::quant::group_scale(amax, job.fp8_max);
       job.fp8_scale[bh * D + ch] = g.scale;
       if (job.fp8_inv) job.fp8_inv[bh * D + ch] = g.inv;
     }

@@ -43,27 +43,29 @@ struct RowState {
   }
 };
 
-// One key tile of one m16 row tile: x -> p = exp2(x - m_new + p_offset) in place (p_offset
-// = log2(448) for FP8 PV, 0 otherwise), l = alpha * l + sum(p), and alpha[h] returned for
-// rescaling O. The first tile processed must give every row a finite max (key 0 is always
-// visible), so alpha = exp2(-inf) = 0 there.
+// One key tile of one m16 row tile. The logits are x * scale with scale > 0, so the caller can
+// pass the integer scores converted to float and their per-lane dequantization factor: the row
+// max of x * scale is (max x) * scale exactly (rounding is monotone), and each p costs one FFMA
+// and one ex2. x -> p = exp2(x * scale - m_new + p_offset) in place, l = alpha * l + sum(p), and
+// alpha[h] is returned for rescaling O. The first tile processed must give every row a finite
+// max (key 0 is always visible), so alpha = exp2(-inf) = 0 there.
 template <int N>
-__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float (&row_max)[2], float (&row_sum)[2],
-                                                    float p_offset, float (&alpha)[2]) {
+__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float scale, float (&row_max)[2],
+                                                    float (&row_sum)[2], float p_offset, float (&alpha)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float tile_max = -INFINITY;
+    float raw_max = -INFINITY;
 #pragma unroll
-    for (int n = 0; n < N; ++n) tile_max = fmaxf(tile_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
-    const float m_new = fmaxf(row_max[h], quad_max(tile_max));
+    for (int n = 0; n < N; ++n) raw_max = fmaxf(raw_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
+    const float m_new = fmaxf(row_max[h], quad_max(raw_max * scale));
     alpha[h] = exp2_approx(row_max[h] - m_new);
     row_max[h] = m_new;
-    const float shift = m_new - p_offset;
+    const float neg_shift = p_offset - m_new;
     float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < N; ++n) {
-      x[n][2 * h] = exp2_approx(x[n][2 * h] - shift);
-      x[n][2 * h + 1] = exp2_approx(x[n][2 * h + 1] - shift);
+      x[n][2 * h] = exp2_approx(fmaf(x[n][2 * h], scale, neg_shift));
+      x[n][2 * h + 1] = exp2_approx(fmaf(x[n][2 * h + 1], scale, neg_shift));
       sum += x[n][2 * h] + x[n][2 * h + 1];
     }
     row_sum[h] = row_sum[h] * alpha[h] + sum;

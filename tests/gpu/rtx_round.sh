@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# One device round for the mma.sync family against thu-ml's sm80 kernel (issue 15), on H100:
+#
+#   bash tests/gpu/rtx_round.sh [build] [test] [bench] [ncu]     (default: all four, in order)
+#
+#   build  our kernels for this GPU with NVRTC (install.py --all: the accumulator variants dispatch
+#          does not pick too; registers and spills from the cubins) and thu-ml's fused
+#          quantizers + sm80 kernel (tests/gpu/build_thuml.sh, from .thirdparty/SageAttention,
+#          carried), in parallel
+#   test   the mma GPU suite (tests/gpu/test_mma_kernels.py: FP16 accumulation included)
+#   bench  bench/bench_attention.py at hd64/hd128, 4K-32K and causal: our mma int8+fp16 whole
+#          call vs thu-ml `sageattn_qk_int8_pv_fp16_cuda`, same run; then fp16 inputs (our
+#          fp16-accumulated 16-bit PV)
+#   ncu    one shape (1x24x8192x128): our int8+fp16 kernel and thu-ml's, key sections
+#
+# The stages can run in separate calls on the same warm machine (the library stays in
+# the kernel cache, thu-ml in place). Everything is logged under $OUT (default ./rtx_out); a
+# failed stage prints FAILED and the script exits non-zero at the end.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/rtx_out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/rtx_round.log") 2>&1
+export PYTHONUNBUFFERED=1 SAGEATTN2_COMMIT=${SAGEATTN2_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+THUML=.thirdparty/SageAttention
+export PYTHONPATH=$PWD/$THUML${PYTHONPATH:+:$PYTHONPATH}
+STAGES=${*:-build test bench ncu}
+failed=()
+has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
+
+echo "== device $(date -u +%FT%TZ) commit $SAGEATTN2_COMMIT stages: $STAGES"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+
+if has build; then
+  echo "== build (ours, NVRTC || thu-ml fused + sm80)"
+  start=$(date +%s)
+  [ -d "$THUML/csrc" ] || { echo "FAILED: $THUML not carried"; exit 1; }
+  (THUML_EXTS="fused sm80" MAX_JOBS=8 bash tests/gpu/build_thuml.sh "$THUML" > "$OUT/build_thuml.log" 2>&1; echo $? > "$OUT/build_thuml.rc") &
+  thuml_pid=$!
+  python3 install.py --all --no-selfcheck -j 8 > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; failed+=(build); }
+  echo "ours built in $(( $(date +%s) - start )) s"
+  rm -rf /tmp/rtx_cubins && python3 -m sageattn2.build extract /tmp/rtx_cubins > /dev/null
+  for f in /tmp/rtx_cubins/*/mma-*.cubin; do
+    cuobjdump --dump-resource-usage "$f" 2>/dev/null | grep -m1 -o "REG:[0-9]*.*" | sed "s|^|$(basename "$(dirname "$f")")/$(basename "$f" .cubin) |"
+  done | tee "$OUT/resources.txt"
+  [ -s "$OUT/resources.txt" ] || { echo "FAILED: no mma cubin in the cache"; failed+=(build); }
+  wait $thuml_pid
+  echo "thu-ml built in $(( $(date +%s) - start )) s, rc $(cat "$OUT/build_thuml.rc")"
+  tail -4 "$OUT/build_thuml.log"
+  [ "$(cat "$OUT/build_thuml.rc")" = 0 ] || failed+=(build_thuml)
+fi
+
+if has test; then
+  echo "== mma GPU suite"
+  export SA2_TEST_LOG=$OUT/metrics.jsonl
+  rm -f "$SA2_TEST_LOG"
+  timeout 420 python3 -m pytest tests/gpu/test_mma_kernels.py -q -rfEs --maxfail=60 -p no:cacheprovider \
+    > "$OUT/pytest.txt" 2>&1 || failed+=(test)
+  tail -60 "$OUT/pytest.txt"
+  python3 - <<'PY'
+import json, os
+path = os.environ["SA2_TEST_LOG"]
+rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+for r in (r for r in rows if r.get("kind") == "accuracy"):
+    print(f"accuracy {r['precision']:16s} {r['shape']}: vs exact cos {r['cos']:.6f} relL1 {r['rel_l1']:.4f}; "
+          f"reference cos {r['ref_cos']:.6f} relL1 {r['ref_rel_l1']:.4f}")
+cmp = [r for r in rows if r.get("kind") == "vs_reference"]
+for group, sel in (("fp32 acc", lambda r: not r["case"].startswith("acc16")), ("fp16 acc", lambda r: r["case"].startswith("acc16"))):
+    have = [r for r in cmp if sel(r)]
+    for key in ("rel_l1", "vs_ref_rel_l1", "lse_err"):
+        vals = [r for r in have if key in r]
+        if vals:
+            worst = max(vals, key=lambda r: r[key])
+            print(f"{group}: {len(vals)} cases, worst {key} {worst[key]:.2e} ({worst['case']})")
+PY
+fi
+
+if has bench; then
+  echo "== bench (whole calls; ours vs thu-ml sm80, same run)"
+  SHAPES=1x24x4096x128,1x24x8192x128,1x24x16384x128,1x40x32760x128,1x24x8192x64,1x24x16384x64,1x32x8192x128c
+  timeout 420 python3 bench/bench_attention.py --shapes "$SHAPES" --out "$OUT/bench_bf16.md" > "$OUT/bench_bf16.log" 2>&1 \
+    || failed+=(bench)
+  cat "$OUT/bench_bf16.md"
+  timeout 150 python3 bench/bench_attention.py --dtype fp16 --shapes 1x24x8192x128,1x24x8192x64 \
+    --out "$OUT/bench_fp16.md" > "$OUT/bench_fp16.log" 2>&1 || failed+=(bench_fp16)
+  cat "$OUT/bench_fp16.md"
+fi
+
+if has ncu; then
+  echo "== ncu 1x24x8192x128 int8+fp16 (ours, thu-ml sm80)"
+  cat > /tmp/rtx_ncu_case.py <<'PY'
+import sys, torch
+from sageattn2.backends import mma
+from sageattn2.config import AttnConfig
+g = torch.Generator(device="cuda").manual_seed(0)
+q, k, v = (torch.randn(1, 24, 8192, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+k = k + 3 * torch.randn(1, 24, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+if sys.argv[1] == "ours":
+    fn = lambda: mma.attention(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype="fp16"), is_causal=False,
+                               sm_scale=None, return_lse=False)
+else:
+    from sageattention import sageattn_qk_int8_pv_fp16_cuda
+    fn = lambda: sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout="HND", pv_accum_dtype="fp32")
+for _ in range(3):
+    fn()
+torch.cuda.synchronize()
+PY
+  SECTIONS="--section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis"
+  for who in ours thuml; do
+    kernel=$([ $who = ours ] && echo "regex:attn_mma_kernel" || echo "regex:qk_int_sv_f16_attn_kernel")
+    timeout 150 ncu $SECTIONS -k "$kernel" --launch-skip 2 --launch-count 1 -o "$OUT/ncu_$who" -f \
+      python3 /tmp/rtx_ncu_case.py $who > "$OUT/ncu_$who.log" 2>&1 || failed+=(ncu_$who)
+    ncu -i "$OUT/ncu_$who.ncu-rep" --page details --print-units base > "$OUT/ncu_$who.txt" 2>&1
+    grep -E "Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc Active|No Eligible|Warp Cycles Per Issued|Block Limit (Registers|Shared Mem)|Dynamic Shared" "$OUT/ncu_$who.txt" | sed "s/^/$who: /"
+  done
+fi
+
+echo "== summary"
+grep -E "passed|failed" "$OUT/pytest.txt" 2>/dev/null | tail -1
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "FAILED stages: ${failed[*]}"
+  exit 1
+fi
+echo "all stages passed"
