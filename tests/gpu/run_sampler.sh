@@ -4,7 +4,7 @@
 # cost (CPU). Tables and logs go to $OUT.
 #
 #   carry: .comfyui (a ComfyUI source tree), .whl (torchsde, trampoline, einops wheels)
-#   SLICES=flux,wan14b,hunyuan,sdxl PROCESSES=5 LEVELS=int8+fp8 PROFILE=1 bash tests/gpu/run_sampler.sh
+#   SLICES=flux,wan14b,hunyuan,sdxl PROCESSES=5 ROUNDS=2 LEVELS=int8+fp8 PROFILE=1 bash tests/gpu/run_sampler.sh
 #   (LEVELS empty: every level that is a distinct kernel on this GPU; BUILD=skip|auto|force as
 #   in tests/comfy/run_device.sh; CHECKS=0 skips the API auto check and the host-cost table;
 #   BENCH_TIMEOUT seconds for the benchmark, default 480)
@@ -39,7 +39,7 @@ if [ "${CHECKS:-1}" = 1 ]; then
   rc=$?; echo "auto_causal: rc=$rc"; [ $rc = 0 ] || status=1
   python3 bench/bench_sampler.py --host-cost --out "$OUT/host_cost.md" > /dev/null 2>&1 || echo "host cost: failed"
 fi
-args=(--slices "${SLICES:-flux,wan14b,hunyuan,sdxl}" --processes "${PROCESSES:-5}" --out "$OUT/sampler.md")
+args=(--slices "${SLICES:-flux,wan14b,hunyuan,sdxl}" --processes "${PROCESSES:-5}" --rounds "${ROUNDS:-2}" --out "$OUT/sampler.md")
 [ -n "${LEVELS-int8+fp8}" ] && args+=(--levels "${LEVELS-int8+fp8}")
 [ "${PROFILE:-0}" = 1 ] && args+=(--profile "$OUT/profile")
 timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_sampler.py "${args[@]}" > "$OUT/sampler.log" 2>&1
