@@ -21,7 +21,8 @@ in PyTorch SDPA) runs exact attention, logged once: thu-ml's CUDA entry points d
 silently, and ComfyUI's `--use-sage-attention` passes one.
 
 Differences from thu-ml, each logged once where it applies: pv_accum_dtype values other than
-our accumulation (fp32 for FP16 PV, two-level fp32 for FP8 PV) run ours; smooth_v is honoured
+our accumulation run ours (fp32 for FP16 PV; for FP8 PV the arch's default from archs.py: FP16
+inside a tile and FP32 across tiles, thu-ml's "fp32+fp16", on sm89/sm120, two-level FP32 elsewhere); smooth_v is honoured
 for every pv_accum_dtype; flash-attn style `causal=` / `softmax_scale=` keywords, which
 yunchang passes and thu-ml silently drops, are honoured; dropout, sliding windows, softcap
 and ALiBi cannot be honoured and are ignored with a warning; CPU tensors, fp32 inputs and
@@ -41,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from . import api, loader
-from .dispatch import default_precision, log_once
+from .config import PVAccum, PVDType
+from .dispatch import default_precision, default_pv_accum, log_once
 
 PROVIDER = "sageattn2"
 ENV_PROVIDE = "SAGEATTN2_PROVIDE_SAGEATTENTION"  # "1": provide if absent; "force": replace thu-ml
@@ -50,7 +52,6 @@ QK_QUANT_GRANS = ("per_thread", "per_warp")
 FP16_PV_ACCUM = ("fp32", "fp16", "fp16+fp32")
 FP8_PV_ACCUM = ("fp32", "fp32+fp32", "fp32+fp16")
 SM90_PV_ACCUM = ("fp32", "fp32+fp32")
-OUR_ACCUM = {"fp16": "fp32", "fp8": "fp32+fp32"}
 # flash-attn keywords engines pass along: honoured (aliases) or checked against their no-op value.
 _ALIASES = {"causal": "is_causal", "softmax_scale": "sm_scale"}
 _NO_OP = {"dropout_p": (0, 0.0, None), "window_size": ((-1, -1), [-1, -1], None), "softcap": (0, 0.0, None),
@@ -101,9 +102,17 @@ def _short(value) -> str:
     return f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
 
 
-def _accumulation(pv: str, pv_accum_dtype: str, accepted) -> None:
+def our_accumulation(pv: str, capability: tuple[int, int] | None) -> str:
+    """The P.V accumulation our kernels run on a GPU (None: off CUDA), in thu-ml's pv_accum_dtype words."""
+    if pv == "fp16":
+        return "fp32"
+    fp16_inside = capability is not None and default_pv_accum(capability, PVDType.FP8) is PVAccum.FP16
+    return "fp32+fp16" if fp16_inside else "fp32+fp32"
+
+
+def _accumulation(pv: str, pv_accum_dtype: str, accepted, q) -> None:
     _choice("pv_accum_dtype", pv_accum_dtype, accepted)
-    ours = OUR_ACCUM[pv]
+    ours = our_accumulation(pv, loader.capability(q.device) if isinstance(q, torch.Tensor) and q.is_cuda else None)
     if pv_accum_dtype != ours:
         _note(f"pv_accum_dtype={pv_accum_dtype!r} runs our {pv.upper()} PV accumulation ({ours})")
 
@@ -157,7 +166,7 @@ def sageattn_qk_int8_pv_fp16_cuda(q, k, v, tensor_layout: str = "HND", is_causal
     attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp16_cuda", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
-    _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM)
+    _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM, q)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp16", granularity=qk_quant_gran,
                    smooth_k=smooth_k, smooth_v=smooth_v, backend=backend, attn_mask=attn_mask)
@@ -167,12 +176,12 @@ def sageattn_qk_int8_pv_fp8_cuda(q, k, v, tensor_layout: str = "HND", is_causal:
                                  qk_quant_gran: str = "per_thread", sm_scale: float | None = None,
                                  pv_accum_dtype: str = "fp32+fp16", smooth_k: bool = True, smooth_v: bool = False,
                                  return_lse: bool = False, *, backend: str = "auto", **kwargs):
-    """thu-ml's INT8 QK + FP8 PV entry point: our int8+fp8 level (two-level fp32 accumulation).
+    """thu-ml's INT8 QK + FP8 PV entry point: our int8+fp8 level (the arch's accumulation, `our_accumulation`).
     Without FP8 tensor cores (sm80/86) it runs int8+fp16 (logged by the dispatcher)."""
     attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp8_cuda", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
-    _accumulation("fp8", pv_accum_dtype, FP8_PV_ACCUM)
+    _accumulation("fp8", pv_accum_dtype, FP8_PV_ACCUM, q)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp8", granularity=qk_quant_gran,
                    smooth_k=smooth_k, smooth_v=smooth_v, backend=backend, attn_mask=attn_mask)
@@ -186,7 +195,7 @@ def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout: str = "HND", is_ca
     attn_mask = kwargs.pop("attn_mask", None)
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp8_cuda_sm90", is_causal, sm_scale, kwargs)
     _choice("qk_quant_gran", qk_quant_gran, QK_QUANT_GRANS)
-    _accumulation("fp8", pv_accum_dtype, SM90_PV_ACCUM)
+    _accumulation("fp8", pv_accum_dtype, SM90_PV_ACCUM, q)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp8", granularity=qk_quant_gran,
                    smooth_k=smooth_k, smooth_v=False, backend=backend, attn_mask=attn_mask)
@@ -200,7 +209,7 @@ def sageattn_qk_int8_pv_fp16_triton(q, k, v, tensor_layout: str = "HND", quantiz
     pv_accum_dtype = kwargs.pop("pv_accum_dtype", "fp32")  # yunchang passes one; thu-ml drops it
     is_causal, sm_scale = _resolve_extras("sageattn_qk_int8_pv_fp16_triton", is_causal, sm_scale, kwargs)
     _choice("quantization_backend", quantization_backend, ("triton", "cuda"))
-    _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM)
+    _accumulation("fp16", pv_accum_dtype, FP16_PV_ACCUM, q)
     return _attend(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                    return_lse=return_lse, precision="int8+fp16", granularity="per_block",
                    smooth_k=smooth_k, smooth_v=False, backend=backend, attn_mask=attn_mask)

@@ -133,6 +133,14 @@ def test_unhonoured_arguments_are_logged_once_per_reason(caplog):
         assert sum(needle in line for line in lines) == 1, (needle, lines)
 
 
+@pytest.mark.parametrize("capability,pv,expected", [
+    ((8, 9), "fp8", "fp32+fp16"), ((12, 0), "fp8", "fp32+fp16"),  # SA2++: FP16 inside a tile
+    ((9, 0), "fp8", "fp32+fp32"), (None, "fp8", "fp32+fp32"), ((8, 9), "fp16", "fp32"),
+])
+def test_reported_accumulation_follows_the_arch_table(capability, pv, expected):
+    assert compat.our_accumulation(pv, capability) == expected
+
+
 @pytest.mark.parametrize("fn,kwargs,match", [
     ("sageattn_qk_int8_pv_fp16_cuda", {"qk_quant_gran": "per_block"}, "qk_quant_gran"),
     ("sageattn_qk_int8_pv_fp16_cuda", {"pv_accum_dtype": "fp32+fp32"}, "pv_accum_dtype"),
