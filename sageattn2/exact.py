@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 # CUDA's grid y/z limit: torch's attention kernels put batch and heads there.
 MAX_GRID = 65535
-# Smallest score chunk of the lse (elements); above it the chunk follows the input size.
-MIN_LSE_CHUNK = 1 << 18
+# Smallest working set of the lse (fp32 elements, 4 MiB); above it, it follows the input size.
+MIN_LSE_CHUNK = 1 << 20
 _ALIGN_BYTES = 16
 _HEAD_DIM_MULTIPLE = 8
 # GQA groups up to this size run one SDPA call per position in the group.
@@ -124,12 +124,49 @@ def _box(extents, capacity: int) -> list[int]:
     return sizes[::-1]
 
 
+def lse_tiles(batch: int, heads_kv: int, group: int, n_q: int, n_k: int, head_dim: int, capacity: int):
+    """Tile sizes of `exact_lse`: ([batch, kv heads, group, rows], keys) such that one tile's
+    fp32 working set stays within `capacity` elements (unless a single row and key exceed it):
+    a key chunk's fp32 copy takes at most a quarter; each query row costs its fp32 copy and
+    two score rows (the scores, reduced in place, and room for the causal mask). Whole heads
+    are batched when one fits."""
+    keys = min(n_k, max(1, capacity // (4 * head_dim)))
+    per_row = 2 * keys + head_dim
+    per_head = keys * head_dim + group * n_q * per_row
+    if per_head <= capacity:
+        return _box((batch, heads_kv), capacity // per_head) + [group, n_q], keys
+    return [1, 1] + _box((group, n_q), max(1, (capacity - keys * head_dim) // per_row)), keys
+
+
+def lse_tile_elements(sizes, keys: int, head_dim: int) -> int:
+    """The fp32 elements one tile of `lse_tiles` holds at once (what `capacity` bounds)."""
+    heads, rows = sizes[0] * sizes[1], sizes[0] * sizes[1] * sizes[2] * sizes[3]
+    return heads * keys * head_dim + rows * (2 * keys + head_dim)
+
+
+def default_lse_capacity(q, k) -> int:
+    """fp32 elements of the lse's working set: a quarter of the inputs' elements (at least
+    MIN_LSE_CHUNK), i.e. half of q + k's bytes for 16-bit inputs, a quarter for fp32."""
+    return max(MIN_LSE_CHUNK, (q.numel() + k.numel()) // 4)
+
+
+def _logsumexp_(s):
+    """logsumexp over the last dim, overwriting s (torch.logsumexp holds two temporaries of
+    s's size). Rows that are all -inf give -inf."""
+    peak = s.amax(dim=-1, keepdim=True)
+    peak.masked_fill_(peak == float("-inf"), 0.0)
+    return s.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
+
+
 def exact_lse(q, k, is_causal: bool, sm_scale: float, max_chunk: int | None = None):
     """logsumexp(sm_scale * q k^T) per query row, float32 (B, Hq, Nq), for HND q (B, Hq, Nq, D)
-    and k (B, Hkv, Nk, D). Query heads are viewed as (Hkv, group) against k's own heads (no
-    repeated K), and the scores are built in chunks of at most `max_chunk` elements (default:
-    an eighth of the input's elements, at least MIN_LSE_CHUNK): peak extra memory stays a
-    fraction of q + k. Causal chunks skip the keys their rows cannot see."""
+    and k (B, Hkv, Nk, D).
+
+    Memory: tiles of `lse_tiles` with at most `max_chunk` fp32 elements (default
+    `default_lse_capacity`): only a tile's rows and keys are ever cast to fp32, query heads
+    are viewed as (Hkv, group x rows) against their own kv head (K is never repeated or
+    broadcast-copied), and key chunks are merged with logaddexp. Scores are fp32 products of
+    the inputs' exact values. Causal tiles skip the keys their rows cannot see."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -137,23 +174,26 @@ def exact_lse(q, k, is_causal: bool, sm_scale: float, max_chunk: int | None = No
     if out.numel() == 0:
         return out.view(B, Hq, Nq)
     qg = q.unflatten(1, (Hkv, group))
-    if max_chunk is None:
-        max_chunk = max(MIN_LSE_CHUNK, (q.numel() + k.numel()) // 8)
-    # One chunk holds scores (rows x keys) plus fp32 copies of its q rows and k keys.
-    per_row = Nk + D
-    sizes = _box((B, Hkv, group, Nq), max(1, max_chunk // per_row))
+    capacity = default_lse_capacity(q, k) if max_chunk is None else max_chunk
+    sizes, keys = lse_tiles(B, Hkv, group, Nq, Nk, D, capacity)
     starts = [range(0, n, s) for n, s in zip((B, Hkv, group, Nq), sizes)]
     for b0, h0, g0, r0 in itertools.product(*starts):
         b, h, g = slice(b0, b0 + sizes[0]), slice(h0, h0 + sizes[1]), slice(g0, g0 + sizes[2])
         r1 = min(r0 + sizes[3], Nq)
-        keys = min(Nk, r1) if is_causal else Nk
-        kc = k[b, h, None, :keys].float()
-        s = torch.matmul(qg[b, h, g, r0:r1].float(), kc.transpose(-1, -2)).mul_(sm_scale)
-        if is_causal:
-            rows = torch.arange(r0, r1, device=q.device)[:, None]
-            s.masked_fill_(torch.arange(keys, device=q.device)[None, :] > rows, float("-inf"))
-        out[b, h, g, r0:r1] = torch.logsumexp(s, dim=-1)
-        del s, kc
+        tile = qg[b, h, g, r0:r1]
+        rows = tile.shape[2:4]
+        q32 = tile.float().flatten(2, 3)  # (b, h, group x rows, D): one matmul per kv head
+        lse = None
+        for k0 in range(0, min(Nk, r1) if is_causal else Nk, keys):
+            k1 = min(k0 + keys, Nk)
+            s = torch.matmul(q32, k[b, h, k0:k1].float().transpose(-1, -2)).mul_(sm_scale)
+            if is_causal and k1 - 1 > r0:
+                hidden = torch.arange(k0, k1, device=q.device)[None, :] > torch.arange(r0, r1, device=q.device)[:, None]
+                s.unflatten(2, rows).masked_fill_(hidden, float("-inf"))
+            part = _logsumexp_(s)
+            del s
+            lse = part if lse is None else torch.logaddexp(lse, part, out=lse)
+        out[b, h, g, r0:r1] = lse.unflatten(2, rows)
     return out.view(B, Hq, Nq)
 
 

@@ -4,7 +4,9 @@ backend's argument and V-stride handling. CPU only; kernel-side behaviour is che
 through stand-ins of the backend modules (the GPU fuzz, tests/gpu/fuzz_attention.py,
 runs the real kernels)."""
 import math
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from sageattn2.config import AttnConfig, Family, PVDType, QKDType
 from sageattn2.reference import exact_attention, reference_attention
 
 from conftest import error_metrics, make_qkv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+from fuzz_attention import HostPeakMemory  # noqa: E402
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -283,34 +288,63 @@ def test_fp8_v_offsets_past_31_bits_decline_mma(monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_exact_lse_memory_follows_the_inputs(monkeypatch, causal):
-    q, k, v = rand(1, 16, 2048, 32, seed=1), rand(1, 2, 2048, 32, seed=2), rand(1, 2, 2048, 32, seed=3)
-    largest = []
-    real_lse = torch.logsumexp
-
-    def recording_lse(x, dim):
-        largest.append(x.numel())
-        return real_lse(x, dim)
-
-    def no_repeat(*a, **kw):
-        raise AssertionError("K must not be repeated per query head")
-
-    monkeypatch.setattr(torch, "logsumexp", recording_lse)
-    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
-    o, lse = sageattn2.sageattn(q, k, v, is_causal=causal, return_lse=True, precision="exact")
-    monkeypatch.undo()
-    budget = max(exact.MIN_LSE_CHUNK, (q.numel() + k.numel()) // 8)
-    assert largest and max(largest) <= budget
-    ref_o, ref_lse = exact64(q, k, v, causal)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-5)
+def test_exact_lse_memory_follows_the_inputs(causal):
+    q, k, v = rand(1, 16, 1024, 32, seed=1), rand(1, 2, 2048, 32, seed=2), rand(1, 2, 2048, 32, seed=3)
+    with HostPeakMemory() as mem:
+        lse = exact.exact_lse(q, k, causal, 1 / math.sqrt(32))
+    assert mem.peak <= 4 * exact.default_lse_capacity(q, k) + lse.nbytes
+    ref_o, ref_lse = exact64(q[:, ::5], k, v, causal)  # query heads 0, 5, 10, 15 read kv heads 0, 0, 1, 1
+    torch.testing.assert_close(lse[:, ::5].double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("max_chunk", [1, 50, 700, None])
+def test_exact_lse_of_few_rows_over_many_keys_stays_small():
+    """Fuzz case #500 (2 query rows x 66K keys, GQA 3): K was cast to fp32 whole and the
+    matmul's broadcast over the query group copied it three times more (397 MiB extra for
+    48 MiB of q + k). Now only key chunks are cast and no operand is broadcast-copied."""
+    q = rand(2, 9, 2, 64, dtype=torch.bfloat16, seed=1)
+    k = rand(2, 3, 66192, 64, dtype=torch.bfloat16, seed=2)
+    with HostPeakMemory() as mem:
+        lse = exact.exact_lse(q, k, False, 0.125)
+    inputs = q.nbytes + k.nbytes
+    assert mem.peak <= 4 * exact.default_lse_capacity(q, k) + lse.nbytes <= inputs // 2 + (5 << 20)
+    s = q.double().unflatten(1, (3, 3)) @ k.double()[:, :, None].transpose(-1, -2) * 0.125
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1).flatten(1, 2), atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 33, 40), (2, 3, 3, 17, 1000), (1, 2, 64, 5, 5000), (3, 1, 2, 300, 7)])
+@pytest.mark.parametrize("capacity", [1, 2000, 10 ** 6])
+def test_lse_tiles_respect_the_capacity(shape, capacity):
+    batch, heads_kv, group, n_q, n_k = shape
+    for d in (16, 256):
+        sizes, keys = exact.lse_tiles(batch, heads_kv, group, n_q, n_k, d, capacity)
+        assert 1 <= keys <= n_k and all(1 <= s <= n for s, n in zip(sizes, (batch, heads_kv, group, n_q)))
+        floor = exact.lse_tile_elements([1, 1, 1, 1], 1, d)  # one row against one key
+        assert exact.lse_tile_elements(sizes, keys, d) <= max(capacity, floor)
+
+
+@pytest.mark.parametrize("max_chunk", [1, 300, 700, None])
 def test_exact_lse_chunking_is_exact(max_chunk):
     q, k = rand(3, 6, 37, 16, seed=1), rand(3, 2, 29, 16, seed=2)
+    if max_chunk == 1:  # one row against one key per tile
+        q, k = q[:2, :4, :9], k[:2, :, :11]
     for causal in (False, True):
         _, ref = exact64(q, k, k, causal, scale=0.3)
         torch.testing.assert_close(exact.exact_lse(q, k, causal, 0.3, max_chunk).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_lse_over_key_chunks_matches_float64(dtype, causal):
+    """Key chunks merged by logaddexp, on data with a sink key and large scores, in 16-bit
+    inputs: the lse is that of the inputs' exact values (fp32 products), whatever the tiling."""
+    q, k = rand(2, 4, 300, 48, dtype=dtype, seed=4), rand(2, 2, 3000, 48, dtype=dtype, seed=5)
+    k[:, :, 7] = (4 * q[:, 0, :1].float().sign()).to(dtype)  # a key every query attends to strongly
+    _, ref = exact64(q.float(), k.float(), k.float(), causal, scale=0.2)
+    for capacity in (20000, 200000, None):
+        sizes, keys = exact.lse_tiles(2, 2, 2, 300, 3000, 48, capacity or exact.default_lse_capacity(q, k))
+        lse = exact.exact_lse(q, k, causal, 0.2, capacity)
+        assert (lse.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item())
+    assert keys < 3000 or capacity is None  # the small capacities do cut the keys
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,3 +45,34 @@ def test_a_wrong_result_is_caught(monkeypatch):
         monkeypatch.setattr(fuzz_attention.sageattn2, "sageattn", lambda q, k, v, **kw: wrong(real(q, k, v, **kw), q))
         failures = fuzz_attention.run_case(case, 1, cpu, floors, 1 << 14)["failures"]
         assert any(expect in f for f in failures), failures
+
+
+def test_host_peak_memory_counts_allocations_not_views():
+    import torch
+
+    x = torch.zeros(1 << 20)  # 4 MiB, made before the block: never counted
+    with fuzz_attention.HostPeakMemory() as mem:
+        view = x[::2].view(-1, 2)
+        x.add_(1.0)
+        same = x.float()  # already float32: x itself
+        torch.mul(x, 2, out=x)
+        del view, same
+        assert mem.peak == 0
+        a = x * 2  # 4 MiB
+        del a
+        c = torch.ones(1 << 19, dtype=torch.float64)  # 4 MiB
+        # A broadcast batch matmul copies the expanded operand: (2, 4, 8, 1024) fp32, 256 KiB.
+        d = torch.matmul(torch.ones(2, 4, 1, 8), torch.ones(2, 1, 8, 1024))
+    assert (4 << 20) + (256 << 10) <= mem.peak < (4 << 20) + (512 << 10)
+    assert mem.live == c.nbytes + d.nbytes
+
+
+def test_fuzz_case_500_exact_lse_within_the_memory_limit():
+    """Seed 1, case #500 at the GPU fuzz's sizes (2 query rows x 66K keys, exact with lse)
+    took 397 MiB extra against a 202 MiB limit; it is checked on CPU with HostPeakMemory."""
+    import torch
+
+    case = fuzz_attention.make_case(1, 500, 131072, 1 << 31)
+    assert (case.n_q, case.n_k, case.precision, case.lse) == (2, 66192, "exact", True)
+    rec = fuzz_attention.run_case(case, 1, torch.device("cpu"), fuzz_attention.load_floors(), 0)
+    assert rec["failures"] == [] and "extra_mib" in rec, rec

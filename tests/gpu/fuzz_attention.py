@@ -11,7 +11,8 @@ A case is fully determined by (seed, index): a failure line prints both, and
 - on small cases that ran a kernel, that it is no further from exact than the PyTorch
   reference of the same configuration (a kernel mismatch);
 - no NaN/Inf in O or lse; inputs bit-identical afterwards;
-- CUDA: peak extra memory <= 2 x (Q + K + V + O) + 8 MiB (torch.cuda.max_memory_allocated).
+- peak extra memory <= 2 x (Q + K + V + O) + 8 MiB: on CUDA torch.cuda.max_memory_allocated,
+  on CPU (exact and auto, whose code is the product's) `HostPeakMemory`.
 On CPU the quantized levels run backend="reference" (the kernels' emulation).
 
 Bad inputs (wrong types, NaN scale, empty keys, ...) and extreme ones (batch or heads above
@@ -24,6 +25,7 @@ Exit status 0 only when every case passed. Results: summary.json and failures.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,10 +33,13 @@ import random
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -218,6 +223,37 @@ def metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"rel_l1": rel, "cos": cos}
 
 
+class HostPeakMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages allocated inside the `with` block and alive at once
+    (torch has no allocator statistics on CPU). Every ATen op's output counts, including the
+    intermediates of composite ops (a matmul's broadcast copy, a `.float()`), except outputs
+    that share storage with an argument (views, in-place and out= ops); temporaries inside
+    one ATen kernel are not seen."""
+
+    def __enter__(self):
+        self.live = self.peak = 0
+        self._tracked = {}
+        return super().__enter__()
+
+    def _freed(self, key, nbytes):
+        self._tracked.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()  # one Python object per storage while it lives
+            key = id(storage)
+            if key not in given and key not in self._tracked:
+                self._tracked[key] = weakref.finalize(storage, self._freed, key, storage.nbytes())
+                self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        return out
+
+
 def _bytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
@@ -233,20 +269,24 @@ def run_case(case: Case, seed: int, device, floors, reference_scores: int) -> di
     if device.type == "cpu" and quantized:
         kw["backend"] = "reference"
     cuda = device.type == "cuda"
+    host = HostPeakMemory() if device.type == "cpu" and not quantized else None
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    res = sageattn2.sageattn(q, k, v, **kw)
+    with host or contextlib.nullcontext():
+        res = sageattn2.sageattn(q, k, v, **kw)
     o, lse = res if case.lse else (res, None)
     if cuda:
         torch.cuda.synchronize(device)
         extra = torch.cuda.max_memory_allocated(device) - base
+    elif host:
+        extra = host.peak
     seconds = time.perf_counter() - start
     failures = []
     record = {"case": str(case), "seed": seed, "index": case.index, "seconds": round(seconds, 4)}
-    if cuda:
+    if cuda or host:
         limit = 2 * _bytes(q, k, v, o) + 8 * MIB
         record["extra_mib"] = round(extra / MIB, 2)
         if extra > limit:

@@ -80,8 +80,8 @@ if want fuzz; then
   summary+=("fuzz (random API cases + child-process bad inputs): rc=$? $(grep -h '^SUMMARY' "$OUT/fuzz.log" | cut -c9-)")
 fi
 if want sanitize; then
-  OUT=$OUT/sanitize SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-500} bash tests/gpu/sanitize.sh > /dev/null 2>&1
-  summary+=("compute-sanitizer (memcheck racecheck initcheck synccheck): rc=$? $(tail -1 "$OUT/sanitize/sanitize_summary.txt" 2>/dev/null)")
+  OUT=$OUT/sanitize SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-480} bash tests/gpu/sanitize.sh > "$OUT/sanitize.log" 2>&1
+  summary+=("compute-sanitizer: rc=$? $(grep -E '^(status|[a-z]+check):' "$OUT/sanitize.log" | tr '\n' ' ')")
 fi
 
 echo "================ summary"
@@ -90,6 +90,6 @@ cat "$OUT/device.txt"
 [ -f "$OUT/bench_attention.md" ] && cut -c1-400 "$OUT/bench_attention.md"
 [ -f "$OUT/e2e.md" ] && cat "$OUT/e2e.md"
 grep -hE "cosine to stock run" "$OUT/comfy/pytest.txt" 2>/dev/null
-[ -f "$OUT/sanitize/sanitize_summary.txt" ] && cat "$OUT/sanitize/sanitize_summary.txt"
+[ -f "$OUT/sanitize/sanitize_summary.md" ] && cat "$OUT/sanitize/sanitize_summary.md"
 grep -hE "^FAIL" "$OUT/fuzz.log" 2>/dev/null | head -20
 printf '%s\n' "${summary[@]}"
