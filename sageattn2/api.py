@@ -167,7 +167,8 @@ class _Call:
     def __init__(self, plan, q, k, layout: str, is_causal: bool, sm_scale: float, return_lse: bool, auto: bool):
         self.plan, self.layout, self.is_causal, self.return_lse = plan, layout, is_causal, return_lse
         self.signed_scale, self.sm_scale = sm_scale, fold_scale_sign(0.0, sm_scale)[1]
-        quantized = plan.backend != "exact"
+        self.exact = plan.backend == "exact"
+        quantized = not self.exact
         self.to_bf16 = quantized and plan.backend != "reference" and q.dtype == torch.float32
         self.auto = auto and quantized and plan.backend != "reference"
         self.tune_key = autotune.shape_key(q, k, layout, is_causal) if self.auto else None
@@ -176,21 +177,24 @@ class _Call:
     def __call__(self, q, k, v, eager: bool):
         if self.sm_scale != self.signed_scale:
             q = fold_scale_sign(q, self.signed_scale)[0]
-        exact = lambda: exact_sdpa(q, k, v, self.layout, self.is_causal, self.sm_scale, self.return_lse)
-        if self.plan.backend == "exact":
-            o, lse = exact()
+        if self.exact:
+            o, lse = self.exact_sdpa(q, k, v)
         else:
             in_dtype = q.dtype
             qc, kc, vc = (t.to(torch.bfloat16) for t in (q, k, v)) if self.to_bf16 else (q, k, v)
-            quantized = lambda: self.quantized(qc, kc, vc, eager)
-            if self.auto and not autotune.quantized_pays_off(q, k, self.layout, self.is_causal, quantized, exact,
-                                                             key=self.tune_key):
-                o, lse = exact()
+            if self.auto and not autotune.quantized_pays_off(
+                q, k, self.layout, self.is_causal, lambda: self.quantized(qc, kc, vc, eager),
+                lambda: self.exact_sdpa(q, k, v), key=self.tune_key,
+            ):
+                o, lse = self.exact_sdpa(q, k, v)
             else:
-                o, lse = quantized()
+                o, lse = self.quantized(qc, kc, vc, eager)
                 if self.to_bf16:
                     o = o.to(in_dtype)
         return (o, lse) if self.return_lse else o
+
+    def exact_sdpa(self, q, k, v):
+        return exact_sdpa(q, k, v, self.layout, self.is_causal, self.sm_scale, self.return_lse)
 
     def quantized(self, q, k, v, eager: bool):
         p = self.plan
