@@ -69,6 +69,16 @@ def cases(q, k, v, families):
     return rows
 
 
+def served_by(label: str, q, k) -> str:
+    """For `auto`: which side its (cached) decision picked for this shape."""
+    if not label.endswith(" auto"):
+        return ""
+    from sageattn2 import autotune
+
+    decision = autotune._decisions.get(autotune.shape_key(q, k, "HND", False))
+    return "" if decision is None else f" (served: {'quantized' if decision else 'exact'})"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default=None, help="BxHxNxD (default 1x24x4608x128 on a GPU, 1x1x1024x128 stubbed)")
@@ -92,7 +102,7 @@ def main(argv=None):
         for label, fn in cases(q, k, v, families):
             try:
                 us = per_call_us(fn, args.calls, args.reps, sync, time.thread_time if stub else time.perf_counter)
-                rows.append((label, f"{us:.1f}"))
+                rows.append((label + served_by(label, q, k), f"{us:.1f}"))
             except Exception as e:  # a family this machine lacks: say so in the table
                 rows.append((label, f"n/a ({type(e).__name__}: {e})"[:120]))
 
