@@ -7,6 +7,7 @@ differently; CI compiles every product kernel, on a CPU.
 from __future__ import annotations
 
 import ctypes
+import struct
 
 import torch
 
@@ -144,19 +145,30 @@ def enum_asserts() -> str:
                      for expr, value in ENUM_ASSERTS)
 
 
+_ADDRESS = struct.Struct("P")
+
+
+def param_pointer(params) -> bytes:
+    """cuLaunchKernel's `kernelParams` for a kernel whose one parameter is `params` (a ctypes
+    object, or a bytes object holding its bytes): the address of those bytes, as the native
+    bytes of a pointer (ctypes passes a bytes argument as a pointer to its data). A bytes object
+    never moves or changes, so a pointer to one can be kept and launched from any thread; a
+    ctypes object must outlive the launch (the driver copies the parameter at launch time)."""
+    if isinstance(params, bytes):
+        return _ADDRESS.pack(ctypes.cast(ctypes.c_char_p(params), ctypes.c_void_p).value)
+    return _ADDRESS.pack(ctypes.addressof(params))
+
+
 class ParamTemplate:
     """A struct's bytes with every per-call-constant field filled in, and where its per-call
-    fields are. `new()` returns a fresh copy (a ctypes array of 64-bit words) for one launch:
-    each call fills its own buffer, so concurrent calls can never see each other's pointers.
-    One extra word at the end holds the buffer's own address: the driver's `kernelParams`
-    array (one parameter: the struct) without a second object per call."""
+    fields are. `new()` returns a fresh copy (a ctypes array of 64-bit words) to fill for one
+    call; `bytes()` of it is the immutable parameter a launch reads (`param_pointer`)."""
 
-    __slots__ = ("data", "words", "offsets", "_sizes", "self_slot")
+    __slots__ = ("data", "words", "offsets", "_sizes")
 
     def __init__(self, instance: ctypes.Structure):
         raw = bytes(instance)
-        self.self_slot = -(-len(raw) // 8)
-        self.words = ctypes.c_uint64 * (self.self_slot + 1)
+        self.words = ctypes.c_uint64 * -(-len(raw) // 8)
         self.data = raw + b"\0" * (ctypes.sizeof(self.words) - len(raw))
         fields = field_offsets(type(instance))
         self.offsets = {path: off for path, off, _ in fields}
@@ -164,12 +176,6 @@ class ParamTemplate:
 
     def new(self):
         return self.words.from_buffer_copy(self.data)
-
-    def kernel_params(self, buf) -> int:
-        """The address to pass as cuLaunchKernel's kernelParams for `buf`."""
-        addr = ctypes.addressof(buf)
-        buf[self.self_slot] = addr
-        return addr + 8 * self.self_slot
 
     def slot(self, path: str) -> int:
         """Word index of an 8-byte field (a pointer or int64)."""
@@ -186,6 +192,5 @@ class ParamTemplate:
 
     def diff(self, other: "ParamTemplate") -> tuple[tuple[int, int], ...]:
         """(word index, value) where `other`'s words differ from this template's."""
-        mine = self.words.from_buffer_copy(self.data)
-        theirs = other.words.from_buffer_copy(other.data)
-        return tuple((i, theirs[i]) for i in range(self.self_slot) if mine[i] != theirs[i])
+        mine, theirs = self.new(), other.new()
+        return tuple((i, theirs[i]) for i in range(len(mine)) if mine[i] != theirs[i])

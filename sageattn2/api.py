@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from . import dispatch
+from . import autotune, dispatch, ops
 from .exact import exact_sdpa, sdpa
 from .config import PRECISIONS, Granularity, attention_shape_problem, fold_scale_sign, is_empty_query
 
@@ -110,9 +110,26 @@ def sageattn(
     -Q with |sm_scale|. Flags must be real bools. An empty query side (B, Hq or Nq of 0)
     returns empty O (and lse); empty keys for non-empty queries are a ValueError.
     """
+    eager = not torch.compiler.is_compiling()
+    key = None
+    if eager:
+        try:
+            # Everything the checks and the plan below read: a call with an equal key passes them
+            # and is served alike. The classes keep True apart from 1, and 1.0 from True.
+            key = (q.__class__, q.shape, q.stride(), q.dtype, q.device, k.__class__, k.shape, k.stride(), k.dtype,
+                   k.device, v.__class__, v.shape, v.stride(), v.dtype, v.device, tensor_layout, is_causal,
+                   sm_scale, return_lse, precision, granularity, smooth_k, smooth_q, smooth_v, backend,
+                   force_int4_emulation, is_causal.__class__, sm_scale.__class__, return_lse.__class__,
+                   smooth_k.__class__, smooth_q.__class__, smooth_v.__class__, force_int4_emulation.__class__)
+            call = _calls.get(key)
+        except Exception:  # not tensors, an unhashable argument: the checks below say what is wrong
+            key = call = None
+        if call is not None:
+            return call(q, k, v, eager)
+
     validate(q, k, v, tensor_layout)
     _check_choice("precision", precision, PRECISIONS)
-    _check_choice("granularity", granularity, [g.value for g in Granularity])
+    _check_choice("granularity", granularity, _GRANULARITIES)
     _check_choice("backend", backend, dispatch.BACKENDS)
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k),
                        ("smooth_v", smooth_v), ("force_int4_emulation", force_int4_emulation)):
@@ -122,33 +139,72 @@ def sageattn(
     h, n = (1, 2) if tensor_layout == "HND" else (2, 1)
     if is_empty_query(q.shape[0], q.shape[h], q.shape[n]):
         return _empty_result(q, tensor_layout, return_lse)
-    q, sm_scale = fold_scale_sign(q, sm_scale)
-
     p = dispatch.plan(
         q, k, v,
         layout=tensor_layout, precision=precision, granularity=granularity,
         smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
         backend=backend, force_int4_emulation=force_int4_emulation,
     )
-    exact = lambda: exact_sdpa(q, k, v, tensor_layout, is_causal, sm_scale, return_lse)
-    if p.backend == "exact":
-        o, lse = exact()
-    else:
-        from . import autotune, ops
+    call = _Call(p, q, k, tensor_layout, is_causal, sm_scale, return_lse, precision == "auto")
+    if key is not None:
+        if len(_calls) >= _MAX_CALLS:
+            _calls.clear()
+        _calls[key] = call
+    return call(q, k, v, eager)
 
-        in_dtype = q.dtype
-        qc, kc, vc = q, k, v
-        if in_dtype == torch.float32 and p.backend != "reference":
-            qc, kc, vc = (t.to(torch.bfloat16) for t in (q, k, v))
-        quantized = lambda: ops.run(p, qc, kc, vc, tensor_layout, is_causal, float(sm_scale), return_lse)
-        if precision == "auto" and p.backend != "reference" and not autotune.quantized_pays_off(
-            q, k, tensor_layout, is_causal, quantized, exact
-        ):
-            o, lse = exact()
+
+_GRANULARITIES = tuple(g.value for g in Granularity)
+# Call signature (sageattn's key) -> how it is served. Bounded: a workflow makes a few.
+_calls: dict[tuple, "_Call"] = {}
+_MAX_CALLS = 1024
+
+
+class _Call:
+    """How `sageattn` serves calls of one signature (shapes, strides, dtypes, devices, options),
+    decided on its first call: the plan, the folded scale, `auto`'s decision key, and (once it
+    runs eagerly) the backend's plan."""
+
+    def __init__(self, plan, q, k, layout: str, is_causal: bool, sm_scale: float, return_lse: bool, auto: bool):
+        self.plan, self.layout, self.is_causal, self.return_lse = plan, layout, is_causal, return_lse
+        self.signed_scale, self.sm_scale = sm_scale, fold_scale_sign(0.0, sm_scale)[1]
+        self.exact = plan.backend == "exact"
+        quantized = not self.exact
+        self.to_bf16 = quantized and plan.backend != "reference" and q.dtype == torch.float32
+        self.auto = auto and quantized and plan.backend != "reference"
+        self.tune_key = autotune.shape_key(q, k, layout, is_causal) if self.auto else None
+        self.runner = None
+
+    def __call__(self, q, k, v, eager: bool):
+        if self.sm_scale != self.signed_scale:
+            q = fold_scale_sign(q, self.signed_scale)[0]
+        if self.exact:
+            o, lse = self.exact_sdpa(q, k, v)
         else:
-            o, lse = quantized()
-            o = o.to(in_dtype)
-    return (o, lse) if return_lse else o
+            in_dtype = q.dtype
+            qc, kc, vc = (t.to(torch.bfloat16) for t in (q, k, v)) if self.to_bf16 else (q, k, v)
+            if self.auto and not autotune.quantized_pays_off(
+                q, k, self.layout, self.is_causal, lambda: self.quantized(qc, kc, vc, eager),
+                lambda: self.exact_sdpa(q, k, v), key=self.tune_key,
+            ):
+                o, lse = self.exact_sdpa(q, k, v)
+            else:
+                o, lse = self.quantized(qc, kc, vc, eager)
+                if self.to_bf16:
+                    o = o.to(in_dtype)
+        return (o, lse) if self.return_lse else o
+
+    def exact_sdpa(self, q, k, v):
+        return exact_sdpa(q, k, v, self.layout, self.is_causal, self.sm_scale, self.return_lse)
+
+    def quantized(self, q, k, v, eager: bool):
+        p = self.plan
+        if not eager:  # torch.compile sees the custom op
+            return ops.run(p, q, k, v, self.layout, self.is_causal, self.sm_scale, self.return_lse)
+        run = self.runner
+        if run is None:
+            run = self.runner = ops.runner(p.backend, p.cfg, p.force_int4_emulation, q, k, v, self.layout,
+                                           self.is_causal, self.sm_scale, self.return_lse)
+        return run(q, k, v)
 
 
 def scaled_dot_product_attention(

@@ -61,18 +61,20 @@ def paired_medians(run_quantized, run_exact, iters: int = ITERS, warmups: int = 
 
 
 def quantized_pays_off(q, k, layout: str, is_causal: bool, run_quantized, run_exact,
-                       reference: str = "sdpa") -> bool:
+                       reference: str = "sdpa", key: tuple | None = None) -> bool:
     """True when the quantized path is at least MARGIN faster than exact for this shape
-    (decided once).
+    (decided once). `key`: `shape_key` of these arguments, when the caller has it already.
 
     While a CUDA graph is being captured nothing can be timed: the decision then follows the
     size rule alone and is not cached, so the first eager call still measures.
     """
     if os.environ.get("SAGEATTN2_AUTOTUNE", "1") == "0":
         return True
-    key = shape_key(q, k, layout, is_causal, reference)
-    if key in _decisions:
-        return _decisions[key]
+    if key is None:
+        key = shape_key(q, k, layout, is_causal, reference)
+    decision = _decisions.get(key)
+    if decision is not None:
+        return decision
     n_q, n_k = key[8], key[9]
     if n_q * n_k < MIN_SCORES_FOR_QUANTIZED:
         decision = False

@@ -5,6 +5,7 @@ never raised: unsupported input always has exact attention to fall back on.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 
@@ -59,11 +60,15 @@ def default_pv_accum(capability: tuple[int, int], pv_dtype: PVDType) -> PVAccum:
 
 
 def backend_module(name: str):
-    if name == "wgmma":
-        from .backends import wgmma as mod
-    else:
-        from .backends import mma as mod
+    """The module of kernel family `name` ("wgmma", "mma"), imported on first use."""
+    mod = _backend_modules.get(name)
+    if mod is None:
+        mod = _backend_modules[name] = importlib.import_module(f".backends.{'wgmma' if name == 'wgmma' else 'mma'}",
+                                                               __package__)
     return mod
+
+
+_backend_modules: dict = {}
 
 
 def _exact(note: str | None) -> Plan:

@@ -15,7 +15,7 @@ import ctypes
 import sys
 import threading
 
-_vp, _u32, _u64, _i = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
+_vp, _i = ctypes.c_void_p, ctypes.c_int
 
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 # CUtensorMapDataType, CUtensorMapSwizzle, CUtensorMapL2promotion (cuda.h)
@@ -29,9 +29,12 @@ class DriverError(RuntimeError):
 
 
 class Driver:
-    def __init__(self):
-        name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
-        self.lib = lib = ctypes.CDLL(name)
+    def __init__(self, lib=None):
+        """`lib`: the driver library (default: the system's); tests and bench/host_stubs.py pass
+        a stand-in."""
+        if lib is None:
+            lib = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+        self.lib = lib
         sigs = {
             "cuInit": [ctypes.c_uint],
             "cuGetErrorString": [_i, ctypes.POINTER(ctypes.c_char_p)],
@@ -44,22 +47,29 @@ class Driver:
                                   ctypes.c_uint],
             "cuLibraryGetKernel": [ctypes.POINTER(_vp), _vp, ctypes.c_char_p],
             "cuKernelSetAttribute": [_i, _i, _vp, _i],
-            "cuLaunchKernel": [_vp, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-                               ctypes.c_uint, ctypes.c_uint, _vp, _vp, _vp],
         }
         for fn_name, args in sigs.items():
             fn = getattr(lib, fn_name)
             fn.argtypes, fn.restype = args, _i
+        # The two per-call functions have no declared argument types: converting eleven declared
+        # arguments costs ctypes ~2 us a call, more than the driver's own launch. Callers pass
+        # c_void_p objects (or bytes, for a pointer to their data) as pointers and Python ints
+        # below 2**31 as the 32-bit arguments; ctypes passes those unconverted.
+        #   cuLaunchKernel(f, gridX, gridY, gridZ, blockX, blockY, blockZ, sharedMem, stream,
+        #                  kernelParams, extra)
+        #   cuTensorMapEncodeTiled(tensorMap, dataType, rank, globalAddress, globalDim,
+        #                          globalStrides, boxDim, elementStrides, interleave, swizzle,
+        #                          l2Promotion, oobFill)
+        self.launch_kernel = lib.cuLaunchKernel
+        self.launch_kernel.restype = _i
         self.encode_tiled = getattr(lib, "cuTensorMapEncodeTiled", None)
         if self.encode_tiled is not None:
-            self.encode_tiled.argtypes = [_vp, _i, _u32, _vp, _vp, _vp, _vp, _vp, _i, _i, _i, _i]
             self.encode_tiled.restype = _i
         self.check(lib.cuInit(0), "cuInit")
         v = _i()
         self.check(lib.cuDriverGetVersion(ctypes.byref(v)), "cuDriverGetVersion")
         self.version = (v.value // 1000, v.value % 1000 // 10)
         self._tls = threading.local()
-        self.launch_raw = lib.cuLaunchKernel
 
     def error_string(self, rc: int) -> str:
         s = ctypes.c_char_p()

@@ -12,7 +12,7 @@ import functools
 import logging
 import threading
 
-from . import archs, build, driver, kernels, nvrtc
+from . import abi, archs, build, driver, kernels, nvrtc
 
 log = logging.getLogger("sageattn2")
 
@@ -24,25 +24,33 @@ class KernelBuildError(RuntimeError):
 class Loaded:
     """One kernel loaded on one device, and its launch constants (threads, smem, ...)."""
 
-    __slots__ = ("name", "handle", "info", "threads", "smem", "device", "drv", "_raw")
+    __slots__ = ("name", "handle", "info", "threads", "smem", "device", "drv", "_fn", "_handle")
 
     def __init__(self, name, handle, info, device, drv):
         self.name, self.handle, self.info, self.device, self.drv = name, handle, info, device, drv
         self.threads, self.smem = info["threads"], info.get("smem", 0)
-        self._raw = drv.launch_raw
+        self._fn, self._handle = drv.launch_kernel, ctypes.c_void_p(handle)
 
-    def launch(self, grid, kernel_params: int, stream: int, smem: int | None = None) -> None:
-        """`kernel_params`: the address of a one-entry array pointing at the parameter struct
-        (abi.ParamTemplate.kernel_params)."""
-        rc = self._raw(self.handle, grid[0], grid[1], grid[2], self.threads, 1, 1,
-                       self.smem if smem is None else smem, stream, kernel_params, None)
+    def bind(self, grid, smem: int | None = None):
+        """This kernel's launch with a fixed grid and shared memory: `bound(stream, kernel_params,
+        None)` enqueues it and returns the CUresult (`check` raises on an error). `stream` is a
+        c_void_p, `kernel_params` an `abi.param_pointer`."""
+        smem = self.smem if smem is None else smem
+        if not (all(0 < n < 2**31 for n in grid) and 0 <= smem < 2**31):
+            raise ValueError(f"{self.name}: grid {grid} or shared memory {smem} out of range")
+        return functools.partial(self._fn, self._handle, grid[0], grid[1], grid[2], self.threads, 1, 1, smem)
+
+    def check(self, rc: int) -> None:
         if rc != 0:
             raise driver.DriverError(f"launching {self.name} failed: CUDA error {rc} ({self.drv.error_string(rc)})")
 
+    def launch(self, grid, kernel_params: bytes, stream: int, smem: int | None = None) -> None:
+        """One launch (`bind` for a launch repeated per call)."""
+        self.check(self.bind(grid, smem)(ctypes.c_void_p(stream), kernel_params, None))
+
     def launch_struct(self, grid, params, stream: int, smem: int | None = None) -> None:
         """A launch with a ctypes.Structure as the parameter (the slow path, no template)."""
-        args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        self.launch(grid, ctypes.addressof(args), stream, smem)
+        self.launch(grid, abi.param_pointer(params), stream, smem)
 
 
 class DeviceKernels:

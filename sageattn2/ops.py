@@ -3,6 +3,8 @@ opaque node (quantization included) with a fake implementation instead of graph-
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import AttnConfig
@@ -46,15 +48,20 @@ def _attention_impl(
 
 
 def _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, force_int4_emulation):
+    return runner(backend, cfg, force_int4_emulation, q, k, v, layout, is_causal, sm_scale, return_lse)(q, k, v)
+
+
+def runner(backend, cfg, force_int4_emulation, q, k, v, layout, is_causal, sm_scale, return_lse):
+    """The eager call of `backend` as a callable (q, k, v) -> (O, lse or None), valid for every
+    call whose tensors have these shapes, strides, dtypes and device: a backend's plan."""
     if backend == "reference":
         from .reference import reference_attention
 
-        return reference_attention(
-            q, k, v, cfg, tensor_layout=layout, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse
-        )
+        return functools.partial(reference_attention, cfg=cfg, tensor_layout=layout, is_causal=is_causal,
+                                 sm_scale=sm_scale, return_lse=return_lse)
     # Only the mma backend has INT4 QK, so only it takes the flag.
     kwargs = {"force_int4_emulation": True} if force_int4_emulation and backend == "mma" else {}
-    return backend_module(backend).attention(
+    return backend_module(backend).attention_plan(
         q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale, return_lse=return_lse, **kwargs
     )
 

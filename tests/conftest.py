@@ -77,3 +77,14 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         "rel_l1": float(diff.abs().sum() / r.abs().sum()),
         "rmse": float(diff.square().mean().sqrt()),
     }
+
+
+@pytest.fixture(autouse=True)
+def fresh_sageattn_calls():
+    """`sageattn` remembers how it serves each call signature (sageattn2/api.py `_calls`); a test
+    that swaps what serves a call (monkeypatched plans or backends) must not meet an earlier
+    test's memory. Cleared in every loaded copy of the package (the pack imports it as a
+    subpackage too)."""
+    for name, mod in list(sys.modules.items()):
+        if name == "sageattn2.api" or name.endswith(".sageattn2.api"):
+            mod._calls.clear()

@@ -130,7 +130,7 @@ class YieldingKernel:
         self.seen = []
 
     def launch(self, grid, kernel_params, stream, smem=None):
-        struct_addr = ctypes.c_uint64.from_address(kernel_params).value
+        struct_addr = ctypes.c_void_p.from_buffer_copy(kernel_params).value  # abi.param_pointer bytes
         time.sleep(0.0005)
         self.seen.append((threading.get_ident(), ctypes.string_at(struct_addr, ctypes.sizeof(abi.QuantizeParams))))
 
@@ -159,7 +159,7 @@ def test_concurrent_launches_of_one_plan_keep_their_own_pointers():
         base = (i + 1) << 32
         expected[threading.get_ident()] = base
         for _ in range(25):
-            plan.enqueue(base, base + 16, base + 32, base + 4096, torch.device("cpu"), 0)
+            plan.enqueue(base, base + 16, base + 32, base + 4096, 0)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:

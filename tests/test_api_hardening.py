@@ -3,6 +3,7 @@ empty problems, misaligned storage, launch limits, the exact lse's memory, the H
 backend's argument and V-stride handling. CPU only; kernel-side behaviour is checked
 through stand-ins of the backend modules (the GPU fuzz, tests/gpu/fuzz_attention.py,
 runs the real kernels)."""
+import functools
 import math
 import sys
 import types
@@ -99,7 +100,8 @@ def _fake_kernel_backend(monkeypatch, seen):
     monkeypatch.setattr(dispatch, "plan", lambda *a, **kw: dispatch.Plan("mma", cfg))
     from sageattn2 import ops
 
-    monkeypatch.setattr(ops, "backend_module", lambda name: types.SimpleNamespace(attention=attention))
+    monkeypatch.setattr(ops, "backend_module", lambda name: types.SimpleNamespace(
+        attention=attention, attention_plan=lambda q, k, v, **kw: functools.partial(attention, **kw)))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -381,7 +383,8 @@ def test_ops_passes_the_int4_flag_only_to_mma(monkeypatch):
         got["mma"] = force_int4_emulation
         return q, None
 
-    mods = {"wgmma": types.SimpleNamespace(attention=wgmma_attention), "mma": types.SimpleNamespace(attention=mma_attention)}
+    mods = {name: types.SimpleNamespace(attention_plan=lambda q, k, v, _f=f, **kw: functools.partial(_f, **kw))
+            for name, f in (("wgmma", wgmma_attention), ("mma", mma_attention))}
     monkeypatch.setattr(ops, "backend_module", lambda name: mods[name])
     q = rand(1, 1, 4, 64)
     for backend in ("wgmma", "mma"):

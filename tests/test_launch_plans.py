@@ -22,7 +22,7 @@ class RecordingKernel:
         self.params, self.calls = params, []
 
     def launch(self, grid, kernel_params, stream, smem=None):
-        addr = ctypes.c_uint64.from_address(kernel_params).value
+        addr = ctypes.c_void_p.from_buffer_copy(kernel_params).value  # abi.param_pointer bytes
         self.calls.append((grid, smem, self.params.from_buffer_copy(ctypes.string_at(addr, ctypes.sizeof(self.params)))))
 
 
@@ -51,7 +51,7 @@ def test_quantizer_launches_for_int8_fp8_with_k_smoothing():
     assert (k1.name, grid1, smem1) == ("quant-bf16-d128-qstats", (16, 1, 1), 2 * 128 * 128 + 4 * (2 * 128 + 2 * 32))
     assert (k2.name, grid2, smem2) == ("quant-bf16-d128-kvq", (16, 1, 1), 2 * 64 * 128 + 4 * (2 * 128 + 2 * 4))
     base, q_ptr, k_ptr, v_ptr = 1 << 40, 0x1000, 0x2008, 0x3000  # K misaligned: no 16-byte loads
-    plan.enqueue(q_ptr, k_ptr, v_ptr, base, torch.device("cpu"), 7)
+    plan.enqueue(q_ptr, k_ptr, v_ptr, base, 7)
     p1 = k1.calls[0][2]
     seg1 = [(p1.segment[i].kind, p1.segment[i].ctas) for i in range(p1.segments)]
     assert seg1 == [(1, 12), (0, 4)]
@@ -83,7 +83,7 @@ def test_quantizer_with_q_dot_kbar_runs_statistics_first():
     (k1, grid1, smem1, _), (k2, grid2, _, _) = plan.launches
     assert (k1.name, grid1, smem1) == ("quant-fp16-d64-stats", (4, 1, 1), 32768)  # 2 x 2 heads, K only
     assert k2.name == "quant-fp16-d64-kvq" and grid2 == (2 * 2 * 1 + 2 * 2 * 1, 1, 1)
-    plan.enqueue(16, 32, 48, 1 << 40, torch.device("cpu"), 0)
+    plan.enqueue(16, 32, 48, 1 << 40, 0)
     p2 = k2.calls[0][2]
     assert p2.rows[0].dot_vec == (1 << 40) + plan.offsets["kbar"] and p2.v.tiles_per_head == 0
     assert [(p2.segment[i].kind, p2.segment[i].ctas) for i in range(2)] == [(2, 4), (1, 4)]
@@ -94,7 +94,7 @@ class FakeDriver:
         self.maps = []
 
         def encode(dst, dtype, rank, base, dims, strides, box, elem, interleave, swizzle, l2, oob):
-            self.maps.append((dtype, base, list(dims), list(strides), list(box)[:2], swizzle))
+            self.maps.append((dtype, base.value, list(dims), list(strides), list(box)[:2], swizzle))
             return 0
 
         self.encode_tiled = encode

@@ -21,7 +21,7 @@ class FakeNvrtc:
 class FakeDriver:
     def __init__(self):
         self.loaded, self.smem = [], []
-        self.launch_raw = None
+        self.launch_kernel = None
 
     def load_library(self, cubin):
         self.loaded.append(cubin)

@@ -1,6 +1,6 @@
 """Kernel backends. Each module here serves `attention()` for one kernel family.
 
-Every backend module exposes the same two functions:
+Every backend module exposes the same three functions:
 
     unsupported_reason(q, k, v, *, layout, cfg, is_causal) -> str | None
         None when the backend can run this call; otherwise a short reason for the log
@@ -15,6 +15,11 @@ Every backend module exposes the same two functions:
         contiguous in that layout) and, when return_lse, lse as (B, Hq, Nq) float32 in
         natural-log units including the K-smoothing correction (docs/numerics.md).
         Runs on the current CUDA stream. Raises KernelError on a CUDA failure.
+
+    attention_plan(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse) -> plan
+        What `attention` runs, as a callable plan(q, k, v) -> (O, lse) valid for every call
+        whose tensors have these shapes, strides, dtypes and device (built once per such key;
+        `attention` is attention_plan(...)(q, k, v)). The public API keeps it per call signature.
 
 The numeric contract is docs/numerics.md; tile layouts come from sageattn2.config.
 """

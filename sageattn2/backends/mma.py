@@ -40,7 +40,7 @@ from ..config import (
     tile_shape,
 )
 from ..loader import DeviceKernels, KernelBuildError, kernels_for_device
-from . import KernelError, input_reason
+from . import KernelError, calls, input_reason
 
 # Largest dynamic shared memory a quantizer launch may ask for (every product arch has it).
 QUANT_MAX_SMEM = 96 * 1024
@@ -55,13 +55,8 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
 def _stream(device) -> int:
-    if _raw_stream is not None and device.index is not None:
-        return _raw_stream(device.index)  # the same handle, without building a Stream object
-    return torch.cuda.current_stream(device).cuda_stream
+    return calls.current_stream(device.index)
 
 
 def _group_rule(gran: Granularity, tile: TileShape, for_q: bool) -> tuple[int, int, int]:
@@ -310,10 +305,12 @@ class _QkvPlan:
             kernel = dk.get(kernels.quant_kernel(bf16, dpad, name), QUANT_MAX_SMEM)
             self.launches.append((kernel, (ctas, 1, 1), smem, abi.ParamTemplate(lp)))
 
-        # Per-call fields, as word slots of the first launch's template; a later launch reuses
-        # the call's buffer, patched where its template differs (the segments).
+        # Per-call fields, as word slots of the first launch's template; a later launch's bytes
+        # are the previous launch's, patched where its template differs (the segments).
         first = self.launches[0][3]
-        self._patches = [first.diff(t) for _, _, _, t in self.launches]
+        templates = [t for _, _, _, t in self.launches]
+        self._patches = [()] + [a.diff(b) for a, b in zip(templates, templates[1:])]
+        self.device = q_h.device
         slot = first.slot
         inputs = {"q": ["rows[0].x.ptr"], "k": ["rows[1].x.ptr"], "v": ["v.x.ptr"] if self.fp8 else []}
         vec_words = {"q": ["rows[0].vec"], "k": ["rows[1].vec"], "v": ["v.vec"]}
@@ -346,15 +343,16 @@ class _QkvPlan:
         off = self.offsets.get(name)
         return None if off is None else base + off
 
-    def enqueue(self, q_ptr: int, k_ptr: int, v_ptr: int, base: int, device, stream: int):
-        first = self.launches[0][3]
-        buf = first.new()
+    def params(self, stream: int, base: int, q_ptr: int, k_ptr: int, v_ptr: int) -> list[bytes]:
+        """Each launch's parameter bytes for one call: the workspace at `base`, the inputs at
+        the pointers, the ticket counters of `stream`."""
+        buf = self.launches[0][3].new()
         for i, off in self._base_slots:
             buf[i] = base + off
         if self._counter_slots:
             counters = self._counters_of.get(stream)
             if counters is None:
-                counters = self._counters_of[stream] = _counters(device, stream, self.counter_slots)
+                counters = self._counters_of[stream] = _counters(self.device, stream, self.counter_slots)
             for i, off in self._counter_slots:
                 buf[i] = counters + off
         for ptr, slots, vec_slots, strides_ok in zip((q_ptr, k_ptr, v_ptr), self._input_slots, self._vec_slots,
@@ -364,11 +362,18 @@ class _QkvPlan:
                 buf[i] = ptr
             for i in vec_slots:
                 buf[i] = vec
-        params = first.kernel_params(buf)
-        for (kernel, grid, smem, _), patch in zip(self.launches, self._patches):
-            for i, value in patch:  # the driver copied the previous launch's parameters already
+        out = []
+        for patch in self._patches:
+            for i, value in patch:
                 buf[i] = value
-            kernel.launch(grid, params, stream, smem)
+            out.append(bytes(buf))
+        return out
+
+    def enqueue(self, q_ptr: int, k_ptr: int, v_ptr: int, base: int, stream: int):
+        """The quantizer launches of one call (`quantize()`; attention plans memoise `params`)."""
+        blobs = self.params(stream, base, q_ptr, k_ptr, v_ptr)
+        for (kernel, grid, smem, _), blob in zip(self.launches, blobs):
+            kernel.launch(grid, abi.param_pointer(blob), stream, smem)
 
     def view(self, buf: torch.Tensor, name: str) -> torch.Tensor | None:
         for part, shape, dtype in self.parts:
@@ -424,7 +429,7 @@ def quantize(q, k, v, *, layout: str, cfg: AttnConfig, tile: TileShape | None = 
     except KernelBuildError as e:
         raise KernelError(str(e)) from None
     buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=q.device)
-    plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), q.device, stream)
+    plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), buf.data_ptr(), stream)
     vbar = plan.view(buf, "vbar")
     if plan.fp8:
         v_op = plan.view(buf, "v")
@@ -497,13 +502,6 @@ def plan_key(q, k, v, *rest) -> tuple:
             q.device, k.device, v.device) + rest
 
 
-def current_device_guard(device):
-    """A device context only when `device` is not already current (entering one costs µs)."""
-    if device.index == torch.cuda.current_device():
-        return None
-    return torch.cuda.device(device)
-
-
 def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_pad: int, nk_pad: int, v_pad: int,
                       v_strides, o_strides, is_causal: bool, sm_scale: float) -> abi.MmaAttnParams:
     b, hq, nq, d = q_h.shape
@@ -556,13 +554,13 @@ def _check_attention(a: abi.MmaAttnParams, kernel, arch) -> None:
         raise KernelError("V token stride too large for 32-bit tile offsets")
 
 
-class _AttentionPlan:
+class _AttentionPlan(calls.CallPlan):
     """mma.attention for one key: the quantizer plan, the attention kernel, its grid and
     parameter template, and the output layout. Calls whose 16-bit V cannot be read in place take
     the general path."""
 
     def __init__(self, dk: DeviceKernels, q, k, v, layout, cfg: AttnConfig, is_causal, sm_scale, return_lse):
-        self.dk, self.layout, self.cfg = dk, layout, cfg
+        self.dk, self.index, self.layout, self.cfg = dk, dk.index, layout, cfg
         self.is_causal, self.sm_scale, self.return_lse = is_causal, sm_scale, return_lse
         q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
         b, hq, nq, d = q_h.shape
@@ -576,14 +574,14 @@ class _AttentionPlan:
             return
         self.qkv = _QkvPlan(dk, q_h, k_h, v_h, cfg, tile, dpad, None, return_lse and cfg.smooth_k)
         self.fp8 = fp8
+        self.device, self.nbytes = q.device, self.qkv.nbytes
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
         self.kernel = dk.get(attention_kernel_for(cfg, q.dtype, d))
         v_pad, v_strides = (self.qkv.v_pad, (0, 0, 0)) if fp8 else (0, tuple(v_h.stride()[:3]))
         a = _attention_params(cfg, q_h, k_h, dpad, tile, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, v_strides,
                               _contiguous_bhn_strides(q.shape, layout), is_causal, float(sm_scale))
         _check_attention(a, self.kernel, dk.arch)
-        self.grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
-        self.smem = _attention_smem(self.kernel, cfg.smooth_q)
+        grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
         self.template = abi.ParamTemplate(a)
         t, offsets = self.template, self.qkv.offsets
         self.base_slots = tuple((t.slot(field), offsets[part]) for field, part in (
@@ -592,29 +590,31 @@ class _AttentionPlan:
             if part in offsets)
         self.v_slot, self.v_offset = t.slot("v"), offsets.get("v", 0)
         self.out_slot, self.lse_slot = t.slot("out"), t.slot("lse")
+        self.launches = calls.Launches(
+            [(kernel, grid, smem) for kernel, grid, smem, _ in self.qkv.launches]
+            + [(self.kernel, grid, _attention_smem(self.kernel, cfg.smooth_q))], self._params)
 
-    def __call__(self, q, k, v):
-        if not self.fast or (not self.fp8 and v.data_ptr() % 16):
+    def _params(self, stream, base, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr) -> list[bytes]:
+        a = self.template.new()
+        for i, off in self.base_slots:
+            a[i] = base + off
+        a[self.v_slot] = base + self.v_offset if self.fp8 else v_ptr
+        a[self.out_slot], a[self.lse_slot] = out_ptr, lse_ptr
+        return self.qkv.params(stream, base, q_ptr, k_ptr, v_ptr) + [bytes(a)]
+
+    def run(self, q, k, v):
+        v_ptr = v.data_ptr()
+        if not self.fast or (not self.fp8 and v_ptr % 16):
             qz = quantize(q, k, v, layout=self.layout, cfg=self.cfg, dk=self.dk,
                           with_q_dot_kbar=self.return_lse and self.cfg.smooth_k)
             return launch(self.dk, qz, q, k, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
                           sm_scale=self.sm_scale, return_lse=self.return_lse)
-        dev, plan = q.device, self.qkv
-        self.dk.drv.ensure_context(self.dk.index)
-        stream = _stream(dev)
-        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
-        base = buf.data_ptr()
-        plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
-        a = self.template.new()
-        for i, off in self.base_slots:
-            a[i] = base + off
-        a[self.v_slot] = base + self.v_offset if self.fp8 else v.data_ptr()
-        a[self.out_slot] = out.data_ptr()
-        if lse is not None:
-            a[self.lse_slot] = lse.data_ptr()
-        self.kernel.launch(self.grid, self.template.kernel_params(a), stream, self.smem)
+        self.dk.drv.ensure_context(self.index)
+        ws = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if self.return_lse else None
+        self.launches.enqueue((calls.current_stream(self.index), ws.data_ptr(), q.data_ptr(), k.data_ptr(), v_ptr,
+                               out.data_ptr(), 0 if lse is None else lse.data_ptr()))
         return out, lse
 
 
@@ -622,6 +622,13 @@ _attention_plans: dict = {}
 
 
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation=False):
+    return attention_plan(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
+                          return_lse=return_lse, force_int4_emulation=force_int4_emulation)(q, k, v)
+
+
+def attention_plan(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation=False):
+    """`attention` of calls with these tensors' shapes, strides, dtypes and device and these
+    options, as a callable (q, k, v) -> (O, lse) that any such call may use. Built once per key."""
     key = plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation)
     plan = _attention_plans.get(key)
     if plan is None:
@@ -629,11 +636,7 @@ def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse, force_in
         if len(_attention_plans) >= _MAX_PLANS:
             _attention_plans.clear()
         _attention_plans[key] = plan
-    guard = current_device_guard(q.device)
-    if guard is None:
-        return plan(q, k, v)
-    with guard:
-        return plan(q, k, v)
+    return plan
 
 
 def _make_plan(q, k, v, layout, cfg, is_causal, sm_scale, return_lse, force_int4_emulation):

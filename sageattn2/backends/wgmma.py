@@ -31,7 +31,7 @@ from ..config import (
 )
 from .. import abi, driver, kernels
 from ..loader import KernelBuildError, arch_of, kernels_for_device
-from . import KernelError, input_reason, mma
+from . import KernelError, calls, input_reason, mma
 
 # Schedules (kernels.WGMMA_SCHEDULES): "sequential3wg" runs three consumer warpgroups (192-row
 # CTAs); padded head dim 64 builds only the two sequential ones. Only the default schedule of
@@ -141,11 +141,12 @@ def _bhn_strides(t: torch.Tensor):
 
 _u64x4, _u64x3, _u32x4 = ctypes.c_uint64 * 4, ctypes.c_uint64 * 3, ctypes.c_uint32 * 4
 _ONES = _u32x4(1, 1, 1, 1)
+_Descriptor = ctypes.c_uint64 * (abi.TENSOR_MAP_BYTES // 8)
 
 
 class _TensorMap:
     """The constant part of one 4-D tiled TMA descriptor (dims innermost first, element strides
-    of dims 1..3, a 2-D box); `encode` writes the descriptor of one base address. Out-of-bound
+    of dims 1..3, a 2-D box); `descriptor` gives the descriptor of one base address. Out-of-bound
     box elements are zero-filled by the copy engine."""
 
     def __init__(self, what: str, dtype: int, elem_bytes: int, dims, strides, box_inner: int, box_outer: int,
@@ -161,26 +162,39 @@ class _TensorMap:
         self.what, self.dtype, self.swizzle = what, dtype, swizzle
         self.dims, self.strides = _u64x4(*dims), _u64x3(*byte_strides)
         self.box = _u32x4(box_inner, box_outer, 1, 1)
+        self._encoded: dict[int, bytes] = {}  # base address -> descriptor
 
-    def encode(self, drv, dst: int, base: int) -> None:
+    def descriptor(self, drv, base: int) -> bytes:
+        """The descriptor of the tensor at `base`: a pure function of the address and this map's
+        constants, so it is encoded once per address."""
+        d = self._encoded.get(base)
+        if d is not None:
+            return d
         if base % 16:
             raise KernelError(f"{self.what}: base address not 16-byte aligned")
         if drv.encode_tiled is None:
             raise KernelError("cuTensorMapEncodeTiled is not available from the driver")
-        rc = drv.encode_tiled(dst, self.dtype, 4, base, self.dims, self.strides, self.box, _ONES, 0, self.swizzle,
-                              driver.TMA_L2_256B, 0)
+        out = _Descriptor()
+        rc = drv.encode_tiled(out, self.dtype, 4, ctypes.c_void_p(base), self.dims, self.strides, self.box, _ONES, 0,
+                              self.swizzle, driver.TMA_L2_256B, 0)
         if rc != 0:
             raise KernelError(f"{self.what}: cuTensorMapEncodeTiled failed: CUDA error {rc} "
                               f"({drv.error_string(rc)})")
+        d = bytes(out)
+        if len(self._encoded) >= calls.MAX_MEMO:
+            self._encoded.clear()
+        self._encoded[base] = d
+        return d
 
 
 class _Launch:
     """Everything of one wgmma launch but the data pointers: kernel, grid, tensor maps and the
     parameter template."""
 
-    _MAP_OFFSETS = (abi.WgmmaAttnParams.tm_q.offset, abi.WgmmaAttnParams.tm_k.offset,
-                    abi.WgmmaAttnParams.tm_v.offset)
-    _MAPS_BYTES = abi.WgmmaAttnParams.p.offset  # the three descriptors come first
+    # The three descriptors come first, in this order: `params` joins them in front of the scalars.
+    assert (abi.WgmmaAttnParams.tm_q.offset, abi.WgmmaAttnParams.tm_k.offset, abi.WgmmaAttnParams.tm_v.offset,
+            abi.WgmmaAttnParams.p.offset) == tuple(i * abi.TENSOR_MAP_BYTES for i in range(4))
+    _MAPS_BYTES = abi.WgmmaAttnParams.p.offset
 
     def __init__(self, dk, kernel, *, b, hq, hk, nq, nk, dpad, d, pv, bf16_out, causal, sm_scale,
                  q_strides, k_strides, v_strides, qs_strides, ks_strides, vs_strides, o_strides, lse_strides,
@@ -221,27 +235,24 @@ class _Launch:
         # (their double product is exact, so storing it rounds once, like a float32 multiply).
         p.scale_log2 = ctypes.c_float(sm_scale).value * ctypes.c_float(1.4426950408889634).value
         self.template = abi.ParamTemplate(a)
+        self._scalars = self.template.data[self._MAPS_BYTES:]
         self.slots = tuple(self.template.slot(f"p.{f}") for f in ("q_scale", "k_scale", "v_scale", "out", "lse"))
         self.grid = (-(-nq // kernel.info["cta_q"]), hq, b)
-        self._last_maps = None
 
-    def __call__(self, q_ptr, k_ptr, v_ptr, q_scale, k_scale, v_scale, out_ptr, lse_ptr, stream):
-        drv, t = self.dk.drv, self.template
-        buf = t.new()
-        base = ctypes.addressof(buf)
-        ptrs = (q_ptr, k_ptr, v_ptr)
-        last = self._last_maps  # (pointers, descriptor bytes): torch's allocator often repeats them
-        if last is not None and last[0] == ptrs:
-            ctypes.memmove(base, last[1], self._MAPS_BYTES)
-        else:
-            for m, off, ptr in zip(self.maps, self._MAP_OFFSETS, ptrs):
-                m.encode(drv, base + off, ptr)
-            self._last_maps = (ptrs, ctypes.string_at(base, self._MAPS_BYTES))
+    def params(self, q_ptr, k_ptr, v_ptr, q_scale, k_scale, v_scale, out_ptr, lse_ptr) -> bytes:
+        """The launch's parameter bytes for these pointers (None or 0 where there is no tensor)."""
+        drv = self.dk.drv
+        maps = b"".join(m.descriptor(drv, ptr) for m, ptr in zip(self.maps, (q_ptr, k_ptr, v_ptr)))
+        buf = self.template.words.from_buffer_copy(maps + self._scalars)
         for i, value in zip(self.slots, (q_scale, k_scale, v_scale, out_ptr, lse_ptr)):
             if value:
                 buf[i] = value
-        drv.ensure_context(self.dk.index)
-        self.kernel.launch(self.grid, t.kernel_params(buf), stream)
+        return bytes(buf)
+
+    def __call__(self, q_ptr, k_ptr, v_ptr, q_scale, k_scale, v_scale, out_ptr, lse_ptr, stream):
+        blob = self.params(q_ptr, k_ptr, v_ptr, q_scale, k_scale, v_scale, out_ptr, lse_ptr)
+        self.dk.drv.ensure_context(self.dk.index)
+        self.kernel.launch(self.grid, abi.param_pointer(blob), stream)
 
 
 def _get(dk, kernel):
@@ -302,13 +313,14 @@ def run(prep: Prepared, *, return_lse: bool = False, schedule: str | None = None
     return out, lse
 
 
-class _AttentionPlan:
+class _AttentionPlan(calls.CallPlan):
     """attention() for one key (shapes, strides, dtypes, device, cfg, flags): the fused
     quantizer's plan and the kernel launch, built once; a call allocates one workspace, O (and
     lse) and makes two or three launches."""
 
     def __init__(self, dk, q, k, v, layout, cfg, is_causal, sm_scale, return_lse):
-        self.dk, self.layout, self.cfg, self.is_causal, self.return_lse = dk, layout, cfg, bool(is_causal), return_lse
+        self.dk, self.index, self.layout, self.cfg = dk, dk.index, layout, cfg
+        self.is_causal, self.return_lse = bool(is_causal), return_lse
         q_h, k_h, v_h = (_hnd(x, layout) for x in (q, k, v))
         b, hq, nq, d = q_h.shape
         hk, nk = k_h.shape[1], k_h.shape[2]
@@ -317,12 +329,14 @@ class _AttentionPlan:
         self.fp8 = cfg.pv_dtype is PVDType.FP8
         v_strided_ok = d % 8 == 0 and all(st % 8 == 0 for st in v_h.stride()[:3])
         self.fast = self.fp8 or v_strided_ok
+        self.copy_v = False  # set by attention_plan: V is cloned for TMA first
         if not self.fast:
             return
         self.qkv = plan = mma._QkvPlan(dk, q_h, k_h, v_h, cfg, tile_shape(Family.WGMMA, dpad), dpad, None,
                                        return_lse and cfg.smooth_k)
         pv = abi.PV_FP8 if self.fp8 else abi.PV_16BIT[q.dtype]
         kernel = _get(dk, kernel_for(pv, d, default_schedule(cfg.pv_dtype, d)))
+        self.device, self.nbytes = q.device, plan.nbytes
         self.out_shape, self.dtype, self.lse_shape = q.shape, q.dtype, (b, hq, nq)
         q_groups = plan.parts[1][1][2]
         k_groups = plan.parts[3][1][2]
@@ -337,29 +351,35 @@ class _AttentionPlan:
             vs_strides=(hk * dpad, dpad) if self.fp8 else (0, 0),
             o_strides=mma._contiguous_bhn_strides(q.shape, layout),
             lse_strides=(hq * nq, nq) if return_lse else (0, 0), out_align=0)
+        self.launches = calls.Launches([(k, grid, smem) for k, grid, smem, _ in plan.launches]
+                                       + [(kernel, self.launch.grid, None)], self._params)
         self.lse_fix = return_lse and cfg.smooth_k
         self.nq = nq
 
-    def __call__(self, q, k, v):
-        if not self.fast or (not self.fp8 and v.data_ptr() % 16):
+    def _params(self, stream, base, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr) -> list[bytes]:
+        ptr = self.qkv.pointer
+        attention = self.launch.params(ptr(base, "q"), ptr(base, "k"), ptr(base, "v") if self.fp8 else v_ptr,
+                                       ptr(base, "q_scale"), ptr(base, "k_scale"), ptr(base, "v_scale"), out_ptr,
+                                       lse_ptr)
+        return self.qkv.params(stream, base, q_ptr, k_ptr, v_ptr) + [attention]
+
+    def run(self, q, k, v):
+        if self.copy_v:
+            v = _tma_readable_v(v, self.layout, self.cfg)
+        v_ptr = v.data_ptr()
+        if not self.fast or (not self.fp8 and v_ptr % 16):
             prep = prepare(q, k, v, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
                            sm_scale=self.sm_scale, return_lse=self.return_lse)
             return run(prep, return_lse=self.return_lse)
-        dev, plan = q.device, self.qkv
-        self.dk.drv.ensure_context(self.dk.index)
-        stream = mma._stream(dev)
-        buf = torch.empty(plan.nbytes, dtype=torch.uint8, device=dev)
-        base = buf.data_ptr()
-        plan.enqueue(q.data_ptr(), k.data_ptr(), v.data_ptr(), base, dev, stream)
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=dev)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=dev) if self.return_lse else None
-        ptr = plan.pointer
-        self.launch(ptr(base, "q"), ptr(base, "k"), ptr(base, "v") if self.fp8 else v.data_ptr(),
-                    ptr(base, "q_scale"), ptr(base, "k_scale"), ptr(base, "v_scale"), out.data_ptr(),
-                    None if lse is None else lse.data_ptr(), stream)
+        self.dk.drv.ensure_context(self.index)
+        ws = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if self.return_lse else None
+        self.launches.enqueue((calls.current_stream(self.index), ws.data_ptr(), q.data_ptr(), k.data_ptr(), v_ptr,
+                               out.data_ptr(), 0 if lse is None else lse.data_ptr()))
         if self.lse_fix:
             # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
-            lse.add_(plan.view(buf, "q_dot_kbar")[:, :, :self.nq], alpha=self.sm_scale)
+            lse.add_(self.qkv.view(ws, "q_dot_kbar")[:, :, :self.nq], alpha=self.sm_scale)
         return out, lse
 
 
@@ -382,21 +402,25 @@ def _tma_readable_v(v, layout, cfg):
 
 def attention(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
     """The dispatcher asked `unsupported_reason` before; the plan is built once per key."""
-    v = _tma_readable_v(v, layout, cfg)
+    return attention_plan(q, k, v, layout=layout, cfg=cfg, is_causal=is_causal, sm_scale=sm_scale,
+                          return_lse=return_lse)(q, k, v)
+
+
+def attention_plan(q, k, v, *, layout, cfg, is_causal, sm_scale, return_lse):
+    """`attention` of calls with these tensors' shapes, strides, dtypes and device and these
+    options, as a callable (q, k, v) -> (O, lse) that any such call may use."""
     key = mma.plan_key(q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
     plan = _attention_plans.get(key)
     if plan is None:
         dk = mma._device_kernels(q.device)
+        v_read = _tma_readable_v(v, layout, cfg)
         with torch.cuda.device(q.device):
             try:
-                plan = _AttentionPlan(dk, q, k, v, layout, cfg, is_causal, sm_scale, return_lse)
+                plan = _AttentionPlan(dk, q, k, v_read, layout, cfg, is_causal, sm_scale, return_lse)
             except KernelBuildError as e:
                 raise KernelError(str(e)) from None
+        plan.copy_v = v_read is not v
         if len(_attention_plans) >= mma._MAX_PLANS:
             _attention_plans.clear()
         _attention_plans[key] = plan
-    guard = mma.current_device_guard(q.device)
-    if guard is None:
-        return plan(q, k, v)
-    with guard:
-        return plan(q, k, v)
+    return plan
