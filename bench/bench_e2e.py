@@ -283,7 +283,7 @@ def main(argv=None) -> int:
 
     load_pack()
     from sageattn2_pack.nodes import override as ov
-    from sageattn2_pack.nodes.race import SAMPLES as AUTO_SAMPLES
+    from sageattn2_pack.nodes.race import WINDOW as AUTO_SAMPLES  # the most a signature takes
     import comfy.model_patcher
 
     device = torch.device("cuda")
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
             patched = ov.install(patcher, state)
             fn = forward_fn(model, kw, extra_options=sampler_options(patched))
             # auto's first evaluations time stock against Sage Attention (nodes/race.py): time
-            # what it settles on (a signature with one call per forward needs 2 x (SAMPLES + 1)).
+            # what it settles on (a signature with one call per forward needs up to 2 x (WINDOW + 1)).
             cells = timed_cells(fn, 2 + (2 * (AUTO_SAMPLES + 1) if level == "auto" else 0))
             verdicts = sorted(f"{n}x {k[1]}" for k, n in state.stats.items()
                               if isinstance(k, tuple) and k[0] == "auto model")

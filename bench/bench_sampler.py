@@ -84,10 +84,13 @@ def fmt_ratios(xs) -> str:
 
 
 def aggregate(results: list[dict]) -> list[str]:
-    """Markdown lines from the workers' JSON (one dict per process)."""
+    """Markdown lines from the workers' JSON (one dict per process). "evaluations vs stock" is
+    the speed-up of the model evaluations inside the sampler (CUDA events around each): next to
+    "forward-only" it shows whether an evaluation keeps its gain in the sampler; "rest" is the
+    run's time outside the evaluations (ComfyUI's per-run work), which dilutes it."""
     lines = ["| slice | variant | sampler vs stock, per process | worst | forward-only vs stock | "
-             "sampler / forward | auto verdict per process | differs |",
-             "|---|---|---|---|---|---|---|---|"]
+             "sampler / forward | evaluations vs stock | rest ms | auto verdict per process | differs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     slices = []
     for r in results:
         for name in r["slices"]:
@@ -97,24 +100,38 @@ def aggregate(results: list[dict]) -> list[str]:
         runs = [r["slices"][name] for r in results if name in r["slices"]]
         label = runs[0]["label"]
         stock_ms = statistics.median(x["stock_ms"] for x in runs)
-        lines.append(f"| {label} | stock | {stock_ms:.0f} ms per run (median) | | | | | |")
+        split = [x["stock"] for x in runs if x.get("stock")]
+        parts = ""
+        if split:
+            med = lambda k: statistics.median(s[k] for s in split)
+            parts = (f": {med('count'):.0f} evaluations {med('evaluations'):.0f} ms, rest {med('rest'):.0f} ms "
+                     f"(of which load_models_gpu {med('load'):.0f} ms, gc {med('gc'):.0f} ms)")
+        leaked = sum(x.get("leaked_models", 0) for x in runs)
+        if leaked:
+            parts += f"; ComfyUI held {leaked} dead model(s) after the slice"
+        rest = f"{statistics.median(s['rest'] for s in split):.0f}" if split else ""
+        lines.append(f"| {label} | stock | {stock_ms:.0f} ms per run (median){parts} | | | | | {rest} | | |")
         for variant in runs[0]["variants"]:
-            ratios = [x["variants"][variant]["sampler"] for x in runs]
-            fwd = [x["variants"][variant].get("forward") for x in runs]
-            fwd = [f for f in fwd if f]
-            per = [x["variants"][variant]["sampler"] / x["variants"][variant]["forward"]
-                   for x in runs if x["variants"][variant].get("forward")]
-            verdicts = [x["variants"][variant].get("verdict") for x in runs]
+            cells_of = [x["variants"][variant] for x in runs]
+            ratios = [c["sampler"] for c in cells_of]
+            fwd = [c["forward"] for c in cells_of if c.get("forward")]
+            per = [c["sampler"] / c["forward"] for c in cells_of if c.get("forward")]
+            evals = [c["evaluations"] for c in cells_of if c.get("evaluations")]
+            rests = [c["split"]["rest"] for c in cells_of if c.get("split")]
+            verdicts = [c.get("verdict") for c in cells_of]
             verdicts = [v for v in verdicts if v]
             top, differ = majority(verdicts)
             cells = [fmt_ratios(ratios), f"{min(ratios):.3f}x",
                      f"{statistics.median(fwd):.3f}x" if fwd else "",
                      f"{statistics.median(per):.3f}" if per else "",
+                     f"{statistics.median(evals):.3f}x" if evals else "",
+                     f"{statistics.median(rests):.0f}" if rests else "",
                      ", ".join(verdicts), f"{differ}/{len(verdicts)}" if verdicts else ""]
             lines.append(f"| | {variant} | " + " | ".join(cells) + " |")
-            firsts = [x["variants"][variant].get("first_run") for x in runs]
+            firsts = [c.get("first_run") for c in cells_of]
             if any(firsts):
-                lines.append(f"| | {variant}, first (deciding) run | {fmt_ratios(f for f in firsts if f)} | | | | | |")
+                lines.append(f"| | {variant}, first (deciding) run | {fmt_ratios(f for f in firsts if f)} "
+                             "| | | | | | | |")
     return lines
 
 
@@ -187,6 +204,66 @@ def paired_forwards(stock, fn, iters: int, sync, warmups: int = 2) -> float:
     return statistics.median(ratios)
 
 
+class RunClock:
+    """Where one sampler run's wall time goes: model evaluations (CUDA events around each, from
+    an APPLY_MODEL wrapper outside the node's; read only after the run, so it adds no sync),
+    ComfyUI's model loading (load_models_gpu: patching, unloading the previous variant's
+    clone) and Python's garbage collections; the rest is the sampler's own per-run work."""
+
+    KEY = "bench_sampler"
+
+    def __init__(self, on_gpu: bool):
+        import gc
+
+        self.on_gpu = on_gpu
+        self.marks: list = []
+        self.load_s = 0.0
+        self.gc_s = 0.0
+        self._gc_t0 = None
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self._gc_t0 is not None:
+            self.gc_s += time.perf_counter() - self._gc_t0
+            self._gc_t0 = None
+
+    def wrapper(self, executor, *args, **kwargs):
+        if self.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = executor(*args, **kwargs)
+            end.record()
+            self.marks.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            out = executor(*args, **kwargs)
+            self.marks.append((t0, time.perf_counter()))
+        return out
+
+    def timed_loads(self, load):
+        def load_models_gpu(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return load(*args, **kwargs)
+            finally:
+                self.load_s += time.perf_counter() - t0
+        return load_models_gpu
+
+    def reset(self) -> None:
+        self.marks, self.load_s, self.gc_s = [], 0.0, 0.0
+
+    def breakdown(self, wall_ms: float) -> dict:
+        """After the run (the device drained): evaluations, loads, gc and the rest, in ms."""
+        if self.on_gpu:
+            evals = sum(s.elapsed_time(e) for s, e in self.marks)
+        else:
+            evals = sum(e - s for s, e in self.marks) * 1e3
+        return {"wall": wall_ms, "evaluations": evals, "count": len(self.marks), "load": self.load_s * 1e3,
+                "gc": self.gc_s * 1e3, "rest": wall_ms - evals}
+
+
 def run_worker(args) -> dict:
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
@@ -205,12 +282,39 @@ def run_worker(args) -> dict:
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("sageattn2").setLevel(logging.INFO)
-    import bench_e2e
-    import comfy.model_patcher
+    import comfy.model_management as mm
     import comfy.sample
     from test_nodes_support import load_pack
 
     load_pack()
+    on_gpu = device.type == "cuda"
+    clock = RunClock(on_gpu)
+    mm.load_models_gpu = clock.timed_loads(mm.load_models_gpu)
+    out = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "slices": {}}
+    for name in args.slices.split(","):
+        out["slices"][name] = run_slice(name, args, device, clock)
+        # The slice's models are gone (run_slice's locals): ComfyUI must hold none of them, or
+        # every later load_models_gpu pays a full gc.collect and an empty_cache (cleanup_models_gc).
+        mm.unload_all_models()
+        import gc
+
+        gc.collect()
+        dead = [m for m in mm.current_loaded_models if m.is_dead()]
+        out["slices"][name]["leaked_models"] = len(dead)
+        if dead:
+            print(f"[bench_sampler] {name}: ComfyUI still holds {len(dead)} model(s) of this slice; later slices "
+                  "pay a gc.collect per run", file=sys.stderr, flush=True)
+        mm.cleanup_models()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return out
+
+
+def run_slice(name: str, args, device, clock: RunClock) -> dict:
+    """Every variant of one slice, timed round after round; returns the slice's results."""
+    import bench_e2e
+    import comfy.model_patcher
+    import comfy.sample
     from sageattn2_pack.nodes import override as ov
     from sageattn2_pack.nodes.levels import cost_order
 
@@ -218,78 +322,87 @@ def run_worker(args) -> dict:
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     capability = torch.cuda.get_device_capability() if on_gpu else None
     levels = args.levels.split(",") if args.levels else [lv for lv in cost_order(capability) if lv != "exact"]
-    out = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__, "slices": {}}
-    for name in args.slices.split(","):
-        spec = SLICES[name]
-        label, model, kw = bench_e2e.build(name, device)
-        label = ", ".join(label.split(", ")[:2] + [spec.note])
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
-        positive, negative = conditioning(name, kw, device)
-        noise = torch.randn(spec.latent, generator=torch.Generator().manual_seed(5))
-        latent = torch.zeros(spec.latent)
-        steps = args.steps or spec.steps
+    spec = SLICES[name]
+    label, model, kw = bench_e2e.build(name, device)
+    label = ", ".join(label.split(", ")[:2] + [spec.note])
+    base = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    # Every variant (stock too) carries the clock's wrapper, outermost: the node's is added later.
+    stock_patcher = base.clone()
+    stock_patcher.add_wrapper_with_key("apply_model", RunClock.KEY, clock.wrapper)
+    positive, negative = conditioning(name, kw, device)
+    noise = torch.randn(spec.latent, generator=torch.Generator().manual_seed(5))
+    latent = torch.zeros(spec.latent)
+    steps = args.steps or spec.steps
 
-        states, models = {}, {"stock": patcher}
-        backend = "auto" if on_gpu else "reference"
-        for level in levels + ["auto"]:
-            state = ov.PatchState(ov.PatchSettings(precision=level, backend=backend))  # the node's defaults
-            states[level] = state
-            models[level] = ov.install(patcher, state)
+    states, models = {}, {"stock": stock_patcher}
+    backend = "auto" if on_gpu else "reference"
+    for level in levels + ["auto"]:
+        state = ov.PatchState(ov.PatchSettings(precision=level, backend=backend))  # the node's defaults
+        states[level] = state
+        models[level] = ov.install(stock_patcher, state)
 
-        def sample(m, n_steps=steps):
-            sync()
-            t0 = time.perf_counter()
-            comfy.sample.sample(m, noise, n_steps, spec.cfg, spec.sampler, spec.scheduler, positive, negative,
-                                latent, seed=0, disable_pbar=True)
-            sync()
-            return (time.perf_counter() - t0) * 1e3
+    def sample(m, n_steps=steps):
+        sync()
+        clock.reset()
+        t0 = time.perf_counter()
+        comfy.sample.sample(m, noise, n_steps, spec.cfg, spec.sampler, spec.scheduler, positive, negative,
+                            latent, seed=0, disable_pbar=True)
+        sync()
+        return clock.breakdown((time.perf_counter() - t0) * 1e3)
 
-        variants = list(models)
-        times = {v: [] for v in variants}
-        first = {}  # the first round's times: auto decides in it
-        for r in range(args.warmup + args.rounds):
-            for v in rotated(variants, r):
-                ms = sample(models[v])
-                if r >= args.warmup:
-                    times[v].append(ms)
-                elif r == 0:
-                    first[v] = ms
-                    # A short run may end before auto has decided: the timed rounds are of
-                    # the verdict (the deciding run is reported apart).
-                    for _ in range(3):
-                        if v != "auto" or all(d.verdict for d in states["auto"].auto.inputs.values()):
-                            break
-                        sample(models[v])
-        ratios = worker_ratios(times)
+    variants = list(models)
+    runs = {v: [] for v in variants}
+    first = {}  # the first round's runs: auto decides in it
+    for r in range(args.warmup + args.rounds):
+        for v in rotated(variants, r):
+            run = sample(models[v])
+            if r >= args.warmup:
+                runs[v].append(run)
+            elif r == 0:
+                first[v] = run
+                # A short run may end before auto has decided: the timed rounds are of
+                # the verdict (the deciding run is reported apart).
+                for _ in range(3):
+                    if v != "auto" or all(d.verdict for d in states["auto"].auto.inputs.values()):
+                        break
+                    sample(models[v])
+    times = {v: [x["wall"] for x in rs] for v, rs in runs.items()}
+    evals = {v: [x["evaluations"] for x in rs] for v, rs in runs.items()}
+    ratios, eval_ratios = worker_ratios(times), worker_ratios(evals)
 
-        # Forward-only in the same process: the sampler's evaluation batch, the node's wrappers.
-        batch = 1 if spec.cfg == 1.0 else 2
-        fkw = kw if name == "sdxl" else forward_kwargs(kw, batch)  # bench_e2e's SDXL is batch 2 already
-        # float32 like the sampler's latent: the same model input, so auto's verdict for it applies.
-        fkw = dict(fkw, x=torch.randn(batch, *spec.latent[1:], generator=torch.Generator().manual_seed(6)).to(device))
-        stock_fn = bench_e2e.forward_fn(model, fkw)
-        one = statistics.median(times["stock"]) / steps
-        iters = max(3, min(20, round(500 / max(one, 1e-3))))
-        result = {"label": label, "stock_ms": statistics.median(times["stock"]), "variants": {}}
-        forward_levels = args.forward_levels.split(",")
-        for v in variants[1:]:
-            cell = {"sampler": ratios[v], "ms": statistics.median(times[v])}
-            if v in forward_levels:
-                fn = bench_e2e.forward_fn(model, fkw, extra_options=bench_e2e.sampler_options(models[v]))
-                cell["forward"] = paired_forwards(stock_fn, fn, iters, sync, warmups=1)
-            if v == "auto":
-                verdicts = sorted(k[1] for k, n in states[v].stats.items()
-                                  if isinstance(k, tuple) and k[0] == "auto model" and n)
-                cell["verdict"] = "+".join(verdicts) or "none"
-                # The deciding run against a warm stock run (round 0's stock run paid first-use costs).
-                cell["first_run"] = result["stock_ms"] / first["auto"] if "auto" in first else None
-            result["variants"][v] = cell
-        out["slices"][name] = result
-        if args.profile:
-            profile_slice(name, models, lambda m: sample(m, min(2, steps)), Path(args.profile))
-        del model, patcher, models, states
-        torch.cuda.empty_cache()
-    return out
+    # Forward-only in the same process: the sampler's evaluation batch, the same wrappers.
+    batch = 1 if spec.cfg == 1.0 else 2
+    fkw = kw if name == "sdxl" else forward_kwargs(kw, batch)  # bench_e2e's SDXL is batch 2 already
+    # float32 like the sampler's latent: the same model input, so auto's verdict for it applies.
+    fkw = dict(fkw, x=torch.randn(batch, *spec.latent[1:], generator=torch.Generator().manual_seed(6)).to(device))
+    stock_fn = bench_e2e.forward_fn(model, fkw, extra_options=bench_e2e.sampler_options(stock_patcher))
+    one = statistics.median(times["stock"]) / steps
+    iters = max(3, min(20, round(500 / max(one, 1e-3))))
+    stock_runs = runs["stock"]
+    result = {"label": label, "stock_ms": statistics.median(times["stock"]), "stock": split_medians(stock_runs),
+              "variants": {}}
+    forward_levels = args.forward_levels.split(",")
+    for v in variants[1:]:
+        cell = {"sampler": ratios[v], "ms": statistics.median(times[v]), "evaluations": eval_ratios[v],
+                "split": split_medians(runs[v])}
+        if v in forward_levels:
+            fn = bench_e2e.forward_fn(model, fkw, extra_options=bench_e2e.sampler_options(models[v]))
+            cell["forward"] = paired_forwards(stock_fn, fn, iters, sync, warmups=1)
+        if v == "auto":
+            verdicts = sorted(k[1] for k, n in states[v].stats.items()
+                              if isinstance(k, tuple) and k[0] == "auto model" and n)
+            cell["verdict"] = "+".join(verdicts) or "none"
+            # The deciding run against a warm stock run (round 0's stock run paid first-use costs).
+            cell["first_run"] = result["stock_ms"] / first["auto"]["wall"] if "auto" in first else None
+        result["variants"][v] = cell
+    if args.profile:
+        profile_slice(name, models, lambda m: sample(m, min(2, steps))["wall"], Path(args.profile))
+    return result
+
+
+def split_medians(runs: list[dict]) -> dict:
+    """Per part of a run (wall, evaluations, load, gc, rest): the median over the timed rounds."""
+    return {k: statistics.median(r[k] for r in runs) for k in ("wall", "evaluations", "count", "load", "gc", "rest")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,15 +451,18 @@ def profile_slice(name: str, models: dict, run, out_dir: Path) -> None:
 
 def host_cost(evaluations: int = 200) -> list[str]:
     """Host µs per model evaluation of the node's own layer (APPLY_MODEL wrapper, override,
-    plan lookup, the finite check's per-call sum), with `sageattn` replaced by a function that
-    returns a ready tensor, against the stock path through the same fake model. The kernel
-    call's own host time (sageattn2's launch path) is bench_attention.py's "host µs" column.
-    CPU only; no ComfyUI."""
+    route lookup, the finite check's per-call sum), with `sageattn` replaced by a function that
+    returns a ready tensor and the plan by a GPU kernel's, against the stock path through the
+    same fake model; `auto` rows with its verdict set (stock: the model runs without our
+    override; Sage: every call is served after the verdict's lookup). The kernel call's own host
+    time (sageattn2's launch path) is bench_attention.py's "host µs" column. CPU only; no ComfyUI."""
     sys.path[:0] = [str(REPO), str(REPO / "tests")]
     from test_nodes_support import FakePatcher, apply_model, load_pack, wrap_attn
 
     load_pack()
     from sageattn2_pack.nodes import override as ov
+    from sageattn2_pack.nodes import race
+    from sageattn2_pack.sageattn2 import AttnConfig, Plan
 
     calls, heads = 57, 24  # Flux-dev: 19 double + 38 single blocks
     q = torch.zeros(1, 64, heads * 2)  # tiny tensors: host cost only
@@ -364,28 +480,44 @@ def host_cost(evaluations: int = 200) -> list[str]:
                 stock(q, q, q, heads, transformer_options=to)
             return x
 
-    real_sageattn = ov.sa2.sageattn
+    class NoClock:  # verdicts are set, nothing is timed
+        start = stop = lambda self, *a: None
+
+    def patched(precision, verdict=None):
+        state = ov.PatchState(ov.PatchSettings(precision=precision, min_seq_len=0))
+        if verdict is not None:
+            decision = state.auto.for_input(ov.input_key([x], {}))
+            decision.clock, decision.worth_timing = NoClock(), lambda sig: True
+            sig = ((1, 64, heads, 2), (1, 64, heads, 2), "NHD", q.dtype)
+            decision.verdict, decision.sage_signatures = verdict, frozenset([sig])
+            decision.last = (1.0, 1.0)  # a clear verdict: never re-checked
+        return ov.install(FakePatcher(), state)
+
+    real = ov.sa2.sageattn, ov.sa2.plan, ov.input_key
     ov.sa2.sageattn = lambda q4, *a, **kw: done.view(q4.shape)  # the kernel call itself: not counted
+    ov.sa2.plan = lambda *a, **kw: Plan("wgmma", AttnConfig("int8", "fp8"))
+    ov.input_key = lambda args, kwargs: ("cpu counts as a GPU here",)
     try:
         model, x = Model(), torch.zeros(1, 4)
-        rows = []
-        for variant in ("stock", "int8+fp8"):
-            base = FakePatcher()
-            m = base if variant == "stock" else ov.install(base, ov.PatchState(ov.PatchSettings(
-                precision=variant, min_seq_len=0, backend="reference")))
+        paths = {"stock": FakePatcher(), "int8+fp8": patched("int8+fp8"),
+                 "auto (stock verdict)": patched("auto", race.STOCK), "auto (Sage verdict)": patched("auto", race.SAGE)}
+        for m in paths.values():
             for _ in range(20):
                 apply_model(m, model, x, 0.5)
-            t0 = time.perf_counter()
-            for _ in range(evaluations):
-                apply_model(m, model, x, 0.5)
-            rows.append((variant, (time.perf_counter() - t0) / evaluations * 1e6))
+        rows = {name: [] for name in paths}
+        for _ in range(5):  # interleaved repeats: the minimum per path
+            for name, m in paths.items():
+                t0 = time.perf_counter()
+                for _ in range(evaluations // 5 or 1):
+                    apply_model(m, model, x, 0.5)
+                rows[name].append((time.perf_counter() - t0) / (evaluations // 5 or 1) * 1e6)
     finally:
-        ov.sa2.sageattn = real_sageattn
-    stock_us = rows[0][1]
+        ov.sa2.sageattn, ov.sa2.plan, ov.input_key = real
+    stock_us = min(rows["stock"])
     lines = [f"Host time per model evaluation, {calls} attention calls, fake kernel (CPU, {torch.__version__}):", "",
              "| path | µs per evaluation | extra µs per attention call |", "|---|---|---|"]
-    for variant, us in rows:
-        lines.append(f"| {variant} | {us:.0f} | {(us - stock_us) / calls:.1f} |")
+    for name, us in rows.items():
+        lines.append(f"| {name} | {min(us):.0f} | {(min(us) - stock_us) / calls:.1f} |")
     return lines
 
 
@@ -396,8 +528,13 @@ def driver(args) -> int:
     """Workers one after another; the table is rewritten after each, so a run cut short by a
     time limit still leaves the processes it finished."""
     results = []
+    t_start, last = time.time(), 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for p in range(args.processes):
+            if args.budget and p and time.time() - t_start + last > args.budget:
+                print(f"[bench_sampler] stopping after {p} processes: another (~{last:.0f} s, as the last) "
+                      f"would pass the {args.budget:.0f} s budget", flush=True)
+                break
             path = Path(tmp) / f"p{p}.json"
             cmd = [sys.executable, __file__, "--worker", str(path), "--slices", args.slices,
                    "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--device", args.device]
@@ -410,7 +547,8 @@ def driver(args) -> int:
                 cmd += ["--profile", args.profile]
             t0 = time.time()
             rc = subprocess.run(cmd).returncode
-            print(f"[bench_sampler] process {p + 1}/{args.processes}: rc={rc}, {time.time() - t0:.0f} s", flush=True)
+            last = time.time() - t0
+            print(f"[bench_sampler] process {p + 1}/{args.processes}: rc={rc}, {last:.0f} s", flush=True)
             if rc != 0 or not path.exists():
                 print("[bench_sampler] a worker failed: no table", file=sys.stderr)
                 return 1
@@ -445,6 +583,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-levels", default="int8+fp8,auto",
                     help="variants that also get the forward-only ratio (paired forwards cost time)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for all processes: none is started that would end past it (judged by the last)")
     ap.add_argument("--profile", default=None, help="directory for profiler traces and summaries (first process)")
     ap.add_argument("--host-cost", action="store_true", help="CPU: host cost of the node's path per evaluation")
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs ComfyUI's CPU path (smoke tests)")

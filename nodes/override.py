@@ -150,6 +150,8 @@ class PatchState:
         # Unmasked call signatures the per-shape timing gave to stock: later calls skip straight
         # to stock (layout views, plan and autotune lookups cost host time that CPU-bound models feel).
         self._auto_stock: dict[tuple, str] = {}
+        self._routes: dict[tuple, Route] = {}  # PatchState.route
+        self.kernel_kwargs = settings.kernel_kwargs()
         # `auto` without a schedule decides per model input from timings inside sampling (race.py).
         self.auto = AutoDecisions(worth_timing=_worth_timing) if settings.precision == AUTO else None
         self.run_check: FiniteCheck | None = None  # set for the length of a sampling run
@@ -332,6 +334,8 @@ class PatchState:
         if verdict == SAGE:
             what = (f"Sage Attention on {len(decision.sage_signatures)} of {len(decision.times)} timed call shapes "
                     f"(predicted saving {gain:.2f} ms, {share:.1f} % of a {eval_ms:.1f} ms evaluation)")
+        elif gain <= 0:
+            what = f"stock attention (none of {len(decision.times)} timed call shapes is faster with Sage Attention)"
         else:
             what = (f"stock attention (predicted saving {gain:.2f} ms, {share:.1f} % of a {eval_ms:.1f} ms "
                     f"evaluation; Sage Attention needs {100 * (ENTER if first else STAY):.0f} %)")
@@ -374,11 +378,14 @@ class PatchState:
         try:
             call = parse_call(args, kwargs)
             forward = self.forward_state(call.transformer_options)
-            key, pos = forward.position(call.transformer_options or {}, self.memory)
-            level = EXACT if forward.exact else self.level_for(forward, key, pos)
-            if self.trace is not None:
-                self.trace.append((forward.sigma, pos.name, level))
-            out = self.serve(call, forward, pos, level, stock=lambda: func(*args, **kwargs))
+            if self.schedule is not None or self.trace is not None:
+                key, pos = forward.position(call.transformer_options or {}, self.memory)
+                level = EXACT if forward.exact else self.level_for(forward, key, pos)
+                if self.trace is not None:
+                    self.trace.append((forward.sigma, pos.name, level))
+            else:  # one level for every layer: which layer is calling does not matter
+                level = EXACT if forward.exact else self.settings.precision
+            out = self.serve(call, forward, level, stock=lambda: func(*args, **kwargs))
         except TimedStock as why:
             out = self.declined(override, func, args, kwargs, str(why))
             self.record_sample(why.decision, why.sig, STOCK, why.start)
@@ -412,7 +419,7 @@ class PatchState:
         if reason:
             raise Decline(reason)
         q4, k4, v4, layout = to_kernel_layout(call)
-        if call.mask is not None:
+        if call.mask is not None and forward is not None:
             key = id(call.mask)
             if key not in forward.key_padding:
                 forward.key_padding[key] = key_padding_length(call.mask, key_length(k4, layout))
@@ -433,10 +440,75 @@ class PatchState:
             raise Decline(p.note or "calls without a quantized kernel")
         return p
 
-    def serve(self, call, forward, pos, level, stock):
+    def route(self, call, level: str) -> "Route":
+        """What calls like this one get, worked out once per signature (shapes, last strides,
+        dtypes, device, heads, flags, level): a decline, or the views and precision to run."""
+        q, k, v = call.q, call.k, call.v
+        try:
+            key = (q.shape, k.shape, v.shape, q.stride(-1), k.stride(-1), v.stride(-1), q.dtype, k.dtype,
+                   v.dtype, q.device, call.heads, call.skip_reshape, call.enable_gqa,
+                   call.low_precision_attention, level)
+            route = self._routes.get(key)
+        except Exception:  # not tensors, an unhashable argument: worked out for this call only
+            return self.route_for(call, level)
+        if route is None:
+            if len(self._routes) >= 1024:
+                self._routes.clear()
+            route = self._routes[key] = self.route_for(call, level)
+        return route
+
+    def route_for(self, call, level: str) -> "Route":
+        try:
+            q4, k4, v4, layout = self.kernel_inputs(call, None)
+            plan = self.planned(q4, k4, v4, layout, level)
+        except Decline as why:
+            return Route(str(why))
+        return Route(None, layout, None if layout == "HND" else (q4.shape, k4.shape, v4.shape),
+                     plan.cfg.precision, (tuple(q4.shape), tuple(k4.shape), layout, q4.dtype),
+                     plan.backend != "reference")
+
+    def serve(self, call, forward, level, stock):
         """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
+        if level == EXACT:
+            raise Decline(EXACT)
         decision = forward.auto if level == AUTO and not _inside_graph(call.q) else None
-        start = decision.clock.start() if decision is not None and decision.timing else None
+        if call.mask is not None or (level == AUTO and decision is None):
+            return self.serve_unrouted(call, forward, level, stock, decision)
+        route = self.route(call, level)
+        if route.decline is not None:
+            raise Decline(route.decline)
+        start = self.auto_side(decision, route.sig) if decision is not None and route.on_gpu else None
+        q, k, v = call.q, call.k, call.v
+        if route.views is not None:
+            q, k, v = q.view(route.views[0]), k.view(route.views[1]), v.view(route.views[2])
+        out = sa2.sageattn(q, k, v, tensor_layout=route.layout, sm_scale=call.scale, precision=route.precision,
+                           **self.kernel_kwargs)
+        self.check_output(out, forward, level)
+        if start is not None:
+            self.record_sample(decision, route.sig, SAGE, start)
+        return from_kernel_layout(out, route.layout, call.skip_output_reshape)
+
+    def auto_side(self, decision, sig):
+        """Sage Attention for this call (returns the start mark if it is timed), or raises the
+        Decline that sends it to stock (TimedStock when that stock call is timed)."""
+        side, timed = decision.route(sig)
+        start = decision.clock.start() if timed else None
+        if side == STOCK:
+            if timed:
+                raise TimedStock(AUTO_STOCK, decision, sig, start)
+            raise Decline(AUTO_STOCK)
+        return start
+
+    def check_output(self, out, forward, level) -> None:
+        if forward.deferred_check:
+            forward.outputs.add(out)
+        elif not bool(torch.isfinite(out.sum(dtype=torch.float32))):
+            self.note(f"non-finite {level} output; such calls are recomputed with stock attention", logging.WARNING)
+            raise Decline("non-finite quantized output")
+
+    def serve_unrouted(self, call, forward, level, stock, decision):
+        """Masked calls (key padding is read once per mask and evaluation), and `auto` where
+        nothing can be timed (per-shape decisions, sageattn2.autotune)."""
         signature = None
         if level == AUTO and decision is None and call.mask is None:
             signature = (call.q.shape, call.k.shape, call.v.shape, call.q.dtype, call.heads,
@@ -444,20 +516,13 @@ class PatchState:
             if signature in self._auto_stock:
                 raise Decline(self._auto_stock[signature])
         q4, k4, v4, layout = self.kernel_inputs(call, forward)
-        if level == EXACT:
-            raise Decline(EXACT)
         plan = self.planned(q4, k4, v4, layout, level)
         run = lambda: sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale,
-                                   precision=plan.cfg.precision, **self.settings.kernel_kwargs())
-        timed = None
+                                   precision=plan.cfg.precision, **self.kernel_kwargs)
+        start = sig = None
         if decision is not None and plan.backend != "reference":
             sig = (tuple(q4.shape), tuple(k4.shape), layout, q4.dtype)
-            side, is_timed = decision.route(sig)
-            if side == STOCK:
-                if is_timed:
-                    raise TimedStock(AUTO_STOCK, decision, sig, start)
-                raise Decline(AUTO_STOCK)
-            timed = (decision, sig, start) if is_timed else None
+            start = self.auto_side(decision, sig)
         elif level == AUTO and plan.backend != "reference" and not autotune.quantized_pays_off(
             q4, k4, layout, False, run, stock, reference="comfyui"
         ):
@@ -467,14 +532,24 @@ class PatchState:
                 self._auto_stock[signature] = reason
             raise Decline(reason)
         out = run()
-        if forward.deferred_check:
-            forward.outputs.add(out)
-        elif not bool(torch.isfinite(out.sum(dtype=torch.float32))):
-            self.note(f"non-finite {level} output; such calls are recomputed with stock attention", logging.WARNING)
-            raise Decline("non-finite quantized output")
-        if timed is not None:
-            self.record_sample(*timed[:2], SAGE, timed[2])
+        self.check_output(out, forward, level)
+        if start is not None:
+            self.record_sample(decision, sig, SAGE, start)
         return from_kernel_layout(out, layout, call.skip_output_reshape)
+
+
+class Route:
+    """How every call of one signature is served (PatchState.route)."""
+
+    __slots__ = ("decline", "layout", "views", "precision", "sig", "on_gpu")
+
+    def __init__(self, decline, layout="", views=None, precision="", sig=(), on_gpu=False):
+        self.decline = decline  # the reason these calls go to stock attention, or None
+        self.layout = layout
+        self.views = views  # (q, k, v) shapes for the kernel's NHD views; None: HND, as they are
+        self.precision = precision
+        self.sig = sig  # what `auto` times these calls under
+        self.on_gpu = on_gpu  # a kernel (not the CPU reference emulation) serves them
 
 
 AUTO_STOCK = "auto: stock attention is faster here"

@@ -8,15 +8,20 @@ on the current stream. No call runs twice: a stock sample is a real call that re
 stock output. Where the GPU waits for the host (CPU-bound models such as SDXL or a Flux slice
 on an H100) the events span the host time of each path too, so the node's own host cost is in
 the samples. The first call of each side is a warm-up (kernel loading, cuDNN plans) and is not
-counted; once a signature has SAMPLES samples per side, its further calls run Sage Attention
-until the verdict.
+counted. Calls a signature does not time (its samples are in, or it is too small to matter) run
+stock until the samples say Sage Attention is faster: measuring costs only the timed Sage calls.
 
-Deciding. Per signature, saving = stock ms - Sage ms (the smaller of the difference of the
-medians and that of the minima: robust to noise and to hiccups); per evaluation, the
-predicted saving = sum over signatures that save of (calls per evaluation x saving). Sage
+Deciding, per signature, sequentially (`assess`): after MIN_SAMPLES samples per side it stops
+if every sample of one side beats every sample of the other by CLEAR of a stock call (more
+than noise or two timing modes a few percent apart could show); else
+after SAMPLES, if two estimates of the saving (difference of the medians, robust to noise;
+of the minima, which hiccups, only ever adding time, cannot move) agree in sign; else (bimodal
+or noisy timings) after WINDOW. Its saving per call is the smaller estimate. Per evaluation,
+the predicted saving = sum over signatures that save of (calls per evaluation x saving). Sage
 Attention runs (on those signatures) only if the prediction is at least ENTER of the
-evaluation's time (CUDA events around whole evaluations); otherwise every later evaluation of
-that input runs stock attention without our override in the way: no host cost at all.
+evaluation's time (CUDA events around whole evaluations; a prediction under twice that first
+takes WINDOW samples on each signature); otherwise every later evaluation of that input runs
+stock attention without our override in the way: no host cost at all.
 
 Re-checking. A Sage verdict within RECHECK_BELOW of the line is re-timed: every RECHECK
 evaluations one more pair per signature; it falls back to stock when the prediction over the
@@ -32,8 +37,10 @@ SAGE, STOCK = "sage", "stock"
 ENTER = 0.03
 STAY = 0.01
 RECHECK_BELOW = 0.10
+MIN_SAMPLES = 3
 SAMPLES = 4
-WINDOW = 6
+WINDOW = 6  # samples kept per side, and the most a signature takes before deciding
+CLEAR = 0.20
 RECHECK = 8
 
 
@@ -67,13 +74,36 @@ def input_key(args, kwargs) -> tuple | None:
     if not isinstance(x, torch.Tensor) or x.device.type != "cuda":
         return None
     c = args[3] if len(args) > 3 else kwargs.get("c_crossattn")
-    return tuple(x.shape), x.dtype, str(x.device), tuple(c.shape) if isinstance(c, torch.Tensor) else None
+    return tuple(x.shape), x.dtype, x.device, tuple(c.shape) if isinstance(c, torch.Tensor) else None
 
 
 def median(xs) -> float:
     s = sorted(xs)
     n = len(s)
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def estimate(stock: list[float], sage: list[float]) -> float:
+    """Saving per call in ms (negative: Sage Attention is slower): the smaller of the difference
+    of the medians and that of the minima."""
+    return min(median(stock) - median(sage), min(stock) - min(sage))
+
+
+def assess(stock: list[float], sage: list[float]) -> float | None:
+    """A signature's saving per call (ms) once its samples decide, None while more are needed
+    (the sequential rule in the module docstring)."""
+    n = min(len(stock), len(sage))
+    if n < MIN_SAMPLES:
+        return None
+    clear = CLEAR * median(stock)
+    if min(stock) - max(sage) >= clear or min(sage) - max(stock) >= clear:
+        return estimate(stock, sage)
+    if n < SAMPLES:
+        return None
+    by_median, by_minimum = median(stock) - median(sage), min(stock) - min(sage)
+    if (by_median > 0) != (by_minimum > 0) and n < WINDOW:
+        return None
+    return estimate(stock, sage)
 
 
 class SignatureTimes:
@@ -83,6 +113,11 @@ class SignatureTimes:
         self.turn = SAGE
         self.warmed: set[str] = set()
         self.marks = {SAGE: deque(maxlen=WINDOW), STOCK: deque(maxlen=WINDOW)}
+        self.latest = None  # the mark recorded last (its end event completes after the others)
+        self.limit = SAMPLES  # samples to take before assessing with a wait (WINDOW if they disagree)
+        self.saving: float | None = None  # ms per call, once assessed
+        self.settle_at = MIN_SAMPLES  # fewest samples a saving may rest on (WINDOW once extended)
+        self._assessed = 0  # samples at the last assessment
 
     def next_side(self) -> str:
         side = self.turn
@@ -90,6 +125,7 @@ class SignatureTimes:
         return side
 
     def add(self, side: str, mark) -> None:
+        self.latest = mark
         if side in self.warmed:
             self.marks[side].append(mark)
         else:
@@ -100,6 +136,41 @@ class SignatureTimes:
 
     def all_marks(self) -> list:
         return [*self.marks[SAGE], *self.marks[STOCK]]
+
+    def ms(self, clock, side: str) -> list[float]:
+        return [clock.ms(m) for m in self.marks[side]]
+
+    def measuring(self) -> bool:
+        return self.saving is None and self.samples() < self.limit
+
+    def untimed_side(self) -> str:
+        """Where its untimed calls go before the verdict: stock unless measured faster."""
+        return SAGE if self.saving is not None and self.saving > 0 else STOCK
+
+    def extend(self) -> None:
+        """Measure on to WINDOW samples before settling (a prediction close to the line)."""
+        self.limit = self.settle_at = WINDOW
+        self.saving = None
+
+    def try_assess(self, clock, wait: bool = False) -> bool:
+        """Assesses new samples whose events are complete (waits for them when `wait`); True
+        once `saving` is set. Samples that do not decide at `limit` raise it to WINDOW."""
+        n = self.samples()
+        if self.saving is not None:
+            return True
+        if n < self.settle_at or n == self._assessed:
+            return False
+        if not clock.ready(self.latest) or not all(clock.ready(m) for m in self.all_marks()):
+            if not wait:
+                return False
+            for m in self.all_marks():
+                if not clock.ready(m):
+                    clock.wait(m)
+        self._assessed = n
+        self.saving = assess(self.ms(clock, STOCK), self.ms(clock, SAGE))
+        if self.saving is None and n >= self.limit:
+            self.limit = WINDOW
+        return self.saving is not None
 
 
 class InputDecision:
@@ -143,10 +214,14 @@ class InputDecision:
         if not self.worth_timing(sig):
             return STOCK, False
         if self.verdict is None:
-            times = self.times.setdefault(sig, SignatureTimes())
-            if times.samples() < SAMPLES:
-                return times.next_side(), True
-            return SAGE, False  # enough samples taken: Sage Attention until the verdict
+            times = self.times.get(sig)
+            if times is None:
+                times = self.times[sig] = SignatureTimes()
+            if times.saving is None:
+                times.try_assess(self.clock)  # never waits: decides as soon as the events are complete
+                if times.measuring():
+                    return times.next_side(), True
+            return times.untimed_side(), False
         if sig not in self.sage_signatures:
             return STOCK, False
         if self.timing and seen <= 2:  # a re-check: the signature's first two calls, one per side
@@ -163,43 +238,75 @@ class InputDecision:
             self.counts = dict(self._seen)
         if start is not None:
             self.eval_marks.append(self.clock.stop(start))
-        if self.verdict is None or self._pending:
+        if self.verdict is None:
             return self.judge()
+        if self._pending:
+            return self.recheck()
         return None
 
     # -- the decision --------------------------------------------------------------------
 
     def judge(self) -> str | None:
         timed = [s for s in self.counts if self.worth_timing(s)]
-        if self.verdict is None and not timed:
+        if not timed:
             if not self.counts and self.evaluations < 2:
                 return None  # nothing seen yet (the first evaluation may have been recomputed)
             return self._set(STOCK, frozenset(), 0.0, 0.0)
-        if any(s not in self.times or self.times[s].samples() < SAMPLES for s in timed) or not self.eval_marks:
+        pending = False
+        for s in timed:
+            times = self.times.get(s)
+            if times is None:
+                pending = True
+            elif not times.try_assess(self.clock) and not times.measuring():
+                # Its samples are in but their events are not complete: wait once for the
+                # evaluation's end (recorded last) rather than measure on.
+                self._wait_for_evaluation()
+                pending |= not times.try_assess(self.clock, wait=True)
+            else:
+                pending |= times.saving is None
+        if pending:
             return None
-        marks = [m for s in timed for m in self.times[s].all_marks()] + list(self.eval_marks)
+        winners = frozenset(s for s in timed if self.times[s].saving > 0)
+        gain = sum(self.counts[s] * self.times[s].saving for s in winners)
+        if not winners:  # no evaluation time needed (and none waited for)
+            return self._set(STOCK, frozenset(), 0.0, self._evaluation_ms(wait=False))
+        eval_ms = self._evaluation_ms(wait=True)
+        short = [s for s in winners if self.times[s].samples() < WINDOW]
+        if ENTER * eval_ms <= gain < 2 * ENTER * eval_ms and short:
+            # Close to the line: a few samples' noise could carry it over; measure on.
+            for s in short:
+                self.times[s].extend()
+            return None
+        verdict = SAGE if gain >= ENTER * eval_ms else STOCK
+        return self._set(verdict, winners if verdict == SAGE else frozenset(), gain, eval_ms)
+
+    def recheck(self) -> str | None:
+        """A marginal Sage verdict with one more pair per signature: judged on the latest WINDOW
+        samples once their events are complete (never waited for)."""
+        marks = [m for s in self.sage_signatures for m in self.times[s].all_marks()] + list(self.eval_marks)
         if not all(self.clock.ready(m) for m in marks):
-            if self.verdict is not None:
-                return None  # a re-check waits for its events (next evaluation)
-            # Deciding: wait once rather than measure on. The evaluation's end was recorded
-            # last; marks of other streams (if any) are waited for one by one.
+            return None
+        saving = {s: estimate(self.times[s].ms(self.clock, STOCK), self.times[s].ms(self.clock, SAGE))
+                  for s in self.sage_signatures}
+        winners = frozenset(s for s, ms in saving.items() if ms > 0)
+        gain = sum(self.counts.get(s, 0) * saving[s] for s in winners)
+        eval_ms = self._evaluation_ms(wait=False)
+        verdict = SAGE if winners and gain >= STAY * eval_ms else STOCK
+        return self._set(verdict, winners if verdict == SAGE else frozenset(), gain, eval_ms)
+
+    def _wait_for_evaluation(self) -> None:
+        if self.eval_marks and not self.clock.ready(self.eval_marks[-1]):
             self.clock.wait(self.eval_marks[-1])
-            for m in marks:
+
+    def _evaluation_ms(self, wait: bool) -> float:
+        """Median time of the timed evaluations (0.0 when none is complete and `wait` is off)."""
+        if wait:
+            self._wait_for_evaluation()
+            for m in self.eval_marks:
                 if not self.clock.ready(m):
                     self.clock.wait(m)
-        saving = {}
-        for s in timed:
-            stock = [self.clock.ms(m) for m in self.times[s].marks[STOCK]]
-            sage = [self.clock.ms(m) for m in self.times[s].marks[SAGE]]
-            # The smaller of two estimates: medians, and minima (which hiccups, only ever
-            # adding time, cannot move).
-            saving[s] = min(median(stock) - median(sage), min(stock) - min(sage))
-        eval_ms = median(self.clock.ms(m) for m in self.eval_marks)
-        winners = frozenset(s for s in timed if saving[s] > 0)
-        gain = sum(self.counts[s] * saving[s] for s in winners)
-        line = ENTER if self.verdict is None else STAY
-        verdict = SAGE if winners and gain >= line * eval_ms else STOCK
-        return self._set(verdict, winners if verdict == SAGE else frozenset(), gain, eval_ms)
+        done = [self.clock.ms(m) for m in self.eval_marks if self.clock.ready(m)]
+        return median(done) if done else 0.0
 
     def _set(self, verdict: str, signatures: frozenset, gain: float, eval_ms: float) -> str | None:
         changed = verdict != self.verdict

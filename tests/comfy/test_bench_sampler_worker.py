@@ -38,8 +38,14 @@ def test_worker_produces_what_the_driver_aggregates(monkeypatch, tmp_path):
     for name, r in out["slices"].items():
         assert set(r["variants"]) == {"int8+fp16", "auto"} and r["stock_ms"] > 0
         for cell in r["variants"].values():
-            assert cell["sampler"] > 0 and cell["forward"] > 0
-        assert r["variants"]["auto"]["first_run"] > 0
+            assert cell["sampler"] > 0 and cell["forward"] > 0 and cell["evaluations"] > 0
+            # Every evaluation of the run was timed (cond and uncond batched: one per step).
+            split = cell["split"]
+            assert split["count"] == 2 and 0 < split["evaluations"] < split["wall"]
+            assert split["rest"] == split["wall"] - split["evaluations"] and split["load"] > 0
+        assert r["stock"]["count"] == 2 and r["variants"]["auto"]["first_run"] > 0
+        # The slice's models were freed: ComfyUI holds none of them (no gc per later run).
+        assert r["leaked_models"] == 0
     # One short profiled run per variant: a trace each and a summary table per slice.
     assert len(list(tmp_path.glob("flux_*.json"))) == 3 and (tmp_path / "wan1.3b_summary.md").exists()
     summary = (tmp_path / "flux_summary.md").read_text()

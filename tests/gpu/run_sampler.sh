@@ -6,9 +6,18 @@
 #   carry: .comfyui (a ComfyUI source tree), .whl (torchsde, trampoline, einops wheels)
 #   SLICES=flux,wan14b,hunyuan,sdxl PROCESSES=5 ROUNDS=2 LEVELS=int8+fp8 PROFILE=1 bash tests/gpu/run_sampler.sh
 #   (LEVELS empty: every level that is a distinct kernel on this GPU; BUILD=skip|auto|force as
-#   in tests/comfy/run_device.sh; CHECKS=0 skips the API auto check and the host-cost table;
-#   BENCH_TIMEOUT seconds for the benchmark, default 480)
+#   in tests/comfy/run_device.sh; CHECKS=0 skips the API auto check and the host-cost table)
+#   BUDGET: seconds for the whole script (default 540). The benchmark gets what is left after
+#   the build and checks; it starts no process that would end past it (judged by the last one)
+#   and is killed 30 s after it. A process (fresh ComfyUI, model build, 1 warm-up round, the
+#   timed rounds, forward-only pairs) took on an H100 (torch 2.11): flux+sdxl 5 rounds ~34 s
+#   (+14 s with PROFILE=1), wan14b+hunyuan 2 rounds ~50 s; about 8 s of each is start-up.
+#   Hence, with kernels built and CHECKS=0:
+#     BUILD=skip CHECKS=0 BUDGET=150 SLICES=flux,sdxl PROCESSES=5 ROUNDS=3   (~28 s a process)
+#     BUILD=skip CHECKS=0 BUDGET=150 SLICES=hunyuan PROCESSES=3 ROUNDS=2     (~35 s a process)
 set -uo pipefail
+start_all=$(date +%s)
+BUDGET=${BUDGET:-540}
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -42,8 +51,12 @@ fi
 args=(--slices "${SLICES:-flux,wan14b,hunyuan,sdxl}" --processes "${PROCESSES:-5}" --rounds "${ROUNDS:-2}" --out "$OUT/sampler.md")
 [ -n "${LEVELS-int8+fp8}" ] && args+=(--levels "${LEVELS-int8+fp8}")
 [ "${PROFILE:-0}" = 1 ] && args+=(--profile "$OUT/profile")
-timeout "${BENCH_TIMEOUT:-480}" python3 bench/bench_sampler.py "${args[@]}" > "$OUT/sampler.log" 2>&1
-rc=$?; echo "bench_sampler: rc=$rc"; [ $rc = 0 ] || status=1
+left=$(( BUDGET - ($(date +%s) - start_all) ))
+[ $left -gt 20 ] || { echo "no time left for the benchmark (BUDGET=$BUDGET s)"; exit 1; }
+echo "benchmark budget: $left s"
+timeout $(( left + 30 )) python3 bench/bench_sampler.py "${args[@]}" --budget $left > "$OUT/sampler.log" 2>&1
+rc=$?; echo "bench_sampler: rc=$rc, $(( $(date +%s) - start_all )) s in all"; [ $rc = 0 ] || status=1
+grep -h "\[bench_sampler\]" "$OUT/sampler.log"
 
 echo "================ summary"
 cat "$OUT/device.txt"
