@@ -208,7 +208,7 @@ def ours_source(arch: int) -> str:
                 continue
             qk = "kInt4" if level.startswith("int4") else "kInt8"
             lines.append(f"template __global__ void attn_mma_kernel<AttnMmaTraits<{d}, QKType::{qk}, PVType::{pv}, "
-                         f"PVAccum::{acc}>>(const AttnMmaArgs); // {level} d{d}")
+                         f"PVAccum::{acc}>>(const MmaAttnParams); // {level} d{d}")
     return "\n".join(lines + ["}"]) + "\n"
 
 

@@ -117,25 +117,33 @@ struct FragOffsets {
   }
 };
 
-// Copies `rows` rows of kRowBytes bytes (global rows `src_stride` bytes apart) into a
-// swizzled shared tile; rows >= valid_rows and chunks >= valid_chunks are zero-filled.
-// Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of its source); the thread
-// index comes from thread_id_in_loop() so ptxas recomputes them per tile instead of keeping
-// one hoisted register per chunk alive through the main loop.
+// Copies kRows rows of kRowBytes bytes (global rows `src_stride` bytes apart) into a swizzled
+// shared tile; rows >= valid_rows and chunks >= valid_chunks are zero-filled. A thread copies
+// one chunk column, every kRowsPerPass-th row; where kRowsPerPass is a multiple of 8 (the period
+// of the swizzle) its shared offsets differ by constants, so the index arithmetic runs once per
+// tile, not once per chunk. Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of
+// its source); the thread index comes from thread_id_in_loop() so ptxas recomputes them per
+// tile instead of keeping hoisted registers alive through the main loop.
 template <int kRowBytes, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src, int64_t src_stride, int valid_rows,
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
-  static_assert((kRows * kChunks) % kThreads == 0, "every thread copies the same number of chunks");
-  const int tid = thread_id_in_loop();
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "every thread copies one chunk column");
+  const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
+  const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
   const uint32_t dst_addr = mma::smem_addr(dst);
+  const uint32_t dst0 = dst_addr + swizzle<kRowBytes>(row0, chunk);
+  const int stride = static_cast<int>(src_stride);
+  const bool chunk_valid = chunk < valid_chunks;
 #pragma unroll
-  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int row = i / kChunks, chunk = i % kChunks;
-    const bool valid = row < valid_rows && chunk < valid_chunks;
-    const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * static_cast<int>(src_stride) + chunk * 16) : 0u);
-    mma::cp_async_16(dst_addr + swizzle<kRowBytes>(row, chunk), p, valid);
+  for (int it = 0; it < kRows / kRowsPerPass; ++it) {
+    const int row = row0 + it * kRowsPerPass;
+    const bool valid = chunk_valid && row < valid_rows;
+    const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
+    const uint32_t d = kRowsPerPass % 8 == 0 ? dst0 + it * kRowsPerPass * kRowBytes
+                                             : dst_addr + swizzle<kRowBytes>(row, chunk);
+    mma::cp_async_16(d, p, valid);
   }
 }
 
@@ -242,11 +250,16 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
   load_v(0, 0);
   cp_async_commit();
 
-  // One key tile. kMasked (a BoolConstant) compiles the per-key mask in: only tiles that
-  // hold keys past nk or (causal) past a row of the CTA need it, so every other tile runs
-  // without the ~3 instructions per score of predicated compares and selects.
-  auto key_tile = [&](const int j, auto masked) {
+  // One key tile. kMasked and kExactLogits (BoolConstants) compile one body per case, so the
+  // steady-state tile has no branch between its QK MMAs and its softmax (ptxas schedules only
+  // inside a basic block):
+  // - kMasked: only tiles that hold keys past nk or (causal) past a row of the CTA need the
+  //   per-key mask (~3 instructions per score of predicated compares and selects).
+  // - kExactLogits: with Q smoothing (Delta-S term) or c <= 0 the logits are finished before the
+  //   softmax; otherwise the dequantization factor is left to the softmax's FFMA.
+  auto key_tile = [&](const int j, auto masked, auto exact_logits) {
     constexpr bool kMasked = decltype(masked)::value;
+    constexpr bool kExactLogits = decltype(exact_logits)::value;
     const int stage = j & 1;
     cp_async_wait<1>();
     __syncthreads();
@@ -264,7 +277,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
 
     // Step 2, Delta-S = q-bar_hat . K_hat^T on CUDA cores, per warp for its q-bar block,
     // folded with its scales into one additive term per key.
-    if (smooth_q) {
+    if (kExactLogits && smooth_q) {
       const int8_t* qb = qbar_smem + warp * T::kHeadDim;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -296,50 +309,56 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
       __syncwarp();
     }
 
-    // Steps 1-5, one m16 row tile at a time: S of all kWarpQ rows at once would need
-    // 16 * kMTiles registers per n8 tile next to O (ptxas spilled at D = 128); the cost is
-    // re-reading the K fragments from shared memory once per extra m tile.
     const float kscale_lane = k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)];
     const float s_to_x = q_scale * kscale_lane * c_log2;
     const int key0 = j * T::kKTile;
     const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
-    // P as A fragments of the PV MMA. FP8 (k32): a step covers S tiles 4kk..4kk+3, in the
-    // order V^T is stored in (quant::v_stored_position). 16-bit (k16): S tiles 2kk, 2kk+1.
+
+    // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
+    // fragment is read from shared memory once and feeds kMTiles MMAs.
+    int32_t s[M][NS][4];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[m][n][e] = 0;
+#pragma unroll
+    for (int ks = 0; ks < T::kQKSteps; ++ks) {
+      uint32_t q_frag[M][4];
+#pragma unroll
+      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
+#pragma unroll
+      for (int np = 0; np < NS / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks_addr + k_offsets.at(np * 16, ks * 2));
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          mma_qk<T::kQK>(s[m][2 * np], q_frag[m], b[0], b[1]);
+          mma_qk<T::kQK>(s[m][2 * np + 1], q_frag[m], b[2], b[3]);
+        }
+      }
+    }
+
+    // Steps 2-5 per m16 row tile; P as A fragments of the PV MMA. FP8 (k32): a step covers S
+    // tiles 4kk..4kk+3, in the order V^T is stored in (quant::v_stored_position). 16-bit (k16):
+    // S tiles 2kk, 2kk+1.
     constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;
     uint32_t p_frag[M][kPSteps][4];
     float alpha[M][2];
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      // Step 1: S = Q_hat . K_hat^T in int32.
-      int32_t s[NS][4];
-#pragma unroll
-      for (int n = 0; n < NS; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = 0;
-#pragma unroll
-      for (int ks = 0; ks < T::kQKSteps; ++ks) {
-        uint32_t q_frag[4];
-        ldmatrix_x4(q_frag, q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
-#pragma unroll
-        for (int np = 0; np < NS / 2; ++np) {
-          uint32_t b[4];
-          ldmatrix_x4(b, ks_addr + k_offsets.at(np * 16, ks * 2));
-          mma_qk<T::kQK>(s[2 * np], q_frag, b[0], b[1]);
-          mma_qk<T::kQK>(s[2 * np + 1], q_frag, b[2], b[3]);
-        }
-      }
-
-      // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. Without
-      // Q smoothing (and with c > 0) the factor is left to the softmax's FFMA: x = s, scale =
-      // s_to_x. With it, x is the finished logit and scale = 1 (a uniform branch, so no
-      // predicated load per score).
+      // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. In the
+      // steady state the factor is left to the softmax's FFMA: x = s, scale = s_to_x (c > 0, so
+      // the row max of x * scale is (max x) * scale). kExactLogits: x is the finished logit and
+      // scale = 1.
       float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[n][e]);
+        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[m][n][e]);
       float x_scale = s_to_x;
-      if (smooth_q || !(c_log2 > 0.0f)) {
+      if constexpr (kExactLogits) {
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
@@ -492,8 +511,15 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
   };
   // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
   const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
-  for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{});
-  for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{});
+  auto key_tiles = [&](auto exact_logits) {
+    for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
+    for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
+  };
+  if (smooth_q || !(c_log2 > 0.0f)) {
+    key_tiles(BoolConstant<true>{});
+  } else {
+    key_tiles(BoolConstant<false>{});
+  }
   cp_async_wait<0>();
 
   // ---- Epilogue (§3): O / l (* vscale) + vbar in the caller's dtype and layout; lse.
