@@ -237,7 +237,7 @@ class AttnConfig:
     pv_accum: PVAccum = PVAccum.FP32
     # Q and K rotated by an orthonormal Walsh-Hadamard transform of the (padded) head dim before
     # quantization (numerics.md §1.6): Q K^T is unchanged, outlier channels are spread over all
-    # channels. Reference only so far: the kernels decline it.
+    # channels. Served by both families' quantizers; not offered by the API yet.
     hadamard: bool = False
 
     def __post_init__(self):

@@ -38,6 +38,7 @@ QUANT_HEAD_DIMS = (64, 128, 256)
 # Segment-kind masks of the quantizer launches (quant_kernels.cuh): statistics alone, Q +
 # statistics, K / V (+ Q).
 QUANT_KINDS = {"stats": 1, "qstats": 3, "kvq": 6}
+QUANT_ROW_KINDS = ("qstats", "kvq")  # the launches that quantize Q or K rows
 _PV_NAMES = {abi.PV_FP16: "fp16", abi.PV_BF16: "bf16", abi.PV_FP8: "fp8"}
 _PV_ENUM = {abi.PV_FP16: "sa2::PVType::kFp16", abi.PV_BF16: "sa2::PVType::kBf16", abi.PV_FP8: "sa2::PVType::kFp8"}
 
@@ -96,10 +97,18 @@ _QUANT_INFO = (("threads", "sa2::quantize::kThreads"), ("stats_chunk_rows", "sa2
                ("v_tile_tokens", "sa2::quantize::kVTileTokens"))
 
 
-def quant_kernel(bf16: bool, head_dim: int, kinds: str) -> Kernel:
+def quant_kernel(bf16: bool, head_dim: int, kinds: str, hadamard: bool = False) -> Kernel:
+    """`hadamard`: Q and K rows rotated before quantization (docs/numerics.md §1.6); only the
+    launches that quantize rows have it."""
+    if hadamard and kinds not in QUANT_ROW_KINDS:
+        raise ValueError(f"the {kinds!r} quantizer launch has no rows to rotate")
+    if hadamard and head_dim & (head_dim - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two head dim, got {head_dim}")
     traits = f"sa2::{'bf16' if bf16 else 'f16'}"
-    return Kernel(f"quant-{'bf16' if bf16 else 'fp16'}-d{head_dim}-{kinds}", "sa2/quant_kernels.cuh", traits,
-                  f"sa2::quantize::quantize_qkv_kernel<{traits}, {head_dim}, {QUANT_KINDS[kinds]}>",
+    return Kernel(f"quant-{'bf16' if bf16 else 'fp16'}-d{head_dim}-{kinds}{'-hadamard' if hadamard else ''}",
+                  "sa2/quant_kernels.cuh", traits,
+                  f"sa2::quantize::quantize_qkv_kernel<{traits}, {head_dim}, {QUANT_KINDS[kinds]}, "
+                  f"{'true' if hadamard else 'false'}>",
                   abi.QuantizeParams, "sa2::QuantizeParams", _QUANT_INFO)
 
 
@@ -128,9 +137,9 @@ def product_kernels(arch: Arch) -> list[Kernel]:
 
 def test_kernels(arch: Arch) -> list[Kernel]:
     """The product kernels plus those only tests and benchmarks reach: every wgmma schedule, INT4
-    QK where the arch emulates it, and the P.V accumulator dispatch does not pick (FP8 with the
-    other one, fp16 PV with an fp16 accumulator) (`install.py --all`; otherwise they compile on
-    first use)."""
+    QK where the arch emulates it, the P.V accumulator dispatch does not pick (FP8 with the
+    other one, fp16 PV with an fp16 accumulator) and the Hadamard-rotating quantizers
+    (`install.py --all`; otherwise they compile on first use)."""
     out = product_kernels(arch)
     names = {k.name for k in out}
     extra = []
@@ -142,6 +151,8 @@ def test_kernels(arch: Arch) -> list[Kernel]:
               for pv in (abi.PV_FP16,) + ((abi.PV_FP8,) if arch.fp8_mma else ())]
     if arch.fp8_mma:
         extra += [mma_kernel(d, int4, abi.PV_FP8) for d in MMA_HEAD_DIMS for int4 in qks]
+    extra += [quant_kernel(bf16, d, kinds, hadamard=True) for bf16 in (False, True) for d in QUANT_HEAD_DIMS
+              for kinds in QUANT_ROW_KINDS]
     if arch.wgmma:
         extra += [wgmma_kernel(d, pv, s) for d in WGMMA_HEAD_DIMS for pv in (abi.PV_FP8, abi.PV_FP16, abi.PV_BF16)
                   for s in WGMMA_SCHEDULES if d == 128 or s in WGMMA_HEAD_DIM_64]

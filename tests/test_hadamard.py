@@ -1,14 +1,23 @@
 """CPU tests of the Hadamard rotation option (AttnConfig(hadamard=True), numerics.md §1.6): an
 orthonormal Walsh-Hadamard transform of Q and K over the head dim inside the quantizer leaves
 Q K^T unchanged and spreads outlier channels, which rescues INT8 and INT4 Q K^T on data with
-10x Q and 20x K channel outliers."""
+10x Q and 20x K channel outliers. Also the rotating quantizer kernels without a GPU: their
+NVRTC build, which launches a plan runs, and that the backends take the option (the GPU runs
+are tests/gpu/test_hadamard_kernels.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import error_metrics, make_qkv
-from sageattn2.config import AttnConfig
+from sageattn2 import archs, build, kernels, nvrtc
+from sageattn2.backends import mma
+from sageattn2.config import AttnConfig, Family, tile_shape
 from sageattn2.reference import exact_attention, hadamard_rotate, reference_attention
+from test_launch_plans import FakeDeviceKernels
+
+NV, _ = nvrtc.load()
+needs_nvrtc = pytest.mark.skipif(NV is None, reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 
 
 def outlier_qkv(n=1024, d=128, seed=None):
@@ -59,3 +68,72 @@ def test_rotation_costs_nothing_without_outliers():
     plain = error_metrics(reference_attention(q, k, v, AttnConfig(pv_dtype="fp16"))[0], ex)
     rotated = error_metrics(reference_attention(q, k, v, AttnConfig(pv_dtype="fp16", hadamard=True))[0], ex)
     assert rotated["rel_l1"] <= 1.2 * plain["rel_l1"], (rotated, plain)
+
+
+# ---------------------------------------------------------------------------------------
+# The rotating quantizer kernels (csrc/include/sa2/quant_kernels.cuh, kHadamard), without a GPU
+
+ROTATING = [kernels.quant_kernel(bf16, d, kinds, hadamard=True) for bf16 in (False, True)
+            for d in kernels.QUANT_HEAD_DIMS for kinds in kernels.QUANT_ROW_KINDS]
+
+
+def test_rotating_quantizers_are_listed_for_tests_only():
+    for cc in archs.PRODUCT_ARCHS:
+        a = archs.arch(*cc)
+        product = {k.name for k in kernels.product_kernels(a)}
+        listed = {k.name: k for k in kernels.test_kernels(a)}
+        assert not any("hadamard" in n for n in product)  # dispatch never asks for the rotation
+        for k in ROTATING:
+            assert listed[k.name].expr == k.expr and k.expr.endswith(", true>"), k.name
+    assert kernels.quant_kernel(False, 128, "kvq").expr.endswith(", false>")
+    with pytest.raises(ValueError, match="no rows to rotate"):
+        kernels.quant_kernel(False, 128, "stats", hadamard=True)
+    with pytest.raises(ValueError, match="power-of-two"):
+        kernels.quant_kernel(False, 96, "kvq", hadamard=True)
+
+
+@needs_nvrtc
+def test_rotating_quantizers_compile(tmp_path):
+    """Each head dim and launch kind (kvq holds the Q and K paths, qstats Q with the statistics)
+    and both input types through NVRTC, mostly for Hopper (the tightest register bound, 6 CTAs an
+    SM), as install.py --all builds them; three of the twelve units: ~5 s each here."""
+    builder = build.Builder(NV, tmp_path)
+    pick = {"quant-fp16-d64-kvq-hadamard": (9, 0), "quant-bf16-d128-qstats-hadamard": (9, 0),
+            "quant-bf16-d256-kvq-hadamard": (8, 0)}
+    jobs = [(k, archs.arch(*pick[k.name])) for k in ROTATING if k.name in pick]
+    assert len(jobs) == len(pick)
+    results = builder.build_all(jobs, 2)
+    assert [err for _, _, err in results] == [None] * len(jobs)
+    entry, compiled_now = builder.get(*jobs[0])
+    assert not compiled_now and entry.info["threads"] == 256
+
+
+def test_quantizer_plan_picks_the_rotating_launches():
+    """Each launch that quantizes rows runs the rotating instantiation; the statistics-only one
+    (k-bar first, for q . k-bar) has no rows and stays the plain kernel."""
+    q = torch.empty(1, 4, 300, 128, dtype=torch.bfloat16)
+    kv = torch.empty(1, 2, 200, 128, dtype=torch.bfloat16)
+    tile = tile_shape(Family.MMA, 128)
+    names = lambda cfg, dot: [k.name for k, *_ in mma._QkvPlan(FakeDeviceKernels(), q, kv, kv, cfg, tile, 128,
+                                                                  None, dot).launches]
+    rotated = AttnConfig(pv_dtype="fp8", hadamard=True)
+    assert names(rotated, False) == ["quant-bf16-d128-qstats-hadamard", "quant-bf16-d128-kvq-hadamard"]
+    assert names(rotated, True) == ["quant-bf16-d128-stats", "quant-bf16-d128-kvq-hadamard"]
+    assert names(rotated.with_(smooth_k=False, pv_dtype="fp16"), False) == ["quant-bf16-d128-kvq-hadamard"]
+    assert names(rotated.with_(hadamard=False), False) == ["quant-bf16-d128-qstats", "quant-bf16-d128-kvq"]
+
+
+def test_mma_backend_no_longer_declines_the_rotation(monkeypatch):
+    """Only the rotation differs between the two configs; everything else the check asks is faked
+    as servable."""
+    class Device:
+        families, arch, tag = ("mma",), archs.arch(8, 9), "sm_89"
+
+        def available(self, kernel):
+            return None
+
+    monkeypatch.setattr(mma, "_shape_reason", lambda *a: None)
+    monkeypatch.setattr(mma, "kernels_for_device", lambda device: (Device(), None))
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 80)
+    for cfg in (AttnConfig(), AttnConfig(hadamard=True), AttnConfig(qk_dtype="int4", smooth_q=True, hadamard=True)):
+        assert mma.unsupported_reason(q, k, v, layout="HND", cfg=cfg, is_causal=False) is None, cfg.uri

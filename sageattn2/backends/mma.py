@@ -302,7 +302,8 @@ class _QkvPlan:
             lp.segments = len(segments)
             for j, (kind, c) in enumerate(segments):
                 lp.segment[j].kind, lp.segment[j].ctas = kind, c
-            kernel = dk.get(kernels.quant_kernel(bf16, dpad, name), QUANT_MAX_SMEM)
+            rotate = cfg.hadamard and name in kernels.QUANT_ROW_KINDS  # numerics.md §1.6
+            kernel = dk.get(kernels.quant_kernel(bf16, dpad, name, rotate), QUANT_MAX_SMEM)
             self.launches.append((kernel, (ctas, 1, 1), smem, abi.ParamTemplate(lp)))
 
         # Per-call fields, as word slots of the first launch's template; a later launch's bytes
@@ -462,8 +463,6 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return why
     if cfg.family is not Family.MMA:
         return f"config is laid out for the {cfg.family.value} family"
-    if cfg.hadamard:
-        return "the Hadamard rotation is implemented in the reference only"
     if cfg.pv_accum is PVAccum.FP16 and cfg.pv_dtype is PVDType.FP16 and q.dtype != torch.float16:
         return f"an fp16 P.V accumulator multiplies fp16 V; {q.dtype} inputs need pv_accum='fp32'"
     dk, why = kernels_for_device(q.device)

@@ -63,8 +63,6 @@ def unsupported_reason(q, k, v, *, layout, cfg, is_causal):
         return "wgmma kernels need Hopper (sm_90a)"
     if cfg.family is not Family.WGMMA:
         return f"config is laid out for the {cfg.family.value} family"
-    if cfg.hadamard:
-        return "the Hadamard rotation is implemented in the reference only"
     if cfg.qk_dtype is not QKDType.INT8:
         return "Hopper has no INT4 tensor cores (use int8)"
     if cfg.granularity is not Granularity.PER_THREAD:

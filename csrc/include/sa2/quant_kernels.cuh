@@ -2,7 +2,8 @@
 //
 //   quantize_qkv_kernel  Q and K -> INT8/INT4 rows with group absmax scales (K minus its mean;
 //                        Q optionally minus the mean of each q_mean_rows block, whose q-bar is
-//                        quantized to INT8 too; optionally q_row . kbar for the lse), and V ->
+//                        quantized to INT8 too; optionally q_row . kbar for the lse; with
+//                        kHadamard, each smoothed row and q-bar rotated first), and V ->
 //                        FP8 E4M3 V^T (B, H, D, N_pad) in quant::v_stored_position order. The
 //                        per-channel K / V statistics (k-bar, v-bar, FP8 V scales) need every
 //                        token first, so a call is two launches (one when nothing needs them);
@@ -125,6 +126,43 @@ __device__ __forceinline__ uint32_t pack_int8x4(int a, int b, int c, int d) {
   return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
 }
 
+// 1 / sqrt(D) rounded to fp32 once, from the double, as the reference's `x * (1.0 / sqrt(d))`.
+template <int D>
+__host__ __device__ constexpr float hadamard_scale() {
+  return static_cast<float>(D == 64 ? 0.125 : D == 128 ? 0.08838834764831843 : 0.0625);
+}
+
+// The orthonormal Walsh-Hadamard transform (Sylvester order, numerics.md §1.6) of a D-channel
+// row held by D / 8 consecutive lanes (a group aligned to D / 8), channels 8 * (lane % (D / 8))
+// + 0..7 in v: butterflies (a + b, a - b) over channel strides 1, 2, 4 in registers, 8 .. D / 2
+// with lane ^ (stride / 8), then one multiply by 1 / sqrt(D). The same fp32 operations in the
+// same order as reference.hadamard_rotate, so both round alike. Every lane of the warp calls it.
+template <int D>
+__device__ __forceinline__ void hadamard_row(float (&v)[8]) {
+  static_assert((D & (D - 1)) == 0 && D >= 64 && D <= 256, "power-of-two head dims 64..256");
+#pragma unroll
+  for (int h = 1; h < 8; h *= 2)
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (!(k & h)) {
+        const float a = v[k], b = v[k + h];
+        v[k] = __fadd_rn(a, b);
+        v[k + h] = __fsub_rn(a, b);
+      }
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 1; m < D / 8; m *= 2) {
+    const bool second = lane & m;  // this lane holds b of the pair (a, b)
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[k], m);
+      v[k] = second ? __fsub_rn(other, v[k]) : __fadd_rn(v[k], other);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) v[k] = __fmul_rn(v[k], hadamard_scale<D>());
+}
+
 // ---------------------------------------------------------------------------------------
 // Jobs. One kernel runs every kind of CTA; the CTA index picks the job (see Segment).
 
@@ -219,9 +257,19 @@ __device__ __forceinline__ void stats_job(const StatsParams& p, int which, int c
   if (threadIdx.x == 0) job.counter[bh] = 0;  // ready for the next call on this stream
 }
 
+// What a thread quantizes under kHadamard: x - m of its 8 channels, then the row's rotation
+// (the whole row's lanes take part).
+template <int D>
+__device__ __forceinline__ void rotated_centred8(const float (&x)[8], const float (&m)[8], float (&y)[8]) {
+#pragma unroll
+  for (int k = 0; k < 8; ++k) y[k] = __fsub_rn(x[k], m[k]);
+  hadamard_row<D>(y);
+}
+
 // Thread -> (row phase, 8-channel vector): rows r = rsub + s * rows_per_pass. A row is D / 8
-// consecutive lanes, reduced with shuffles.
-template <class T, int D>
+// consecutive lanes, reduced with shuffles. kHadamard rotates each row after smoothing in both
+// passes (recomputing is cheaper than keeping the rotated rows) and each q-bar.
+template <class T, int D, bool kHadamard>
 __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, int d, int int4, uint8_t* smem) {
   constexpr int kVecs = D / 8, kRowsPerPass = kThreads / kVecs;
   const int R = j.block_rows, row0 = blk * R, rows_real = max(0, min(R, j.n - row0));
@@ -261,7 +309,7 @@ __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, 
     __syncthreads();
   }
 
-  // Row absmax of x - mean (and x . dot_vec of the raw row).
+  // Row absmax of x - mean, rotated with kHadamard (and x . dot_vec of the raw row).
   const int c = (threadIdx.x % kVecs) * 8, rsub = threadIdx.x / kVecs, passes = R / kRowsPerPass;
   for (int s = 0; s < passes; ++s) {
     const int r = rsub + s * kRowsPerPass;
@@ -269,8 +317,15 @@ __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, 
     read8(tile + r * D + c, x);
     read8(mean + (r >> shift) * D + c, m);
     float amax = 0.0f;
+    if constexpr (kHadamard) {
+      float y[8];
+      rotated_centred8<D>(x, m, y);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(__fsub_rn(x[k], m[k])));
+      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(y[k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(__fsub_rn(x[k], m[k])));
+    }
 #pragma unroll
     for (int off = kVecs / 2; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
     float dsum = 0.0f;
@@ -301,14 +356,33 @@ __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t blocks_per_head = j.n_pad >> j.mean_shift;
     for (int b = warp; b < mean_blocks; b += kThreads / 32) {
-      float amax = 0.0f;
-      for (int ch = lane; ch < D; ch += 32) amax = fmaxf(amax, fabsf(mean[b * D + ch]));
-      for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-      const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kInt8Max);
-      const int64_t gb = bh * blocks_per_head + static_cast<int64_t>(blk) * mean_blocks + b;
-      for (int ch = lane; ch < D; ch += 32)
-        j.qbar[gb * D + ch] = static_cast<int8_t>(sa2::quant::quantize_int(mean[b * D + ch], g.inv));
-      if (lane == 0) j.qbar_scale[gb] = g.scale;
+      if constexpr (kHadamard) {
+        // The rows' lane layout: every D / 8 lanes hold one copy of the rotated q-bar.
+        float v[8];
+        read8(mean + b * D + c, v);
+        hadamard_row<D>(v);
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[k]));
+#pragma unroll
+        for (int off = kVecs / 2; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kInt8Max);
+        const int64_t gb = bh * blocks_per_head + static_cast<int64_t>(blk) * mean_blocks + b;
+        const auto code = [&](int k) { return sa2::quant::quantize_int(v[k], g.inv); };
+        if (lane < kVecs)
+          store_8bytes(j.qbar + gb * D + c, pack_int8x4(code(0), code(1), code(2), code(3)),
+                       pack_int8x4(code(4), code(5), code(6), code(7)));
+        if (lane == 0) j.qbar_scale[gb] = g.scale;
+      } else {
+        float amax = 0.0f;
+        for (int ch = lane; ch < D; ch += 32) amax = fmaxf(amax, fabsf(mean[b * D + ch]));
+        for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const GroupScale g = sa2::quant::group_scale(amax, sa2::quant::kInt8Max);
+        const int64_t gb = bh * blocks_per_head + static_cast<int64_t>(blk) * mean_blocks + b;
+        for (int ch = lane; ch < D; ch += 32)
+          j.qbar[gb * D + ch] = static_cast<int8_t>(sa2::quant::quantize_int(mean[b * D + ch], g.inv));
+        if (lane == 0) j.qbar_scale[gb] = g.scale;
+      }
     }
   }
   __syncthreads();
@@ -324,8 +398,15 @@ __device__ __forceinline__ void rows_job(const RowsJob& j, int64_t bh, int blk, 
     read8(tile + r * D + c, x);
     read8(mean + (r >> shift) * D + c, m);
     int q[8];
+    if constexpr (kHadamard) {
+      float y[8];
+      rotated_centred8<D>(x, m, y);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) q[k] = sa2::quant::quantize_int(__fsub_rn(x[k], m[k]), inv);
+      for (int k = 0; k < 8; ++k) q[k] = sa2::quant::quantize_int(y[k], inv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) q[k] = sa2::quant::quantize_int(__fsub_rn(x[k], m[k]), inv);
+    }
     if (int4) {
       uint32_t w = 0;
 #pragma unroll
@@ -435,8 +516,8 @@ __host__ __device__ constexpr int min_ctas_per_sm() {
 }
 
 // kKinds: bit mask of the segment kinds this instantiation runs (each kind's registers only
-// where a launch needs it).
-template <class T, int D, int kKinds>
+// where a launch needs it). kHadamard: Q and K rows rotated before quantization (§1.6).
+template <class T, int D, int kKinds, bool kHadamard>
 __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quantize_qkv_kernel(const QuantizeParams p) {
   extern __shared__ __align__(16) uint8_t smem[];
   int64_t cta = blockIdx.x;
@@ -452,13 +533,13 @@ __global__ void __launch_bounds__(kThreads, min_ctas_per_sm<D, kKinds>()) quanti
       stats_job<T, D>(p.stats, static_cast<int>(rest % p.stats.jobs), chunk, rest / p.stats.jobs, p.d, smem);
     } else if ((kKinds & (1 << kQ)) && seg.kind == kQ) {
       const RowsJob& q = p.rows[0];
-      rows_job<T, D>(q, cta / q.blocks_per_head, static_cast<int>(cta % q.blocks_per_head), p.d, p.int4, smem);
+      rows_job<T, D, kHadamard>(q, cta / q.blocks_per_head, static_cast<int>(cta % q.blocks_per_head), p.d, p.int4, smem);
     } else if (kKinds & (1 << kKV)) {
       const int k_blocks = p.rows[1].blocks_per_head, per_head = k_blocks + p.v.tiles_per_head;
       const int64_t bh = p.kv_heads - 1 - cta / per_head;
       const int w = static_cast<int>(cta % per_head);
       if (w < k_blocks) {
-        rows_job<T, D>(p.rows[1], bh, w, p.d, p.int4, smem);
+        rows_job<T, D, kHadamard>(p.rows[1], bh, w, p.d, p.int4, smem);
       } else {
         v_job<T, D>(p.v, bh, w - k_blocks, p.d, smem);
       }
