@@ -11,6 +11,7 @@ a good call of the same shapes.
 """
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from host_stubs import stub_device  # noqa: E402
 
 import sageattn2  # noqa: E402
 from sageattn2 import abi, api, autotune, dispatch  # noqa: E402
-from sageattn2.backends import calls  # noqa: E402
+from sageattn2.backends import calls, mma  # noqa: E402
 
 FAMILIES = {"wgmma": (9, 0), "mma": (8, 9)}
 
@@ -215,6 +216,35 @@ def test_concurrent_threads_launch_their_own_pointers(monkeypatch):
                 assert launch.struct(abi.WgmmaAttnParams).p.out in {o.data_ptr() for o in results}
             seen += 1
         assert seen == len(inputs) * 5 * 3
+
+
+def test_threads_meeting_a_new_stream_share_one_live_counter_set(monkeypatch):
+    """The ticket counters of a stream are made on its first call; threads arriving together
+    (a slow allocation lets them meet there) must all launch with a set that stays alive."""
+    zeros = torch.zeros
+
+    def slow_zeros(*a, **kw):
+        time.sleep(0.01)
+        return zeros(*a, **kw)
+
+    with stub_device(monkeypatch, (9, 0), stream=0x7700, record=True) as dk:
+        inputs = [qkv(seed=40 + i) for i in range(4)]
+        monkeypatch.setattr(torch, "zeros", slow_zeros)
+        start = threading.Barrier(len(inputs))
+
+        def worker(i):
+            start.wait()
+            sageattn2.sageattn(*inputs[i], precision="int8+fp8")
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        used = {l.struct(abi.QuantizeParams).stats.job[0].counter for name, l in Device(dk).launches()
+                if name.startswith("quant")}
+        alive = {t.data_ptr() for t in list(mma._counter_sets.values()) + mma._retired_counters}
+        assert len(used) >= 1 and used <= alive
 
 
 @pytest.mark.parametrize("bad, error", [

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -147,17 +148,23 @@ _counter_sets: dict = {}  # (device index, stream) -> int32 tickets, zero betwee
 _retired_counters: list = []
 
 
+_counters_lock = threading.Lock()
+
+
 def _counters(device, stream: int, slots: int) -> int:
     """Ticket counters for the statistics' last-CTA finalize: one zeroed set per stream (the
-    kernel leaves them zero), so calls on different streams never share one."""
+    kernel leaves them zero), so calls on different streams never share one. Under a lock: two
+    threads meeting a stream together must not each make a set and drop the other's, whose
+    address a plan may already hold."""
     key = (device.index, stream)
-    t = _counter_sets.get(key)
-    if t is None or t.numel() < slots:
-        if t is not None:
-            _retired_counters.append(t)  # plans keep its address: never freed
-        t = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
-        _counter_sets[key] = t
-    return t.data_ptr()
+    with _counters_lock:
+        t = _counter_sets.get(key)
+        if t is None or t.numel() < slots:
+            if t is not None:
+                _retired_counters.append(t)  # plans keep its address: never freed
+            t = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
+            _counter_sets[key] = t
+        return t.data_ptr()
 
 
 _KIND_STATS, _KIND_Q, _KIND_KV = 0, 1, 2
