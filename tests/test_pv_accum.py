@@ -113,8 +113,7 @@ def test_int8_fp8_fp16_accumulation_within_budget_on_baseline_data():
     m32, m16 = error_metrics(acc32, ex), error_metrics(acc16, ex)
     print("int8+fp8 fp32 acc", m32, "fp16 acc", m16)
     assert m16["cos"] >= 0.9992 and m16["rel_l1"] <= 0.039, m16
-    # Over fresh data (6 seeds) the ratio ran 0.98-1.016: 1.03 holds with margin and still fails a
-    # broken fp16 rounding (an unscaled P accumulated in fp16 loses whole bits, rel L1 x1.5 and more).
+    # Over fresh data (6 seeds) the ratio ran 0.98-1.016, so 1.03 leaves room for sampling spread.
     assert m16["rel_l1"] <= 1.03 * m32["rel_l1"], (m16, m32)
     assert not torch.equal(acc16, acc32)  # the fp16 rounding is really applied
 
@@ -150,8 +149,7 @@ def test_int4_fp8_fp16_accumulation_error_is_known():
     m32 = error_metrics(reference_attention(q, k, v, cfg)[0], ex)
     m16 = error_metrics(reference_attention(q, k, v, cfg.with_(pv_accum="fp16"))[0], ex)
     print("int4+fp8 fp32 acc", m32, "fp16 acc", m16)
-    # Over fresh data (6 seeds) the ratio ran 0.98-1.016: 1.03 holds with margin and still fails a
-    # broken fp16 rounding (an unscaled P accumulated in fp16 loses whole bits, rel L1 x1.5 and more).
+    # Over fresh data (6 seeds) the ratio ran 0.98-1.016, so 1.03 leaves room for sampling spread.
     assert m16["rel_l1"] <= 1.03 * m32["rel_l1"], (m16, m32)
 
 
