@@ -74,8 +74,8 @@ class GroupRule(ctypes.Structure):
 
 
 class StatsJob(ctypes.Structure):
-    _fields_ = [("x", StridedInput), ("fp8_max", ctypes.c_float), ("partial", _p), ("mean", _p), ("fp8_scale", _p), ("fp8_inv", _p),
-                ("counter", _p), ("vec", _i32)]
+    _fields_ = [("x", StridedInput), ("fp8_max", ctypes.c_float), ("mean_grid_bits", _i32), ("partial", _p), ("mean", _p),
+                ("fp8_scale", _p), ("fp8_inv", _p), ("counter", _p), ("vec", _i32)]
 
 
 class StatsParams(ctypes.Structure):

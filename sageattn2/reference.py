@@ -93,7 +93,7 @@ class QuantV:
 
     FP8 PV: `values` are E4M3-representable, `scale` (B, Hkv, D) the per-channel dequant
     scale. FP16 PV: `values` are V - vbar rounded to the input dtype, `scale` is ones.
-    `vbar`: float32 (B, Hkv, D) channel mean (zeros without V smoothing)."""
+    `vbar`: float32 (B, Hkv, D) channel mean on V's grid (zeros without V smoothing)."""
 
     values: Tensor
     scale: Tensor
@@ -290,6 +290,17 @@ def _channel_mean(x_pad: Tensor, n: int) -> Tensor:
     return x_pad[:, :, :n].mean(dim=2)
 
 
+def mean_on_input_grid(mean: Tensor, amax: Tensor, dtype: torch.dtype) -> Tensor:
+    """`mean` rounded (half to even) to a multiple of `dtype`'s spacing at `amax`, the largest
+    |x| of its channel (numerics.md §1.5): every x of that dtype with |x| <= amax is a multiple
+    of it, so x - mean needs no rounding unless it grows into a higher binade. An all-zero
+    channel keeps its mean (0)."""
+    _, exponent = torch.frexp(amax)  # amax = m * 2^exponent, m in [0.5, 1)
+    spacing = torch.ldexp(torch.full_like(amax, torch.finfo(dtype).eps), exponent - 1)  # eps = 2^-mantissa bits
+    rounded = torch.round(mean / spacing) * spacing
+    return torch.where((amax > 0) & torch.isfinite(amax), rounded, mean)
+
+
 def _block_means(x_pad: Tensor, n: int, rows_per_block: int) -> Tensor:
     """Per-block channel means of the real rows (a partial last block averages only its real
     rows; a block with none is zero) -> (B, H, n_blocks, D)."""
@@ -332,9 +343,10 @@ def quantize_q(q: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> Qua
     return QuantQ(values, scale, qbar, qbar_values, qbar_scale)
 
 
-def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool):
+def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool, mean_on_grid: bool = False):
     """K or V in HND fp32, padded to whole key tiles and to D, minus its per-channel mean
-    over the real keys when `smooth` (padding stays zero). Returns (x, mean, n, n_pad, tile)."""
+    over the real keys when `smooth` (padding stays zero), that mean taken on t's grid
+    (`mean_on_input_grid`) when `mean_on_grid`. Returns (x, mean, n, n_pad, tile)."""
     th = _to_hnd(t, tensor_layout)
     n = th.shape[2]
     d_pad, tile = _geometry(th, cfg)
@@ -342,6 +354,8 @@ def _keys_fp32(t: Tensor, cfg: AttnConfig, tensor_layout: str, smooth: bool):
     x = _padded_fp32(th, n_pad, d_pad)
     if smooth:
         mean = _channel_mean(x, n)
+        if mean_on_grid:
+            mean = mean_on_input_grid(mean, x.abs().amax(dim=2), t.dtype)
         x = torch.where(_real_rows(n, n_pad, t.device), x - mean[:, :, None], 0.0)
     else:
         mean = x.new_zeros((*x.shape[:2], d_pad))
@@ -365,8 +379,8 @@ def _e4m3(x: Tensor) -> Tensor:
 
 
 def quantize_v(v: Tensor, cfg: AttnConfig, *, tensor_layout: str = "HND") -> QuantV:
-    """V (minus its mean when smooth_v) as the PV matmul consumes it."""
-    x, vbar, n, n_pad, tile = _keys_fp32(v, cfg, tensor_layout, cfg.smooth_v)
+    """V (minus its mean on V's grid when smooth_v) as the PV matmul consumes it."""
+    x, vbar, n, n_pad, tile = _keys_fp32(v, cfg, tensor_layout, cfg.smooth_v, mean_on_grid=True)
 
     if cfg.pv_dtype is PVDType.FP16:
         return QuantV(x.to(v.dtype).to(torch.float32), torch.ones_like(vbar), vbar)

@@ -124,7 +124,7 @@ class Quantized:
                   every 16; 16-bit PV: V as (B, Hkv, Nk, d or D) in the input dtype, possibly a
                   strided view of the caller's tensor
     v_scale       float32 (B, Hkv, D) FP8 dequant scale, or None
-    vbar          float32 (B, Hkv, D) V mean (V smoothing), or None
+    vbar          float32 (B, Hkv, D) V mean on V's grid (V smoothing), or None
     """
 
     tile: TileShape
@@ -280,6 +280,8 @@ class _QkvPlan:
             sp.job[i].x.stride_b, sp.job[i].x.stride_h, sp.job[i].x.stride_n = src.stride()[:3]
             if which == "v" and self.fp8:
                 sp.job[i].fp8_max = cfg.v_fp8_max  # 448, or 2 for an fp16 P.V accumulator
+            if which == "v" and cfg.smooth_v:  # vbar on V's grid (reference.mean_on_input_grid)
+                sp.job[i].mean_grid_bits = -round(math.log2(torch.finfo(v_h.dtype).eps))  # 7 bf16, 10 fp16
 
         q_seg = (_KIND_Q, b * hq * p.rows[0].blocks_per_head)
         kv_seg = (_KIND_KV, slots * (p.rows[1].blocks_per_head + p.v.tiles_per_head))

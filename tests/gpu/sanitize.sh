@@ -21,9 +21,11 @@ read -r -a tools <<< "${TOOLS:-memcheck racecheck initcheck synccheck}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1
 
+tree=$(git rev-parse --short HEAD 2>/dev/null) || tree="unknown (no git)"
+[[ $tree == unknown* ]] || git diff --quiet HEAD 2>/dev/null || tree="$tree + uncommitted changes"
 echo "compute-sanitizer $(compute-sanitizer --version | grep -oE '[0-9]{4}\.[0-9.]+' | head -1)" \
   "on $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)," \
-  "torch $(python3 -c 'import torch; print(torch.__version__)'), tree $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo +changes)," \
+  "torch $(python3 -c 'import torch; print(torch.__version__)'), tree $tree," \
   "time limit ${LIMIT} s per tool, tools side by side" > "$OUT/sanitize_header.txt"
 
 run_tool() {

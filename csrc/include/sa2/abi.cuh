@@ -116,6 +116,7 @@ struct GroupRule {
 struct StatsJob {
   StridedInput x;
   float fp8_max;      // with fp8_scale: largest |V_hat|, 448 or 2 (fp16 P.V accumulator, numerics.md §1.5)
+  int mean_grid_bits;  // > 0: the mean is taken on the input's grid of this many mantissa bits (V: 7 bf16, 10 fp16)
   float* partial;     // (B, H, chunks, 3, D)
   float* mean;        // (B, H, D) or null
   float* fp8_scale;   // (B, H, D) or null: max|x - mean| / fp8_max (mean = 0 if `mean` is null)

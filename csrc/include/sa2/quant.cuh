@@ -34,6 +34,17 @@ __device__ __forceinline__ int quantize_int(float x, float inv) {
   return static_cast<int>(roundf(__fmul_rn(x, inv)));
 }
 
+// A channel mean on the input's grid (numerics.md §1.5): rounded, half to even, to a multiple
+// of the input dtype's spacing at amax = max|x| of the channel (`mantissa_bits` 7 for bf16, 10
+// for fp16). Every x of the channel is then a multiple of a finer or equal spacing, so x - mean
+// needs no rounding back to that dtype unless it grows into a higher binade. A mean below the
+// spacing becomes 0: subtracting it could only be rounded away, the same way for most keys.
+__device__ __forceinline__ float mean_on_grid(float mean, float amax, int mantissa_bits) {
+  if (!(amax > 0.0f && amax < INFINITY)) return mean;
+  const float spacing = ldexpf(1.0f, ilogbf(amax) - mantissa_bits);
+  return __fmul_rn(rintf(__fdiv_rn(mean, spacing)), spacing);
+}
+
 // Two signed 4-bit values in one byte: low nibble = even channel, high nibble = odd channel.
 __device__ __forceinline__ uint32_t pack_int4_pair(int even, int odd) {
   return (static_cast<uint32_t>(even) & 0xFu) | ((static_cast<uint32_t>(odd) & 0xFu) << 4);

@@ -244,7 +244,8 @@ __device__ __forceinline__ void stats_job(const StatsParams& p, int which, int c
     } else {
       hi = lo = 0.0f;  // padding channels are zero
     }
-    const float mean = job.mean && ch < d ? s / static_cast<float>(p.n) : 0.0f;
+    float mean = job.mean && ch < d ? s / static_cast<float>(p.n) : 0.0f;
+    if (job.mean_grid_bits > 0) mean = sa2::quant::mean_on_grid(mean, fmaxf(hi, -lo), job.mean_grid_bits);
     if (job.mean) job.mean[bh * D + ch] = mean;
     if (job.fp8_scale) {
       // max_t |x_t - mean| = max(max x - mean, mean - min x) exactly: rounding is monotone.
