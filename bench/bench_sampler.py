@@ -6,10 +6,13 @@
 Driver (the default): runs --processes fresh worker processes one after another; each worker
 runs every requested slice and writes JSON. The table gives, per slice and variant, the
 sampler's speed-up against stock in each process (median over that process's timed rounds),
-the forward-only speed-up measured in the same process (paired forwards through the node's
-wrappers, wall clock, same batch as the sampler's evaluations), their ratio (sampler / forward: 1.00 means the node
-loses nothing in a sampler that it did not lose in a forward), and for `auto` its verdict in
-each process and how many processes disagree with the majority.
+the forward-only speed-up measured in the same process (paired forwards through the same
+wrappers, the finite check read once at the end as in a sampling run, wall clock, same batch
+as the sampler's evaluations), their ratio (sampler / forward: 1.00 means the node loses
+nothing in a sampler that it did not lose in a forward), the evaluations' own speed-up inside
+the sampler (CUDA events around each, read after the run) and the run's rest (wall minus
+evaluations: ComfyUI's per-run work; the stock row splits out load_models_gpu and gc), and for
+`auto` its verdict in each process and how many processes disagree with the majority.
 
 What a timing covers: one whole `comfy.sample.sample` call (model already on the GPU:
 preparing conds, the sampler loop, every model evaluation, the node's wrappers), wall clock
@@ -23,6 +26,7 @@ verdict; its first run is reported apart ("first (deciding) run" against a warm 
                     trace each, and a summary table (wall, GPU busy, GPU->host reads)
     --host-cost     no GPU, no ComfyUI: host µs per model evaluation and per attention call
                     of the node's path with a fake kernel, against the stock path (CPU)
+    --budget S      start no process that would end past S seconds (judged by the last one)
 """
 from __future__ import annotations
 
@@ -316,6 +320,7 @@ def run_slice(name: str, args, device, clock: RunClock) -> dict:
     import comfy.model_patcher
     import comfy.sample
     from sageattn2_pack.nodes import override as ov
+    from sageattn2_pack.nodes.finite import FiniteCheck
     from sageattn2_pack.nodes.levels import cost_order
 
     on_gpu = device.type == "cuda"
@@ -387,7 +392,14 @@ def run_slice(name: str, args, device, clock: RunClock) -> dict:
                 "split": split_medians(runs[v])}
         if v in forward_levels:
             fn = bench_e2e.forward_fn(model, fkw, extra_options=bench_e2e.sampler_options(models[v]))
-            cell["forward"] = paired_forwards(stock_fn, fn, iters, sync, warmups=1)
+            # As inside a sampling run: the outputs' finite check is read once at the end, not
+            # after every forward (which would stop the host running ahead of the GPU).
+            states[v].run_check = FiniteCheck()
+            try:
+                cell["forward"] = paired_forwards(stock_fn, fn, iters, sync, warmups=1)
+                cell["forward_finite"] = states[v].run_check.finite()
+            finally:
+                states[v].run_check = None
         if v == "auto":
             verdicts = sorted(k[1] for k, n in states[v].stats.items()
                               if isinstance(k, tuple) and k[0] == "auto model" and n)

@@ -13,10 +13,10 @@ stock until the samples say Sage Attention is faster: measuring costs only the t
 
 Deciding, per signature, sequentially (`assess`): after MIN_SAMPLES samples per side it stops
 if every sample of one side beats every sample of the other by CLEAR of a stock call (more
-than noise or two timing modes a few percent apart could show); else
-after SAMPLES, if two estimates of the saving (difference of the medians, robust to noise;
-of the minima, which hiccups, only ever adding time, cannot move) agree in sign; else (bimodal
-or noisy timings) after WINDOW. Its saving per call is the smaller estimate. Per evaluation,
+than noise or two timing modes a few percent apart could show); else after SAMPLES, if two
+estimates of the saving (difference of the medians, robust to noise; of the minima, which
+hiccups, only ever adding time, cannot move) agree in sign; else (bimodal or noisy timings)
+after WINDOW. Its saving per call is the smaller estimate. Per evaluation,
 the predicted saving = sum over signatures that save of (calls per evaluation x saving). Sage
 Attention runs (on those signatures) only if the prediction is at least ENTER of the
 evaluation's time (CUDA events around whole evaluations; a prediction under twice that first

@@ -39,6 +39,7 @@ def test_worker_produces_what_the_driver_aggregates(monkeypatch, tmp_path):
         assert set(r["variants"]) == {"int8+fp16", "auto"} and r["stock_ms"] > 0
         for cell in r["variants"].values():
             assert cell["sampler"] > 0 and cell["forward"] > 0 and cell["evaluations"] > 0
+            assert cell["forward_finite"] is True  # forward-only checked once at its end, as in a run
             # Every evaluation of the run was timed (cond and uncond batched: one per step).
             split = cell["split"]
             assert split["count"] == 2 and 0 < split["evaluations"] < split["wall"]
