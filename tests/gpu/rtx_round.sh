@@ -30,6 +30,8 @@ exec > >(tee -a "$OUT/rtx_round.log") 2>&1
 T0=$(date +%s)
 BUDGET=${RTX_BUDGET_S:-540}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# A timeout of at most $1 seconds that ends before the budget does (never below 10 s).
+cap() { local l; l=$(left); l=$(( l < $1 ? l : $1 )); echo $(( l < 10 ? 10 : l )); }
 # Kernel switches to A/B (name:flags, flags comma-separated; the -D guards in attn_mma.cuh).
 MMA_VARIANTS=${MMA_VARIANTS-"eager_rescale:-DSA2_MMA_EAGER_RESCALE=1 d64_3ctas:-DSA2_MMA_MIN_CTAS_D64=3 three_barriers:-DSA2_MMA_ONE_BARRIER=0"}
 AB_SHAPES=${AB_SHAPES:-1x24x8192x128,1x24x16384x64,1x32x8192x128c}
@@ -74,7 +76,7 @@ if has test; then
   echo "== mma GPU suite"
   export SA2_TEST_LOG=$RAW/metrics.jsonl
   rm -f "$SA2_TEST_LOG"
-  timeout $(( $(left) > 420 ? 420 : $(left) )) python3 -m pytest tests/gpu/test_mma_kernels.py -q -rfEs --maxfail=60 -p no:cacheprovider \
+  timeout "$(cap 420)" python3 -m pytest tests/gpu/test_mma_kernels.py -q -rfEs --maxfail=60 -p no:cacheprovider \
     > "$OUT/pytest.txt" 2>&1 || failed+=(test)
   tail -60 "$OUT/pytest.txt"
   python3 - <<'PY'
@@ -98,23 +100,23 @@ fi
 if has bench; then
   echo "== bench (whole calls; ours vs thu-ml sm80, same run)"
   SHAPES=1x24x4096x128,1x24x8192x128,1x24x16384x128,1x40x32760x128,1x24x8192x64,1x24x16384x64,1x32x8192x128c
-  timeout $(( $(left) > 300 ? 300 : $(left) )) python3 bench/bench_attention.py --shapes "$SHAPES" \
+  timeout "$(cap 300)" python3 bench/bench_attention.py --shapes "$SHAPES" \
     --out "$OUT/bench_bf16.md" > "$RAW/bench_bf16.log" 2>&1 || failed+=(bench)
   cat "$OUT/bench_bf16.md"
-  if [ -n "$MMA_VARIANTS" ] && [ "$(left)" -gt 200 ]; then
+  if [ -n "$MMA_VARIANTS" ] && [ "$(left)" -gt 110 ]; then
     echo "== A/B of kernel switches (whole calls, bf16; thu-ml re-timed in every process)"
-    python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" --header > "$OUT/mma_ab.md" 2> "$RAW/ab_base.log"
+    timeout 60 python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" --header > "$OUT/mma_ab.md" 2> "$RAW/ab_base.log"
     for v in $MMA_VARIANTS; do
-      [ "$(left)" -gt 150 ] || { echo "A/B: ${v%%:*} skipped (time)"; continue; }
-      SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" timeout 90 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
+      [ "$(left)" -gt 60 ] || { echo "A/B: ${v%%:*} skipped (time)"; continue; }
+      SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" timeout 60 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
         --shapes "$AB_SHAPES" >> "$OUT/mma_ab.md" 2> "$RAW/ab_${v%%:*}.log" || echo "A/B: ${v%%:*} FAILED"
     done
-    python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" >> "$OUT/mma_ab.md" 2>> "$RAW/ab_base.log"
+    [ "$(left)" -gt 40 ] && timeout 40 python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" >> "$OUT/mma_ab.md" 2>> "$RAW/ab_base.log"
     cat "$OUT/mma_ab.md"
   else
     echo "A/B skipped ($(left) s left)"
   fi
-  if [ "$(left)" -gt 170 ]; then
+  if [ "$(left)" -gt 200 ]; then
     timeout 90 python3 bench/bench_attention.py --dtype fp16 --shapes 1x24x8192x128,1x24x8192x64 \
       --out "$OUT/bench_fp16.md" > "$RAW/bench_fp16.log" 2>&1 || failed+=(bench_fp16)
     cat "$OUT/bench_fp16.md"
@@ -146,7 +148,7 @@ PY
   for who in ours thuml; do
     [ "$(left)" -gt 40 ] || { echo "ncu $who skipped ($(left) s left)"; continue; }
     kernel=$([ $who = ours ] && echo "regex:attn_mma_kernel" || echo "regex:qk_int_sv_f16_attn_kernel")
-    timeout $(( $(left) > 150 ? 150 : $(left) - 10 )) ncu $SECTIONS -k "$kernel" --launch-skip 2 --launch-count 1 \
+    timeout "$(cap 150)" ncu $SECTIONS -k "$kernel" --launch-skip 2 --launch-count 1 \
       -o "$RAW/ncu_$who" -f python3 /tmp/rtx_ncu_case.py $who > "$RAW/ncu_$who.log" 2>&1 || failed+=(ncu_$who)
     ncu -i "$RAW/ncu_$who.ncu-rep" --page details --print-units base > "$RAW/ncu_$who.txt" 2>&1
     grep -E "Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc Active|No Eligible|Warp Cycles Per Issued|Block Limit (Registers|Shared Mem)|Dynamic Shared|Stall" "$RAW/ncu_$who.txt" | sed "s/^/$who: /"
