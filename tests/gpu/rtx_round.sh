@@ -35,6 +35,8 @@ cap() { local l; l=$(left); l=$(( l < $1 ? l : $1 )); echo $(( l < 10 ? 10 : l )
 # Kernel switches to A/B (name:flags, flags comma-separated; the -D guards in attn_mma.cuh).
 MMA_VARIANTS=${MMA_VARIANTS-"eager_rescale:-DSA2_MMA_EAGER_RESCALE=1 d64_3ctas:-DSA2_MMA_MIN_CTAS_D64=3 three_barriers:-DSA2_MMA_ONE_BARRIER=0"}
 AB_SHAPES=${AB_SHAPES:-1x24x8192x128,1x24x16384x64,1x32x8192x128c}
+# A variant builds into its own kernel cache (the default one stays the product build).
+in_variant() { local v=$1; shift; SAGEATTN2_CACHE_DIR=/tmp/sa2_ab/${v%%:*} SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" "$@"; }
 pack() { tar czf "$OUT/rtx_raw.tgz" -C "$OUT" raw && rm -rf "$RAW"; }
 export PYTHONUNBUFFERED=1 SAGEATTN2_COMMIT=${SAGEATTN2_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 THUML=.thirdparty/SageAttention
@@ -52,20 +54,21 @@ if has build; then
   start=$(date +%s)
   [ -d "$THUML/csrc" ] || { echo "FAILED: $THUML not carried"; exit 1; }
   (THUML_EXTS="fused sm80" MAX_JOBS=8 bash tests/gpu/build_thuml.sh "$THUML" > "$RAW/build_thuml.log" 2>&1; echo $? > "$RAW/build_thuml.rc") &
-  thuml_pid=$!
+  pids=($!)
   python3 install.py --all --no-selfcheck -j 8 > "$RAW/build.log" 2>&1 || { tail -30 "$RAW/build.log"; failed+=(build); }
   echo "ours built in $(( $(date +%s) - start )) s"
   # The A/B variants' kernels compile on first use: do it now, beside thu-ml's build.
   for v in $MMA_VARIANTS; do
-    SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" timeout 200 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
+    in_variant "$v" timeout 200 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
       --shapes 1x1x128x128,1x1x128x64 --warm > "$RAW/ab_warm_${v%%:*}.log" 2>&1 &
+    pids+=($!)
   done
   rm -rf /tmp/rtx_cubins && python3 -m sageattn2.build extract /tmp/rtx_cubins > /dev/null
   for f in /tmp/rtx_cubins/*/mma-*.cubin; do
     cuobjdump --dump-resource-usage "$f" 2>/dev/null | grep -m1 -o "REG:[0-9]*.*" | sed "s|^|$(basename "$(dirname "$f")")/$(basename "$f" .cubin) |"
   done | tee "$OUT/resources.txt"
   [ -s "$OUT/resources.txt" ] || { echo "FAILED: no mma cubin in the cache"; failed+=(build); }
-  wait
+  wait "${pids[@]}"
   echo "thu-ml built in $(( $(date +%s) - start )) s, rc $(cat "$RAW/build_thuml.rc")"
   tail -4 "$RAW/build_thuml.log"
   [ "$(cat "$RAW/build_thuml.rc")" = 0 ] || failed+=(build_thuml)
@@ -108,7 +111,7 @@ if has bench; then
     timeout 60 python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" --header > "$OUT/mma_ab.md" 2> "$RAW/ab_base.log"
     for v in $MMA_VARIANTS; do
       [ "$(left)" -gt 60 ] || { echo "A/B: ${v%%:*} skipped (time)"; continue; }
-      SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" timeout 60 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
+      in_variant "$v" timeout 60 python3 tests/gpu/mma_ab.py --name "${v%%:*}" \
         --shapes "$AB_SHAPES" >> "$OUT/mma_ab.md" 2> "$RAW/ab_${v%%:*}.log" || echo "A/B: ${v%%:*} FAILED"
     done
     [ "$(left)" -gt 40 ] && timeout 40 python3 tests/gpu/mma_ab.py --name base --shapes "$AB_SHAPES" >> "$OUT/mma_ab.md" 2>> "$RAW/ab_base.log"
