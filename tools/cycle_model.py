@@ -423,7 +423,7 @@ def fit_rtx(rows: list[dict]) -> tuple[dict, list[str]]:
         lines.append(f"| {card_name} | {level} | {parts['bound']:.0f} ({parts['bound_by']}, sm_{r['arch']} SASS) | "
                      f"{ideal:.0f} | {published:.0f} | {published / ideal:.2f} |")
     lines += ["", "Predictions use the efficiency of the same card and level where thu-ml publishes one, else "
-              "the mean of the GeForce fits (RTX 3090, 16-bit PV, INT4) or the H100 fit (H100).", ""]
+              "the mean of the GeForce fits (RTX 3090, 16-bit PV, INT4); H100 rows use the serial model.", ""]
     return eff, lines
 
 
