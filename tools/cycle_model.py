@@ -23,10 +23,13 @@ special-function units), for one warp's tile:
     issue   = every instruction, 1 per clock
     smem    = shared-memory bytes read and written (ldmatrix, LDS, STS, cp.async) / (128 B / 4)
 A sub-partition with enough warps overlaps them, so a tile costs max(tensor, mufu, issue, smem)
-("bound"); with no overlap it would cost the sum. Tensor time is only partly hidden by the
-issue of the other instructions, so the prediction is bound / efficiency, with the efficiency
-fitted once on H100, where both our kernel and thu-ml's sm80 kernel run natively and were timed
-side by side (rtx-anchors.md). TOPS = 4 * 32 rows * 64 keys * D per warp-tile.
+("bound"); with no overlap it costs tensor + mufu + the other instructions ("serial", the
+"no-overlap" column). On H100, where our kernels and thu-ml's sm80 kernel run natively and were
+timed side by side (MEASURED_H100), the serial model fits all six timings within ~10 % with no
+constant, the bound model only with an efficiency of ~0.5 and a larger spread: H100 rows are
+predicted with the serial model. The GeForce rows use bound / efficiency, fitted to thu-ml's
+published RTX 4090 / 5090 numbers, where its fp32-accumulating kernels sit at ~0.98 of their
+tensor bound. TOPS = 4 * 32 rows * 64 keys * D per warp-tile.
 """
 from __future__ import annotations
 
@@ -264,23 +267,23 @@ def nvcc(args: list[str]) -> None:
 
 
 def build(archs: list[int], thuml: Path | None, jobs_in_parallel: int = 2, ours: bool = True,
-          baseline_rev: str | None = None) -> None:
+          revisions: tuple[str, ...] = ()) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     jobs = []
-    if baseline_rev and 90 in archs:
-        # Our kernel at the revision whose H100 speed was measured (rtx-anchors.md), for the fit.
-        inc = WORK / "baseline_inc" / "sa2"
-        inc.mkdir(parents=True, exist_ok=True)
-        for f in ("attn_mma.cuh", "mma.cuh", "softmax.cuh", "quant.cuh", "common.cuh"):
-            text = subprocess.run(["git", "show", f"{baseline_rev}:csrc/include/sa2/{f}"], cwd=ROOT, check=True,
-                                  capture_output=True, text=True).stdout
-            (inc / f).write_text(text)
-        src = WORK / "baseline_sm90.cu"
+    for rev in revisions if 90 in archs else ():
+        # Our kernel at a revision whose H100 speed was measured (MEASURED_H100), for the fit.
+        tree = WORK / f"rev_{rev}"
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", rev, "csrc/include"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(["tar", "x", "-C", str(tree)], input=archive.stdout, check=True)
+        header = (tree / "csrc/include/sa2/attn_mma.cuh").read_text()
+        params = "MmaAttnParams" if "attn_mma_kernel(const MmaAttnParams" in header else "AttnMmaArgs"
+        src = WORK / f"rev{rev}_sm90.cu"
         src.write_text('#include "sa2/attn_mma.cuh"\nnamespace sa2 {\n' + "".join(
             f"template __global__ void attn_mma_kernel<AttnMmaTraits<{d}, QKType::kInt8, PVType::kFp16>>"
-            "(const AttnMmaArgs);\n" for d in (64, 128)) + "}\n")
-        jobs.append(("baseline_sm90", ["-DSA2_ARCH=90", "-DSA2_HAS_FP8_MMA=1", "-DSA2_FAMILY_WGMMA=0",
-                                        f"-I{inc.parent}", str(src)], 90))
+            f"(const {params});\n" for d in (64, 128)) + "}\n")
+        jobs.append((f"rev{rev}_sm90", ["-DSA2_ARCH=90", "-DSA2_HAS_FP8_MMA=1", "-DSA2_FAMILY_WGMMA=0",
+                                        f"-I{tree / 'csrc/include'}", str(src)], 90))
     for arch in archs if ours else ():
         src = WORK / f"ours_sm{arch}.cu"
         src.write_text(ours_source(arch))
@@ -336,7 +339,7 @@ def smem_bytes_ours(d: int, qk_bytes: int, fp8: bool, smooth_q: bool) -> int:
     smoothing, kQbarOffset without)."""
     q = 128 * qk_bytes
     k = 2 * 64 * qk_bytes
-    v = (2 * d * 64) if fp8 else 64 * 2 * d
+    v = (2 * d * 64) if fp8 else (2 if d <= 64 else 1) * 64 * 2 * d  # kVStages
     return q + k + v + ((4 * d + 4 * 64 * 4) if smooth_q else 0)
 
 
@@ -377,10 +380,10 @@ def load_kernels() -> list[dict]:
     slugs = {thuml_slug(level): level for level in THUML}
     for sass_path in sorted(WORK.glob("*.sass")):
         stem, arch = sass_path.stem.rsplit("_sm", 1)
-        who = "ours" if stem.startswith("ours") else "baseline" if stem.startswith("baseline") else "thu-ml"
+        who = "ours" if stem.startswith("ours") else stem[3:] if stem.startswith("rev") else "thu-ml"
         regs = registers(sass_path.with_suffix(".res").read_text())
         for name, ins in parse_functions(sass_path.read_text()).items():
-            if who in ("ours", "baseline"):
+            if who != "thu-ml":
                 tag = ours_level(name)
             else:
                 d = thuml_head_dim(name)
@@ -420,7 +423,7 @@ def fit_rtx(rows: list[dict]) -> tuple[dict, list[str]]:
         lines.append(f"| {card_name} | {level} | {parts['bound']:.0f} ({parts['bound_by']}, sm_{r['arch']} SASS) | "
                      f"{ideal:.0f} | {published:.0f} | {published / ideal:.2f} |")
     lines += ["", "Predictions use the efficiency of the same card and level where thu-ml publishes one, else "
-              "the mean of the GeForce fits (RTX 3090, 16-bit PV, INT4) or the H100 fit (H100).", ""]
+              "the mean of the GeForce fits (RTX 3090, 16-bit PV, INT4); H100 rows use the serial model.", ""]
     return eff, lines
 
 
@@ -430,14 +433,14 @@ def table(out: Path | None) -> str:
         sys.exit(f"no SASS under {WORK}: run `python tools/cycle_model.py build` first")
     h100_eff, fit = fit_efficiency(rows)
     rtx_eff, rtx_fit = fit_rtx(rows)
-    rtx_mean = sum(rtx_eff.values()) / len(rtx_eff) if rtx_eff else h100_eff
+    rtx_mean = sum(rtx_eff.values()) / len(rtx_eff) if rtx_eff else h100_eff["bound"]
     lines = fit + rtx_fit + ["| card | kernel | level | D | regs | warps/SM | instr/tile | MMA | MUFU | ldmatrix | spill ld/st | "
              "tensor / mufu / issue / smem clk | bound by | no-overlap clk | predicted TOPS |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for card in CARDS:
         for r in sorted(rows, key=lambda r: (r["d"], r["level"], r["who"], r["arch"] != card.arch)):
-            if r["who"] == "baseline":
+            if r["who"] not in ("ours", "thu-ml"):  # earlier revisions: only in the H100 fit
                 continue
             # A kernel without a build for this arch: its sm_89 SASS stands in (labelled; the MMA
             # counts are the same on every arch, the other counts within a few %).
@@ -461,8 +464,10 @@ def table(out: Path | None) -> str:
                     else thuml_smem(r["d"], fp8))
             warps = occupancy(card, r["regs"], smem)
             c = r["loop"]["counts"]
-            efficiency = h100_eff if card.arch == 90 else rtx_eff.get((card.name, r["level"]), rtx_mean)
-            tops = predict_tops(card, r["d"], parts["bound"] * (1 / efficiency))
+            if card.arch == 90:  # the serial model, which fits the H100 timings best
+                tops = predict_tops(card, r["d"], parts["sum"]) * h100_eff["serial"]
+            else:
+                tops = predict_tops(card, r["d"], parts["bound"]) * rtx_eff.get((card.name, r["level"]), rtx_mean)
             who = r["who"] if r["arch"] == card.arch else f"{r['who']} (sm_{r['arch']} SASS)"
             lines.append(
                 f"| {card.name} | {who} | {r['level']} | {r['d']} | {r['regs']} | {warps} | {c['instructions']} | "
@@ -481,35 +486,47 @@ def thuml_smem(d: int, fp8: bool) -> int:
     return 128 * d + 64 * d + (64 * d * (1 if fp8 else 2))
 
 
-# H100 whole calls, int8+fp16, TOPS (rtx-anchors.md, one run on 2026-12-07): our kernel at
-# BASELINE_REV and thu-ml's sm80 kernel; 1x40x32760x128 and 1x24x16384x64, where quantization
-# is a few % of the call.
-BASELINE_REV = "68b357c"
-MEASURED_H100 = {("baseline", 128): 326.0, ("baseline", 64): 212.0, ("thu-ml", 128): 460.0, ("thu-ml", 64): 358.0}
+# H100 whole calls, int8+fp16, bf16 inputs, TOPS: our kernel at earlier revisions and thu-ml's
+# sm80 kernel, at 1x40x32760x128 and 1x24x16384x64, where quantization is a few % of the call.
+# 68b357c from the run of rtx-anchors.md (thu-ml 460 / 358 there); bada5f6 and thu-ml from one
+# run on 2026-12-07 (tests/gpu/rtx_round.sh, bench/results/rtx_cycle_model.md).
+MEASURED_H100 = {("68b357c", 128): 326.0, ("68b357c", 64): 212.0, ("bada5f6", 128): 393.0, ("bada5f6", 64): 313.0,
+                 ("thu-ml", 128): 456.0, ("thu-ml", 64): 358.0}
+REVISIONS = ("68b357c", "bada5f6")
 
 
-def fit_efficiency(rows: list[dict]) -> tuple[float, list[str]]:
-    """Measured / bound-predicted TOPS on H100 for each measured kernel; the mean is the model's
-    efficiency, the spread its validation error."""
+def fit_efficiency(rows: list[dict]) -> tuple[dict, list[str]]:
+    """Both models against the H100 timings: the bound model's efficiency is the mean of measured /
+    ideal (bound at perfect overlap); the serial model (tensor + MUFU + every other instruction,
+    no overlap) has no constant but its mean ratio is reported and used the same way. The worst
+    kernel's distance from the mean is each model's validation error."""
     card = next(c for c in CARDS if c.arch == 90)
-    ratios, lines = [], []
-    for r in rows:
+    ratios = {"bound": [], "serial": []}
+    lines = []
+    for r in sorted(rows, key=lambda r: (r["who"], -r["d"])):
         key = (r["who"], r["d"])
         if r["arch"] != 90 or r["level"] != "int8+fp16" or key not in MEASURED_H100:
             continue
         parts = tile_cycles(card, r["loop"])
-        ideal = predict_tops(card, r["d"], parts["bound"])
-        ratios.append(MEASURED_H100[key] / ideal)
+        measured = MEASURED_H100[key]
+        bound_tops, serial_tops = predict_tops(card, r["d"], parts["bound"]), predict_tops(card, r["d"], parts["sum"])
+        ratios["bound"].append(measured / bound_tops)
+        ratios["serial"].append(measured / serial_tops)
         lines.append(f"| {r['who']} | {r['d']} | {r['loop']['counts']['instructions']} | "
                      f"{parts['tensor']:.0f} / {parts['mufu']:.0f} / {parts['issue']:.0f} / {parts['smem']:.0f} | "
-                     f"{parts['bound_by']} | {ideal:.0f} | {MEASURED_H100[key]:.0f} | {ratios[-1]:.2f} |")
-    eff = sum(ratios) / len(ratios) if ratios else 1.0
-    err = max(abs(x / eff - 1) for x in ratios) if ratios else 0.0
-    head = ["H100 fit (int8+fp16, mma.sync; ideal = the bound at 1.98 GHz with perfect overlap):", "",
-            "| kernel | D | instr/tile | tensor / mufu / issue / smem clk | bound by | ideal TOPS | measured | ratio |",
+                     f"{parts['bound_by']} {bound_tops:.0f} | {parts['sum']:.0f} -> {serial_tops:.0f} | {measured:.0f} | "
+                     f"{ratios['bound'][-1]:.2f} / {ratios['serial'][-1]:.2f} |")
+    eff = {m: (sum(v) / len(v) if v else 1.0) for m, v in ratios.items()}
+    err = {m: (max(abs(x / eff[m] - 1) for x in v) if v else 0.0) for m, v in ratios.items()}
+    head = ["H100 fit (int8+fp16, mma.sync, 1.98 GHz; bound = max of the four at perfect overlap, serial = their "
+            "sum with no overlap):", "",
+            "| kernel | D | instr/tile | tensor / mufu / issue / smem clk | bound, ideal TOPS | serial clk -> TOPS | "
+            "measured | measured / ideal (bound / serial) |",
             "|---|---|---|---|---|---|---|---|"]
-    tail = ["", f"Efficiency (mean ratio) {eff:.2f}; the worst kernel is {100 * err:.0f} % off it: the model's "
-            "validation error.", ""]
+    tail = ["", f"Bound model: efficiency (mean ratio) {eff['bound']:.2f}, worst kernel {100 * err['bound']:.0f} % off it. "
+            f"Serial model: mean ratio {eff['serial']:.2f}, worst kernel {100 * err['serial']:.0f} % off it. "
+            "These spreads are the models' H100 validation errors; H100 predictions below use the serial model "
+            "(times its mean ratio), GeForce ones the bound model (fitted to thu-ml's published numbers).", ""]
     return eff, head + lines + tail
 
 
@@ -521,14 +538,14 @@ def main() -> None:
     b.add_argument("--thuml", type=Path, help="a thu-ml SageAttention source tree (not part of this repo)")
     b.add_argument("-j", "--jobs", type=int, default=2)
     b.add_argument("--no-ours", action="store_true", help="only thu-ml's kernels")
-    b.add_argument("--baseline-rev", default=BASELINE_REV,
-                   help="git revision of our kernel whose H100 speed is in MEASURED_H100 (built for sm_90a)")
+    b.add_argument("--revisions", nargs="*", default=list(REVISIONS),
+                   help="git revisions of our kernel whose H100 speed is in MEASURED_H100 (built for sm_90a)")
     t = sub.add_parser("table")
     t.add_argument("--out", type=Path)
     t.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.cmd == "build":
-        build(args.archs, args.thuml, args.jobs, ours=not args.no_ours, baseline_rev=args.baseline_rev)
+        build(args.archs, args.thuml, args.jobs, ours=not args.no_ours, revisions=tuple(args.revisions))
     else:
         print(table(args.out))
         if args.json:

@@ -7,14 +7,31 @@
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
 //   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
 // Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
-// K/V tiles of kKTile keys stream through cp.async (K two stages; V two for FP8, one for
-// 16-bit V, see kVStages). Numerics follow
+// K/V tiles of kKTile keys stream through cp.async (K two stages, V two or one: kVStages).
+// Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
 #pragma once
 #include "sa2/abi.cuh"
 #include "sa2/mma.cuh"
 #include "sa2/quant.cuh"
 #include "sa2/softmax.cuh"
+
+// Experiment switches for device A/B runs (tests/gpu/rtx_round.sh MMA_VARIANTS, through
+// SAGEATTN2_NVRTC_FLAGS); each goes once a winner is measured.
+#ifndef SA2_MMA_ONE_BARRIER
+#define SA2_MMA_ONE_BARRIER 1  // 0: one V stage for 16-bit V at D=64 and three barriers per tile
+#endif
+#ifndef SA2_MMA_EAGER_RESCALE
+#define SA2_MMA_EAGER_RESCALE 0  // 1: rescale O every tile (no vote, no branch before P.V)
+#endif
+#ifndef SA2_MMA_MIN_CTAS_D64
+#define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
+#endif
+#if SA2_MMA_MIN_CTAS_D64 > 1  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
+#define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads, T::kMinCtasPerSm)
+#else
+#define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads)
+#endif
 
 namespace sa2 {
 
@@ -48,10 +65,15 @@ struct AttnMmaTraits {
   static constexpr int kKTileBytes = kKTile * kQKBytes;
   static constexpr int kVTileBytes = kVRows * kVRowBytes;
   static constexpr int kQTileBytes = kCtaQ * kQKBytes;
-  // K is double-buffered. 16-bit V tiles are twice the size of FP8 ones: a single V stage
-  // keeps a D=128 CTA at 48 KB (two CTAs per SM on sm_86/89/120) and D=256 under 99 KB;
-  // its load still overlaps the next tile's QK and softmax.
-  static constexpr int kVStages = kFp8PV ? 2 : 1;
+  // K is double-buffered. 16-bit V tiles are twice the size of FP8 ones: above D=64 a single
+  // V stage keeps a D=128 CTA at 48 KB (two CTAs per SM on sm_86/89/120) and D=256 under
+  // 99 KB; its load still overlaps the next tile's QK and softmax.
+  static constexpr int kVStages = kFp8PV || (SA2_MMA_ONE_BARRIER && kHeadDim <= 64) ? 2 : 1;
+  // With two V stages a tile needs one barrier: at its top K_j and V_j have landed, every warp
+  // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages. With one V
+  // stage it needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}).
+  static constexpr bool kOneBarrier = SA2_MMA_ONE_BARRIER && kVStages == 2;
+  static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -148,7 +170,7 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
 }
 
 template <class T>
-__global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnParams a) {
+__global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) {
   using namespace sa2::mma;
   constexpr int M = T::kMTiles, NS = T::kSTiles, NO = T::kOTiles, QB = T::kQKBytes;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -243,8 +265,9 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
   rows.init();
   constexpr float kPOffset = T::kPLog2Max;
 
-  // Commit order K0, V0, K1, V1, ...: at the top of tile j wait_group 1 leaves only V_j in
-  // flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
+  // Commit order K0, V0, K1, V1, ... With three barriers: at the top of tile j wait_group 1
+  // leaves only V_j in flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
+  // With one: at the top of tile j wait_group 0 (K_j, V_j), then K_{j+1} and V_{j+1} go out.
   load_k(0, 0);
   cp_async_commit();
   load_v(0, 0);
@@ -261,8 +284,18 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
     constexpr bool kMasked = decltype(masked)::value;
     constexpr bool kExactLogits = decltype(exact_logits)::value;
     const int stage = j & 1;
-    cp_async_wait<1>();
-    __syncthreads();
+    if constexpr (T::kOneBarrier) {
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < k_tiles) {
+        load_k(j + 1, stage ^ 1);
+        load_v(j + 1, stage ^ 1);
+      }
+      cp_async_commit();
+    } else {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     const uint8_t* ks_tile = k_smem + stage * T::kKTileBytes;
     const uint32_t ks_addr = smem_addr(ks_tile);
     // ldmatrix lane offsets. Q (A operand): matrices = rows 0-7/8-15 x chunk 0/1. K and FP8
@@ -315,14 +348,16 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
     const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
 
     // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
-    // fragment is read from shared memory once and feeds kMTiles MMAs.
+    // fragment is read from shared memory once and feeds kMTiles MMAs. The accumulators start
+    // at the bits of softmax::kScoreBias, so each holds the float kScoreBias + s exactly
+    // (softmax.cuh): the scores need no int -> float conversion.
     int32_t s[M][NS][4];
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[m][n][e] = 0;
+        for (int e = 0; e < 4; ++e) s[m][n][e] = softmax::kScoreBiasBits;
 #pragma unroll
     for (int ks = 0; ks < T::kQKSteps; ++ks) {
       uint32_t q_frag[M][4];
@@ -349,22 +384,24 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. In the
-      // steady state the factor is left to the softmax's FFMA: x = s, scale = s_to_x (c > 0, so
-      // the row max of x * scale is (max x) * scale). kExactLogits: x is the finished logit and
-      // scale = 1.
+      // steady state the factor is left to the softmax's FFMA: x = kScoreBias + s, scale =
+      // s_to_x (c > 0, so the row max of x * scale is (max x) * scale). kExactLogits: x is the
+      // finished logit, scale = 1 and no bias.
       float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[m][n][e]);
-      float x_scale = s_to_x;
+        for (int e = 0; e < 4; ++e) x[n][e] = __int_as_float(s[m][n][e]);
+      float x_scale = s_to_x, x_bias = softmax::kScoreBias;
       if constexpr (kExactLogits) {
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            x[n][e] = fmaf(x[n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
+            x[n][e] = fmaf(x[n][e] - softmax::kScoreBias, s_to_x,
+                           smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
         x_scale = 1.0f;
+        x_bias = 0.0f;
       }
       if constexpr (kMasked) {
         if (need_mask) {
@@ -380,7 +417,7 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
       }
 
       // Steps 3-5: online softmax in base 2.
-      softmax::online_softmax_tile<NS>(x, x_scale, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
+      softmax::online_softmax_tile<NS>(x, x_scale, x_bias, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
 
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
@@ -400,16 +437,18 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
       }
     }
 
-    // The next K tile streams in during P . V.
-    if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
-    cp_async_commit();
+    if constexpr (!T::kOneBarrier) {
+      // The next K tile streams in during P . V.
+      if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
+      cp_async_commit();
+    }
 
     // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
     // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
-    if (__any_sync(0xffffffffu, moved)) {
+    if (SA2_MMA_EAGER_RESCALE || __any_sync(0xffffffffu, moved)) {
 #pragma unroll
       for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -421,8 +460,10 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
         }
     }
 
-    cp_async_wait<1>();
-    __syncthreads();
+    if constexpr (!T::kOneBarrier) {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     const uint32_t vs_addr = smem_addr(v_smem + (stage % T::kVStages) * T::kVTileBytes);
 
     // Step 6: O += P . V.
@@ -505,9 +546,11 @@ __global__ void __launch_bounds__(T::kThreads) attn_mma_kernel(const MmaAttnPara
       }
     }
 
-    if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
-    if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
-    cp_async_commit();
+    if constexpr (!T::kOneBarrier) {
+      if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
+      if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
+      cp_async_commit();
+    }
   };
   // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
   const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
