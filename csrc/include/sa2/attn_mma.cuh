@@ -348,16 +348,14 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
 
     // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
-    // fragment is read from shared memory once and feeds kMTiles MMAs. The accumulators start
-    // at the bits of softmax::kScoreBias, so each holds the float kScoreBias + s exactly
-    // (softmax.cuh): the scores need no int -> float conversion.
+    // fragment is read from shared memory once and feeds kMTiles MMAs.
     int32_t s[M][NS][4];
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[m][n][e] = softmax::kScoreBiasBits;
+        for (int e = 0; e < 4; ++e) s[m][n][e] = 0;
 #pragma unroll
     for (int ks = 0; ks < T::kQKSteps; ++ks) {
       uint32_t q_frag[M][4];
@@ -384,24 +382,22 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. In the
-      // steady state the factor is left to the softmax's FFMA: x = kScoreBias + s, scale =
-      // s_to_x (c > 0, so the row max of x * scale is (max x) * scale). kExactLogits: x is the
-      // finished logit, scale = 1 and no bias.
+      // steady state the factor is left to the softmax's FFMA: x = s, scale = s_to_x (c > 0, so
+      // the row max of x * scale is (max x) * scale). kExactLogits: x is the finished logit and
+      // scale = 1.
       float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) x[n][e] = __int_as_float(s[m][n][e]);
-      float x_scale = s_to_x, x_bias = softmax::kScoreBias;
+        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[m][n][e]);
+      float x_scale = s_to_x;
       if constexpr (kExactLogits) {
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            x[n][e] = fmaf(x[n][e] - softmax::kScoreBias, s_to_x,
-                           smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
+            x[n][e] = fmaf(x[n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
         x_scale = 1.0f;
-        x_bias = 0.0f;
       }
       if constexpr (kMasked) {
         if (need_mask) {
@@ -417,7 +413,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       }
 
       // Steps 3-5: online softmax in base 2.
-      softmax::online_softmax_tile<NS>(x, x_scale, x_bias, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
+      softmax::online_softmax_tile<NS>(x, x_scale, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
 
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {

@@ -26,13 +26,6 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Integer scores arrive biased: an int32 MMA accumulator started at kScoreBiasBits (the bits of
-// 1.5 * 2^23) holds, for any score |s| < 2^22, exactly the bits of the float kScoreBias + s
-// (|s| <= 256 * 127^2 < 2^22 for every head dim here). The softmax removes the bias inside its
-// FFMA, so no I2F is issued per score.
-constexpr int kScoreBiasBits = 0x4B400000;
-constexpr float kScoreBias = 12582912.0f;  // 1.5 * 2^23
-
 // Running state of the 2*M rows one lane touches.
 template <int M>
 struct RowState {
@@ -50,27 +43,24 @@ struct RowState {
   }
 };
 
-// One key tile of one m16 row tile. The logits are (x - bias) * scale with scale > 0, so the
-// caller can pass biased integer scores (kScoreBias) and their per-lane dequantization factor:
-// the row max of (x - bias) * scale is (max x - bias) * scale exactly (x - bias is exact and
-// rounding is monotone), and each p costs one FFMA and one ex2. x -> p = exp2((x - bias) * scale
-// - m_new + p_offset) in place, l = alpha * l + sum(p), and alpha[h] is returned for rescaling O.
-// The bias term folds into the FFMA's addend, rounded once per row and key group: an error of
-// at most half an ulp of bias * scale, i.e. 0.75 of one integer score step, in the exponent.
-// The first tile processed must give every row a finite max (key 0 is always visible), so
-// alpha = exp2(-inf) = 0 there.
+// One key tile of one m16 row tile. The logits are x * scale with scale > 0, so the caller can
+// pass the integer scores converted to float and their per-lane dequantization factor: the row
+// max of x * scale is (max x) * scale exactly (rounding is monotone), and each p costs one FFMA
+// and one ex2. x -> p = exp2(x * scale - m_new + p_offset) in place, l = alpha * l + sum(p), and
+// alpha[h] is returned for rescaling O. The first tile processed must give every row a finite
+// max (key 0 is always visible), so alpha = exp2(-inf) = 0 there.
 template <int N>
-__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float scale, float bias, float (&row_max)[2],
+__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float scale, float (&row_max)[2],
                                                     float (&row_sum)[2], float p_offset, float (&alpha)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float raw_max = -INFINITY;
 #pragma unroll
     for (int n = 0; n < N; ++n) raw_max = fmaxf(raw_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
-    const float m_new = fmaxf(row_max[h], quad_max((raw_max - bias) * scale));
+    const float m_new = fmaxf(row_max[h], quad_max(raw_max * scale));
     alpha[h] = exp2_approx(row_max[h] - m_new);
     row_max[h] = m_new;
-    const float neg_shift = fmaf(-bias, scale, p_offset - m_new);
+    const float neg_shift = p_offset - m_new;
     float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < N; ++n) {
