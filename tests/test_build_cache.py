@@ -71,3 +71,14 @@ def test_failed_compile_leaves_no_entry(tmp_path):
     b = build.Builder(Broken(), tmp_path, extra=())
     res = b.build_all([(kernels.smooth_v16_kernel(False), SM89)], 2)
     assert res[0][2] == "broken" and not list(tmp_path.rglob("*.bin"))
+
+
+def test_every_arch_lists_each_kernel_once():
+    # install.py --all compiles what test_kernels lists; a name twice is compiled twice.
+    for cc in archs.PRODUCT_ARCHS:
+        arch = archs.arch(*cc)
+        for listing in (kernels.product_kernels(arch), kernels.test_kernels(arch)):
+            names = [k.name for k in listing]
+            assert len(names) == len(set(names)), (arch.target, sorted({n for n in names if names.count(n) > 1}))
+    sm90 = kernels.test_kernels(archs.arch(9, 0))
+    assert {"mma-d64-int4-fp8", "mma-d128-int4-fp8"} <= {k.name for k in sm90}  # emulated INT4 stays listed
