@@ -10,7 +10,6 @@ mma.sync is emulated, so only the quantizer column says anything there).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,34 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "gpu"))
 
+from bench_mma import cfg_of, time_ms  # noqa: E402
 from conftest import make_qkv  # noqa: E402
 from sageattn2.backends import mma  # noqa: E402
-from sageattn2.config import AttnConfig  # noqa: E402
 from sageattn2.loader import kernels_for_device  # noqa: E402
 
 LEVELS = ("int8+fp16", "int8+fp8", "int4+fp8")
 SHAPES = ((1, 24, 4096, 128), (1, 24, 8192, 64))
-
-
-def cfg_of(level: str, hadamard: bool) -> AttnConfig:
-    qk, pv = level.split("+")
-    return AttnConfig(qk_dtype=qk, pv_dtype=pv, smooth_q=qk == "int4", hadamard=hadamard)
-
-
-def time_ms(fn, sets, reps=30) -> float:
-    for s in sets:
-        fn(*s)
-    torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(*sets[i % len(sets)])
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def bench() -> None:
@@ -59,7 +39,7 @@ def bench() -> None:
             row = []
             for part in ("quantize", "call"):
                 for hadamard in (False, True):
-                    cfg = cfg_of(level, hadamard)
+                    cfg = cfg_of(level).with_(hadamard=hadamard)
                     if part == "quantize":
                         fn = lambda q, k, v, cfg=cfg: mma.quantize(q, k, v, layout="HND", cfg=cfg, dk=lib)
                     else:
@@ -77,7 +57,7 @@ def sanitize() -> None:
              ("int8+fp16", 36, 17, 300, "NHD", False)]
     bad = []
     for level, d, nq, nk, layout, causal in cases:
-        cfg = cfg_of(level, True).with_(smooth_q=True)
+        cfg = cfg_of(level).with_(hadamard=True, smooth_q=True)
         q, k, v = make_qkv(1, 4, 2, nq, nk, d, dtype=torch.float16, device="cuda", layout=layout, seed=1)
         o, lse = mma.attention(q, k, v, layout=layout, cfg=cfg, is_causal=causal, sm_scale=None,
                                return_lse=True, force_int4_emulation=True)

@@ -74,3 +74,14 @@ class CallPlan:
 
     def run(self, q, k, v):
         raise NotImplementedError
+
+    def launch_fast(self, q, k, v_ptr: int):
+        """The memoised path: allocate the workspace, O and lse, enqueue the plan's launches on
+        torch's current stream; returns (workspace, O, lse or None)."""
+        self.dk.drv.ensure_context(self.index)
+        ws = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if self.return_lse else None
+        self.launches.enqueue((current_stream(self.index), ws.data_ptr(), q.data_ptr(), k.data_ptr(), v_ptr,
+                               out.data_ptr(), 0 if lse is None else lse.data_ptr()))
+        return ws, out, lse

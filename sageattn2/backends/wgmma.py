@@ -369,12 +369,7 @@ class _AttentionPlan(calls.CallPlan):
             prep = prepare(q, k, v, layout=self.layout, cfg=self.cfg, is_causal=self.is_causal,
                            sm_scale=self.sm_scale, return_lse=self.return_lse)
             return run(prep, return_lse=self.return_lse)
-        self.dk.drv.ensure_context(self.index)
-        ws = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device) if self.return_lse else None
-        self.launches.enqueue((calls.current_stream(self.index), ws.data_ptr(), q.data_ptr(), k.data_ptr(), v_ptr,
-                               out.data_ptr(), 0 if lse is None else lse.data_ptr()))
+        ws, out, lse = self.launch_fast(q, k, v_ptr)
         if self.lse_fix:
             # The kernel saw K - kbar; the dropped sm_scale * q . kbar is the same for every key.
             lse.add_(self.qkv.view(ws, "q_dot_kbar")[:, :, :self.nq], alpha=self.sm_scale)
