@@ -19,10 +19,12 @@ typedef unsigned long long uintptr_t;
 #endif
 
 #ifndef INFINITY
-// A constant the front end folds. Spelt as __int_as_float(0x7f800000), a call, it kept the
-// masking code (`x = cond ? -INFINITY : x`) from becoming selects: NVRTC's wgmma kernels had
-// twice the branches of the same unit built by nvcc (498 against 242 in the PTX).
-#define INFINITY (1.0f / 0.0f)
+// A constant the front end folds, spelt so that no code computes it. __int_as_float(0x7f800000)
+// is a call, and kept the masking (`x = cond ? -INFINITY : x`) from becoming selects (twice
+// nvcc's branches in the PTX); (1.0f / 0.0f) became an IEEE division with its slow-path
+// subroutine at every use (SASS: 8 extra CALLs and FCHKs per mma kernel). A double beyond
+// float's range converts to +inf on IEEE targets (tests/test_nvrtc_build.py checks the PTX).
+#define INFINITY (static_cast<float>(1e300))
 #endif
 
 namespace sa2 {
