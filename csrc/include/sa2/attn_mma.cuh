@@ -24,6 +24,9 @@
 #ifndef SA2_MMA_EAGER_RESCALE
 #define SA2_MMA_EAGER_RESCALE 0  // 1: rescale O every tile (no vote, no branch before P.V)
 #endif
+#ifndef SA2_MMA_TWO_V_STAGES_D128
+#define SA2_MMA_TWO_V_STAGES_D128 0  // 1: two 16-bit V stages (one barrier) at D=128 too: 64 KB per CTA
+#endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
 #endif
@@ -68,7 +71,8 @@ struct AttnMmaTraits {
   // K is double-buffered. 16-bit V tiles are twice the size of FP8 ones: above D=64 a single
   // V stage keeps a D=128 CTA at 48 KB (two CTAs per SM on sm_86/89/120) and D=256 under
   // 99 KB; its load still overlaps the next tile's QK and softmax.
-  static constexpr int kVStages = kFp8PV || (SA2_MMA_ONE_BARRIER && kHeadDim <= 64) ? 2 : 1;
+  static constexpr int kVStages =
+      kFp8PV || (SA2_MMA_ONE_BARRIER && (kHeadDim <= 64 || (SA2_MMA_TWO_V_STAGES_D128 && kHeadDim == 128))) ? 2 : 1;
   // With two V stages a tile needs one barrier: at its top K_j and V_j have landed, every warp
   // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages. With one V
   // stage it needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}).
