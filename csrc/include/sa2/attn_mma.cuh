@@ -6,7 +6,7 @@
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
 //   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
-// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
+// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpRows rows each; the
 // K/V tiles of kKTile keys stream through cp.async (K two stages, V two or one: kVStages).
 // Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
@@ -27,10 +27,13 @@
 #ifndef SA2_MMA_TWO_V_STAGES_D128
 #define SA2_MMA_TWO_V_STAGES_D128 0  // 1: two 16-bit V stages (one barrier) at D=128 too: 64 KB per CTA
 #endif
+#ifndef SA2_MMA_SPLIT_WARPS
+#define SA2_MMA_SPLIT_WARPS 0  // 1: at D <= 128, 8 warps of 16 rows (two CTAs per SM, <= 128 registers)
+#endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
 #endif
-#if SA2_MMA_MIN_CTAS_D64 > 1  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
+#if SA2_MMA_MIN_CTAS_D64 > 1 || SA2_MMA_SPLIT_WARPS  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads, T::kMinCtasPerSm)
 #else
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads)
@@ -48,11 +51,14 @@ struct AttnMmaTraits {
   // config.tile_shape(Family.MMA, D): (128, 32, 64) up to 128, (64, 16, 64) at 256 where a
   // 32-row warp's fp32 O fragment (256 registers) would not fit.
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
+  static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;  // rows of one Q scale group (config warp_q)
+  // Rows one warp computes: kWarpQ, or half of it where a group is split over two warps (the
+  // scale groups, and so the quantizer, stay as they are).
+  static constexpr int kWarpRows = SA2_MMA_SPLIT_WARPS && kWarpQ == 32 ? 16 : kWarpQ;
   static constexpr int kKTile = 64;
-  static constexpr int kWarps = kCtaQ / kWarpQ;
+  static constexpr int kWarps = kCtaQ / kWarpRows;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMTiles = kWarpQ / 16;
+  static constexpr int kMTiles = kWarpRows / 16;
   static constexpr int kSTiles = kKTile / 8;                             // n8 tiles of S
   static constexpr int kOTiles = kHeadDim / 8;                           // n8 tiles of O
   static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
@@ -77,7 +83,7 @@ struct AttnMmaTraits {
   // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages. With one V
   // stage it needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}).
   static constexpr bool kOneBarrier = SA2_MMA_ONE_BARRIER && kVStages == 2;
-  static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
+  static constexpr int kMinCtasPerSm = kWarpRows < kWarpQ ? 2 : kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -88,7 +94,7 @@ struct AttnMmaTraits {
   static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;  // with Q smoothing; kQbarOffset without
 
   static_assert(kQKBytes % 32 == 0, "head dim must fill whole QK k-steps");
-  static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
+  static_assert(kWarpRows % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
   static_assert(kOTiles % 2 == 0 && kSTiles % 4 == 0, "fragments are loaded in pairs");
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB of sm_86/89/120");
   static_assert(!kF16Acc || kPV != PVType::kBf16, "an fp16 accumulator takes fp16 or FP8 operands, not bf16");
@@ -195,7 +201,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int64_t bh = static_cast<int64_t>(batch) * a.heads_q + head;
   const int64_t bkv = static_cast<int64_t>(batch) * a.heads_kv + kv_head;
   const int row0 = q_block * T::kCtaQ;          // first query row of the CTA
-  const int warp_row0 = row0 + warp * T::kWarpQ;  // first query row of this warp
+  const int warp_row0 = row0 + warp * T::kWarpRows;  // first query row of this warp
   const int nq = static_cast<int>(a.nq), nk = static_cast<int>(a.nk);
 
   // ---- Q tile -> shared memory (its own commit group, completed with K0).
@@ -364,7 +370,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     for (int ks = 0; ks < T::kQKSteps; ++ks) {
       uint32_t q_frag[M][4];
 #pragma unroll
-      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
+      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpRows + m * 16, ks * 2));
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t b[4];
