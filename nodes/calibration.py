@@ -288,8 +288,9 @@ def _error_label(cos: float) -> str:
 
 
 def render_heatmap(result: CalibrationResult, cell_w: int = 38, cell_h: int = 16) -> np.ndarray:
-    """Layers (rows) x steps (columns), coloured by the chosen level, each measured cell
-    annotated with 1 - cosine of its level. Returns (H, W, 3) uint8. Text needs PIL; without
+    """Layers (rows) x steps (columns), coloured by the chosen level (a rotated one with a
+    black square in its top right corner), each measured cell annotated with 1 - cosine of
+    its level. Returns (H, W, 3) uint8. Text needs PIL; without
     it the picture has the colours and the legend swatches only."""
     try:
         from PIL import Image, ImageDraw, ImageFont
