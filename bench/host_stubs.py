@@ -181,15 +181,15 @@ def stub_device(monkeypatch, capability=(9, 0), stream=0, record: bool = False, 
     monkeypatch.setattr(wgmma, "kernels_for_device", lambda device: (dk, None))
 
     def plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal,
-                      backend, force_int4_emulation):
+                      backend, force_int4_emulation, hadamard):
         if precision == "exact" or backend in ("exact", "reference"):
             return real_plan_uncached(q, k, v, layout=layout, precision=precision, granularity=granularity,
                                       smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
-                                      backend=backend, force_int4_emulation=force_int4_emulation)
+                                      backend=backend, force_int4_emulation=force_int4_emulation, hadamard=hadamard)
         return dispatch.plan_for_library(q, k, v, dk, capability, layout=layout, precision=precision,
                                          granularity=granularity, smooth_k=smooth_k, smooth_q=smooth_q,
                                          smooth_v=smooth_v, is_causal=is_causal,
-                                         force_int4_emulation=force_int4_emulation)
+                                         force_int4_emulation=force_int4_emulation, hadamard=hadamard)
 
     real_plan_uncached = dispatch._plan_uncached
     monkeypatch.setattr(dispatch, "_plan_uncached", plan_uncached)

@@ -216,7 +216,7 @@ def model_downloads(widget_values) -> list[dict]:
 
 
 PATCH_DEFAULTS = dict(precision="auto", qk_granularity="per_thread", smooth_k=True, smooth_q="auto",
-                      smooth_v=False, min_seq_len=1024)
+                      smooth_v=False, min_seq_len=1024, rotate_qk=False)
 PROMPT = "a red fox reading a newspaper in a sunlit cafe, film photo, shallow depth of field"
 
 
@@ -418,7 +418,7 @@ def calibrate_then_adaptive(schemas):
     g = Graph(schemas)
     unet, clip, vae = flux_loaders(g)
     calib = g.add("SageAttn2Calibrate", 1, qk_granularity="per_thread", smooth_k=True, smooth_q="auto",
-                  smooth_v=False)
+                  smooth_v=False, try_rotation=True)
     g.connect(unet, "MODEL", calib, "model")
     pos, neg = prompts(g, clip, 1, PROMPT, "", "Negative (unused at cfg 1)")
     guidance = guided(g, pos, 2, 3.5)
@@ -438,9 +438,9 @@ def calibrate_then_adaptive(schemas):
                   title="2. Sampling with the calibrated schedule")
     decode_save(g, 6, k2, vae, "flux_sage_calibrated")
     g.note("Calibrate, then sample adaptively, in one queue run.\n\n1. Sage Attention Calibrate puts the model in "
-           "calibration mode: the first KSampler's attention runs stock, and every precision level is measured on "
-           "the same tensors per layer and step.\n2. Calibration to Schedule picks the cheapest level meeting "
-           "min_cosine in each cell, draws the heatmap and saves output/sageattn2/flux_calibration_00001.json "
+           "calibration mode: the first KSampler's attention runs stock, and every precision level (with and "
+           "without outlier rotation) is measured on the same tensors per layer and step.\n2. Calibration to "
+           "Schedule picks the cheapest level meeting min_cosine in each cell, draws the heatmap and saves output/sageattn2/flux_calibration_00001.json "
            "(load it later in a Sage Attention Schedule node's calibration_file: no calibration run needed).\n"
            "3. The second KSampler samples with the calibrated schedule. Calibrate with the resolution, steps and "
            "sampler you will use.", 0, node_width=1075, height=170)

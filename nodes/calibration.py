@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .layers import layers_text
-from .levels import ACCURACY_RANK, EXACT
+from .levels import ACCURACY_RANK, EXACT, ROTATED, split_rotation
 
 FILE_FORMAT = "sageattn2-calibration"
 FILE_VERSION = 1
@@ -60,7 +60,9 @@ class Recorder:
 
 def select_levels(table, order, min_cosine: float, max_rel_l1: float | None = None) -> dict:
     """Cheapest level of `order` (cheapest first) meeting the targets in each cell, else
-    `exact`. Levels a cell has no measurement for are skipped."""
+    `exact`. Levels a cell has no measurement for are skipped. A rotated level follows its
+    unrotated one in `order` (levels.calibration_candidates), so it is chosen only where the
+    same level unrotated misses a target that the rotation meets."""
     choice = {}
     for cell, per_level in table.items():
         pick = EXACT
@@ -273,6 +275,8 @@ LEVEL_COLORS = {
 }
 UNMEASURED = (40, 40, 40)
 BACKGROUND = (255, 255, 255)
+ROTATION_MARK = (0, 0, 0)  # a square in the top right corner of a cell whose level is rotated
+ROTATION_MARK_PX = 6
 
 
 def _error_label(cos: float) -> str:
@@ -284,28 +288,35 @@ def _error_label(cos: float) -> str:
 
 
 def render_heatmap(result: CalibrationResult, cell_w: int = 38, cell_h: int = 16) -> np.ndarray:
-    """Layers (rows) x steps (columns), coloured by the chosen level, each measured cell
-    annotated with 1 - cosine of its level. Returns (H, W, 3) uint8. Text needs PIL; without
+    """Layers (rows) x steps (columns), coloured by the chosen level (a rotated one with a
+    black square in its top right corner), each measured cell annotated with 1 - cosine of
+    its level. Returns (H, W, 3) uint8. Text needs PIL; without
     it the picture has the colours and the legend swatches only."""
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError:
         Image = None
     layers, steps = result.layers, len(result.bounds) - 1
-    left, top, legend_h = 84, 40, 22 * (len(LEVEL_COLORS) + 1) + 10
+    left, top, legend_h = 84, 40, 22 * (len(LEVEL_COLORS) + 2) + 10
     width = max(left + cell_w * steps + 10, 360)
     height = top + cell_h * max(len(layers), 1) + legend_h
     img = np.full((height, width, 3), BACKGROUND, dtype=np.uint8)
 
+    m = ROTATION_MARK_PX
     for r, layer in enumerate(layers):
         for c in range(steps):
-            level = result.choice.get((layer, c))
+            base, rotate = split_rotation(result.choice.get((layer, c), ""))
             y, x = top + r * cell_h, left + c * cell_w
-            img[y : y + cell_h - 1, x : x + cell_w - 1] = LEVEL_COLORS.get(level, UNMEASURED)
+            img[y : y + cell_h - 1, x : x + cell_w - 1] = LEVEL_COLORS.get(base, UNMEASURED)
+            if rotate:
+                img[y : y + m, x + cell_w - 1 - m : x + cell_w - 1] = ROTATION_MARK
     legend = list(LEVEL_COLORS.items()) + [("not measured", UNMEASURED)]
     y0 = top + cell_h * max(len(layers), 1) + 10
     for i, (_, color) in enumerate(legend):
         img[y0 + 22 * i : y0 + 22 * i + 16, 10:36] = color
+    y_mark = y0 + 22 * len(legend)
+    img[y_mark : y_mark + 16, 10:36] = LEVEL_COLORS["int8+fp8"]
+    img[y_mark : y_mark + m, 36 - m : 36] = ROTATION_MARK
     if Image is None:
         return img
 
@@ -326,9 +337,10 @@ def render_heatmap(result: CalibrationResult, cell_w: int = 38, cell_h: int = 16
             per, level = result.table.get((layer, c)), result.choice.get((layer, c))
             if per is None or level not in per:
                 continue
-            dark = sum(LEVEL_COLORS[level]) < 300
+            dark = sum(LEVEL_COLORS[split_rotation(level)[0]]) < 300
             draw.text((left + c * cell_w + 2, y + 2), _error_label(per[level][0]),
                       fill=(255, 255, 255) if dark else (0, 0, 0), font=font)
     for i, (name, _) in enumerate(legend):
         draw.text((44, y0 + 22 * i + 2), name, fill=(0, 0, 0), font=font)
+    draw.text((44, y_mark + 2), f"corner mark: {ROTATED[1:]} (Q, K rotated)", fill=(0, 0, 0), font=font)
     return np.asarray(pic, dtype=np.uint8).copy()

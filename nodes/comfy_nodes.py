@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import calibration as calibration_module
-from .levels import LEVELS
+from .levels import LEVELS, ROTATED
 from .override import GRANULARITIES, PatchSettings, PatchState, install
 from .recording import CalibrationState
 from .schedule import Schedule, ScheduleError, parse
@@ -29,6 +29,10 @@ EXAMPLE_SCHEDULE = """# later rules override earlier ones; unmatched cells use t
 20-90%: int4+fp8
 90-100%: int8+fp8
 blocks first 2, last 2: int8+fp16"""
+ROTATE_QK_TOOLTIP = ("Outlier rotation (Hadamard): rotate Q and K by a Hadamard transform of the head dim before "
+                     "quantizing. Q.K^T is unchanged, and a few outlier channels no longer set every quantization "
+                     "scale, which helps INT4 Q.K most. Costs a little quantizer time. Applies where no schedule "
+                     "rule applies (a rule's level says '+hadamard' or not itself).")
 
 
 def _backend() -> str:
@@ -147,6 +151,8 @@ class SageAttn2Patch:
                     "tooltip": "Attention calls with fewer query tokens than this run stock attention "
                                "(quantization does not pay on short sequences). 0 = quantize everything.",
                 }),
+                "rotate_qk": ("BOOLEAN", {"default": False, "label_on": "outlier rotation (Hadamard)",
+                                          "label_off": "off", "tooltip": ROTATE_QK_TOOLTIP}),
             },
             "optional": {
                 "schedule": (SCHEDULE_TYPE, {
@@ -156,10 +162,11 @@ class SageAttn2Patch:
             },
         }
 
-    def patch(self, model, precision, qk_granularity, smooth_k, smooth_q, smooth_v, min_seq_len, schedule=None):
+    def patch(self, model, precision, qk_granularity, smooth_k, smooth_q, smooth_v, min_seq_len, rotate_qk=False,
+              schedule=None):
         settings = PatchSettings(precision=precision, granularity=qk_granularity, smooth_k=smooth_k,
                                  smooth_q=_smooth_q(smooth_q), smooth_v=smooth_v, min_seq_len=min_seq_len,
-                                 backend=_backend())
+                                 backend=_backend(), rotate_qk=rotate_qk)
         return (install(model, PatchState(settings, schedule)),)
 
 
@@ -184,7 +191,8 @@ class SageAttn2Schedule:
                     "tooltip": "Rules 'selector: level', one per line or separated by ';'; '#' starts a comment. "
                                "Windows 'A-B%' (A <= p < B of the sampling schedule), layers 'double N', "
                                "'single N-M', 'blocks first N, last N', 'input/middle/output N'. Levels: "
-                               + ", ".join(LEVELS) + ".",
+                               + ", ".join(LEVELS) + f"; any but exact may end in '{ROTATED}' (Q and K "
+                               "rotated before quantizing: outlier channels).",
                 }),
                 "calibration_file": ([NO_FILE] + calibration_files(), {
                     "default": NO_FILE,
@@ -219,8 +227,9 @@ class SageAttn2Calibrate:
     DESCRIPTION = (
         "Calibration mode. Sample with the MODEL this returns: every attention call runs stock attention (the "
         "result looks like the unpatched model's), and each precision level also runs on the same tensors to "
-        "measure its error per layer and step. Then connect the SAGE_CALIBRATION output and the sampler's "
-        "LATENT to 'Sage Attention Calibration to Schedule'. Slow (every level runs once per call)."
+        "measure its error per layer and step (with try_rotation, each level also with Q and K rotated). Then "
+        "connect the SAGE_CALIBRATION output and the sampler's LATENT to 'Sage Attention Calibration to "
+        "Schedule'. Slow (every level runs once per call)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "patch"
@@ -237,15 +246,21 @@ class SageAttn2Calibrate:
             "required": {
                 "model": ("MODEL", {"tooltip": "The diffusion model to calibrate (not changed)."}),
                 **_kernel_inputs(precision=False),
+                "try_rotation": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Also measure every level with outlier rotation (Q and K Hadamard-rotated before "
+                               "quantizing); the schedule then runs a rotated level in the cells where only the "
+                               "rotation meets the targets. Doubles the calibration's extra work.",
+                }),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def patch(self, model, qk_granularity, smooth_k, smooth_q, smooth_v, unique_id=None):
+    def patch(self, model, qk_granularity, smooth_k, smooth_q, smooth_v, try_rotation=True, unique_id=None):
         settings = PatchSettings(precision="auto", granularity=qk_granularity, smooth_k=smooth_k,
                                  smooth_q=_smooth_q(smooth_q), smooth_v=smooth_v, min_seq_len=0,
                                  backend=_backend())
-        state = CalibrationState(settings, node_id=unique_id)
+        state = CalibrationState(settings, node_id=unique_id, try_rotation=try_rotation)
         return (install(model, state), state)
 
 
@@ -253,7 +268,8 @@ class SageAttn2CalibrationSchedule:
     DESCRIPTION = (
         "Turns a calibration recording into a schedule: per layer and step, the cheapest precision level whose "
         "measured error meets the targets (cost order on this GPU, cheapest first: int4+fp8, int8+fp8, "
-        "int4+fp16, int8+fp16, exact; levels the GPU does not have natively are skipped). Saves the result "
+        "int4+fp16, int8+fp16, exact; levels the GPU does not have natively are skipped; a level with "
+        "'+hadamard' rotation, where measured, right after the same level unrotated). Saves the result "
         "under output/sageattn2/ for the Schedule node's calibration_file, and draws a heatmap."
     )
     CATEGORY = CATEGORY
@@ -263,7 +279,7 @@ class SageAttn2CalibrationSchedule:
     RETURN_NAMES = ("schedule", "heatmap", "schedule_text")
     OUTPUT_TOOLTIPS = (
         "The calibrated schedule; connect to Patch Sage Attention's 'schedule' input.",
-        "Layers x steps coloured by the chosen level, annotated with 1 - cosine.",
+        "Layers x steps coloured by the chosen level (a black corner: rotated), annotated with 1 - cosine.",
         "The schedule as text (the same rules the saved file holds).",
     )
 
@@ -315,7 +331,8 @@ class SageAttn2CalibrationSchedule:
         result = calibration_module.calibrate(
             calibration.recorder, calibration.percent_to_sigma, min_cosine, max_rel_l1 or None,
             extra={"settings": {"qk_granularity": s.granularity, "smooth_k": s.smooth_k,
-                                "smooth_q": s.smooth_q, "smooth_v": s.smooth_v, "backend": s.backend}},
+                                "smooth_q": s.smooth_q, "smooth_v": s.smooth_v, "backend": s.backend,
+                                "try_rotation": calibration.try_rotation}},
         )
         path = calibration_save_path(filename_prefix)
         calibration_module.save(result, path)

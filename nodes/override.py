@@ -42,7 +42,7 @@ from .adapter import (
     to_kernel_layout,
 )
 from .layers import FORWARD_KEY, ForwardState, LayerMemory, layers_text
-from .levels import AUTO, EXACT, LEVELS
+from .levels import AUTO, EXACT, LEVELS, rotated, split_rotation
 from .finite import FiniteCheck
 from .race import ENTER, SAGE, STAY, STOCK, AutoDecisions, input_key
 from .schedule import Schedule
@@ -73,14 +73,23 @@ class PatchSettings:
     smooth_v: bool = False
     min_seq_len: int = 1024
     backend: str = "auto"  # "reference": pure-PyTorch emulation of the kernels (tests, debugging)
+    rotate_qk: bool = False  # Q and K Hadamard-rotated before quantizing, where no schedule rule applies
 
     def __post_init__(self):
         if self.precision not in LEVELS:
             raise ValueError(f"precision must be one of {LEVELS}, got {self.precision!r}")
+        if not isinstance(self.rotate_qk, bool):
+            raise TypeError(f"rotate_qk must be a bool, got {self.rotate_qk!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"qk_granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be >= 0, got {self.min_seq_len}")
+
+    @property
+    def level(self) -> str:
+        """What runs where no schedule rule applies: `precision`, rotated when rotate_qk is on
+        (exact has nothing to rotate)."""
+        return rotated(self.precision, self.rotate_qk)
 
     def kernel_kwargs(self) -> dict:
         return dict(granularity=self.granularity, smooth_k=self.smooth_k, smooth_q=self.smooth_q,
@@ -136,7 +145,7 @@ class PatchState:
     def __init__(self, settings: PatchSettings, schedule: Schedule | None = None):
         self.settings = settings
         self.schedule = schedule if schedule is not None and schedule.rules else None
-        self.label = f"model #{next(_labels)} ({settings.precision}{', scheduled' if self.schedule else ''})"
+        self.label = f"model #{next(_labels)} ({settings.level}{', scheduled' if self.schedule else ''})"
         self.base: SageOverride | None = None
         self.bound = None
         self.bound_for = None
@@ -369,7 +378,7 @@ class PatchState:
     def level_for(self, forward: ForwardState, key, pos) -> str:
         level = forward.levels.get(key)
         if level is None:
-            base = self.settings.precision
+            base = self.settings.level
             level = self.bound.level(forward.sigma, pos, base) if self.bound is not None else base
             forward.levels[key] = level
         return level
@@ -384,7 +393,7 @@ class PatchState:
                 if self.trace is not None:
                     self.trace.append((forward.sigma, pos.name, level))
             else:  # one level for every layer: which layer is calling does not matter
-                level = EXACT if forward.exact else self.settings.precision
+                level = EXACT if forward.exact else self.settings.level
             out = self.serve(call, forward, level, stock=lambda: func(*args, **kwargs))
         except TimedStock as why:
             out = self.declined(override, func, args, kwargs, str(why))
@@ -432,10 +441,12 @@ class PatchState:
         return q4, k4, v4, layout
 
     def planned(self, q4, k4, v4, layout, level):
+        """The plan of a level ("int4+fp8+hadamard": rotated), or Decline where it runs exact."""
         s = self.settings
-        p = sa2.plan(q4, k4, v4, layout=layout, precision=level, granularity=s.granularity,
+        precision, rotate = split_rotation(level)
+        p = sa2.plan(q4, k4, v4, layout=layout, precision=precision, granularity=s.granularity,
                      smooth_k=s.smooth_k, smooth_q=s.smooth_q, smooth_v=s.smooth_v, is_causal=False,
-                     backend=s.backend)
+                     backend=s.backend, hadamard=rotate)
         if p.backend == "exact":
             raise Decline(p.note or "calls without a quantized kernel")
         return p
@@ -465,14 +476,15 @@ class PatchState:
             return Route(str(why))
         return Route(None, layout, None if layout == "HND" else (q4.shape, k4.shape, v4.shape),
                      plan.cfg.precision, (tuple(q4.shape), tuple(k4.shape), layout, q4.dtype),
-                     plan.backend != "reference")
+                     plan.backend != "reference", plan.cfg.hadamard)
 
     def serve(self, call, forward, level, stock):
         """Our output in ComfyUI's format, or Decline. `stock` runs ComfyUI's own function."""
         if level == EXACT:
             raise Decline(EXACT)
-        decision = forward.auto if level == AUTO and not _inside_graph(call.q) else None
-        if call.mask is not None or (level == AUTO and decision is None):
+        auto = split_rotation(level)[0] == AUTO
+        decision = forward.auto if auto and not _inside_graph(call.q) else None
+        if call.mask is not None or (auto and decision is None):
             return self.serve_unrouted(call, forward, level, stock, decision)
         route = self.route(call, level)
         if route.decline is not None:
@@ -482,7 +494,7 @@ class PatchState:
         if route.views is not None:
             q, k, v = q.view(route.views[0]), k.view(route.views[1]), v.view(route.views[2])
         out = sa2.sageattn(q, k, v, tensor_layout=route.layout, sm_scale=call.scale, precision=route.precision,
-                           **self.kernel_kwargs)
+                           hadamard=route.hadamard, **self.kernel_kwargs)
         self.check_output(out, forward, level)
         if start is not None:
             self.record_sample(decision, route.sig, SAGE, start)
@@ -510,7 +522,8 @@ class PatchState:
         """Masked calls (key padding is read once per mask and evaluation), and `auto` where
         nothing can be timed (per-shape decisions, sageattn2.autotune)."""
         signature = None
-        if level == AUTO and decision is None and call.mask is None:
+        auto = split_rotation(level)[0] == AUTO
+        if auto and decision is None and call.mask is None:
             signature = (call.q.shape, call.k.shape, call.v.shape, call.q.dtype, call.heads,
                          call.skip_reshape)
             if signature in self._auto_stock:
@@ -518,12 +531,12 @@ class PatchState:
         q4, k4, v4, layout = self.kernel_inputs(call, forward)
         plan = self.planned(q4, k4, v4, layout, level)
         run = lambda: sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale,
-                                   precision=plan.cfg.precision, **self.kernel_kwargs)
+                                   precision=plan.cfg.precision, hadamard=plan.cfg.hadamard, **self.kernel_kwargs)
         start = sig = None
         if decision is not None and plan.backend != "reference":
             sig = (tuple(q4.shape), tuple(k4.shape), layout, q4.dtype)
             start = self.auto_side(decision, sig)
-        elif level == AUTO and plan.backend != "reference" and not autotune.quantized_pays_off(
+        elif auto and plan.backend != "reference" and not autotune.quantized_pays_off(
             q4, k4, layout, False, run, stock, reference="comfyui"
         ):
             # Timed once per shape against the function ComfyUI gave us, then cached.
@@ -541,15 +554,16 @@ class PatchState:
 class Route:
     """How every call of one signature is served (PatchState.route)."""
 
-    __slots__ = ("decline", "layout", "views", "precision", "sig", "on_gpu")
+    __slots__ = ("decline", "layout", "views", "precision", "sig", "on_gpu", "hadamard")
 
-    def __init__(self, decline, layout="", views=None, precision="", sig=(), on_gpu=False):
+    def __init__(self, decline, layout="", views=None, precision="", sig=(), on_gpu=False, hadamard=False):
         self.decline = decline  # the reason these calls go to stock attention, or None
         self.layout = layout
         self.views = views  # (q, k, v) shapes for the kernel's NHD views; None: HND, as they are
         self.precision = precision
         self.sig = sig  # what `auto` times these calls under
         self.on_gpu = on_gpu  # a kernel (not the CPU reference emulation) serves them
+        self.hadamard = hadamard  # Q and K rotated before quantizing
 
 
 AUTO_STOCK = "auto: stock attention is faster here"

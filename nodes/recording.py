@@ -1,7 +1,8 @@
 """Calibration mode: during the user's own sampling run, every attention call returns
 stock attention (`func`, so the run's picture is the stock one) and, on the same live
-q/k/v, each precision level that is a distinct kernel on this GPU runs too; its error
-against that stock output is recorded per (layer, step)."""
+q/k/v, each precision level that is a distinct kernel on this GPU runs too (and, with
+`try_rotation`, each again with Q and K Hadamard-rotated); its error against that stock
+output is recorded per (layer, step)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +14,7 @@ from .. import sageattn2 as sa2
 from .adapter import Decline, from_kernel_layout, parse_call
 from .calibration import Recorder
 from .layers import step_of
-from .levels import EXACT, cost_order
+from .levels import EXACT, calibration_candidates, cost_order, split_rotation
 from .override import PatchSettings, PatchState
 
 
@@ -33,8 +34,9 @@ def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 class CalibrationState(PatchState):
     reads_sigma = True  # start_forward counts sampling steps by sigma
 
-    def __init__(self, settings: PatchSettings, node_id=None):
+    def __init__(self, settings: PatchSettings, node_id=None, try_rotation: bool = True):
         super().__init__(settings)
+        self.try_rotation = try_rotation  # also measure every level with Q and K rotated
         self.auto = None  # calibration runs every candidate level: no `auto` decision
         self.label = self.label.replace("model #", "calibration #", 1)
         self.recorder = Recorder()
@@ -96,7 +98,8 @@ class CalibrationState(PatchState):
 
     def measure(self, call, pos, step, q4, k4, v4, layout, exact) -> None:
         on_gpu = q4.is_cuda and self.settings.backend != "reference"
-        order = cost_order(torch.cuda.get_device_capability(q4.device) if on_gpu else None)
+        order = calibration_candidates(cost_order(torch.cuda.get_device_capability(q4.device) if on_gpu else None),
+                                       self.try_rotation)
         self.recorder.order = order
         measured = 0
         for level in order:
@@ -107,8 +110,9 @@ class CalibrationState(PatchState):
             except Decline as why:
                 self.note(f"cannot measure {level}: {why}", logging.WARNING)
                 continue
-            out = sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale, precision=level,
-                               **self.settings.kernel_kwargs())
+            precision, rotate = split_rotation(level)
+            out = sa2.sageattn(q4, k4, v4, tensor_layout=layout, sm_scale=call.scale, precision=precision,
+                               hadamard=rotate, **self.settings.kernel_kwargs())
             cos, rel_l1 = error_metrics(from_kernel_layout(out, layout, call.skip_output_reshape), exact)
             self.recorder.add(pos.name, step, level, cos, rel_l1)
             measured += 1

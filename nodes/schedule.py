@@ -8,18 +8,23 @@
     layers   := kind [item (',' item)*]              no item = every layer of that kind
     kind     := blocks | double | single | input | middle | output
     item     := N | N-M | first N | last N
-    level    := auto | int8+fp8 | int8+fp16 | int4+fp8 | int4+fp16 | exact
+    level    := base ['+hadamard'] | exact
+    base     := auto | int8+fp8 | int8+fp16 | int4+fp8 | int4+fp16
+                                      '+hadamard': Q and K rotated before quantizing (outlier
+                                      channels, docs/numerics.md §1.6); without it, not rotated
 
 A rule applies when its time matches (or it has no window) and its layers match (or it has
 none). Later rules override earlier ones; where none applies, the patch node's precision
-runs. `blocks` counts every attention layer in the order the model runs them (for models
-that do not label their blocks, every attention call); `double`/`single` use the model's
-own block_index (Flux, HunyuanVideo, WAN: WAN's blocks are all `double`); `input`,
-`middle`, `output` number the UNet's transformer blocks in order within each part.
+runs (rotated when its rotate_qk is on). `blocks` counts every attention layer in the order
+the model runs them (for models that do not label their blocks, every attention call);
+`double`/`single` use the model's own block_index (Flux, HunyuanVideo, WAN: WAN's blocks are
+all `double`); `input`, `middle`, `output` number the UNet's transformer blocks in order
+within each part.
 
 Example:  0-20%: int8+fp16; 20-90%: int4+fp8; 90-100%: int8+fp8
           blocks first 2, last 2: int8+fp16
           0-10% double 0-3: exact
+          single 10-37: int4+fp8+hadamard
 
 Pure Python: no ComfyUI or torch imports.
 """
@@ -29,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .levels import LEVELS, most_accurate
+from .levels import EXACT, LEVELS, ROTATED, SCHEDULE_LEVELS, most_accurate
 
 LAYER_KINDS = ("blocks", "double", "single", "input", "middle", "output")
 _WORDS = LAYER_KINDS + ("first", "last", "all")
@@ -256,10 +261,13 @@ def _parse_rule(piece: str, line: str, line_no: int, offset: int, origin: str) -
     if ":" in piece[colon + 1 :]:
         raise fail(piece.index(":", colon + 1), "only one ':' per rule; separate rules with ';' or a new line")
     level = re.sub(r"\s+", "", piece[colon + 1 :]).lower()
-    if level not in LEVELS:
+    if level not in SCHEDULE_LEVELS:
         col = colon + 1 + (len(piece[colon + 1 :]) - len(piece[colon + 1 :].lstrip()))
         shown = piece[colon + 1 :].strip() or "nothing"
-        raise fail(col, f"unknown precision level '{_shown(shown)}'; expected one of {', '.join(LEVELS)}")
+        if level == EXACT + ROTATED:
+            raise fail(col, f"exact attention quantizes nothing, so '{ROTATED}' has nothing to rotate; write 'exact'")
+        raise fail(col, f"unknown precision level '{_shown(shown)}'; expected one of {', '.join(LEVELS)} "
+                        f"(any but exact may end in '{ROTATED}': Q and K rotated)")
     windows, groups = _parse_selector(piece[:colon], fail)
     return Rule(tuple(windows), tuple(groups), level, line_no, piece.strip(), origin)
 

@@ -90,6 +90,7 @@ def sageattn(
     smooth_v: bool = False,
     backend: str = "auto",
     force_int4_emulation: bool = False,
+    hadamard: bool = False,
 ):
     """SageAttention2: softmax(Q K^T * sm_scale) V with INT8/INT4 QK and FP8/FP16 PV.
 
@@ -100,6 +101,10 @@ def sageattn(
     granularity: "per_thread" (default), "per_warp", "per_block" quantization groups.
     smooth_k / smooth_q / smooth_v: subtract the K mean (default on), per-block Q means
     (default: on for int4), the V mean. They change rounding, never the math.
+    hadamard: rotate Q and K by an orthonormal Walsh-Hadamard transform of the head dim
+    before quantizing (docs/numerics.md §1.6): Q K^T is unchanged, and a few outlier channels
+    no longer set every quantization scale. Off by default; every head dim the kernels serve
+    is zero-padded to 64, 128 or 256 and rotated at that size. "exact" ignores it.
     backend: "auto" (kernels where built, else exact), "cuda" (same, for clarity),
     "reference" (the pure-PyTorch emulation of the kernels, any device), "exact".
     Returns O in q's dtype and layout, and with return_lse also lse (B, Hq, Nq) float32 in
@@ -119,8 +124,9 @@ def sageattn(
             key = (q.__class__, q.shape, q.stride(), q.dtype, q.device, k.__class__, k.shape, k.stride(), k.dtype,
                    k.device, v.__class__, v.shape, v.stride(), v.dtype, v.device, tensor_layout, is_causal,
                    sm_scale, return_lse, precision, granularity, smooth_k, smooth_q, smooth_v, backend,
-                   force_int4_emulation, is_causal.__class__, sm_scale.__class__, return_lse.__class__,
-                   smooth_k.__class__, smooth_q.__class__, smooth_v.__class__, force_int4_emulation.__class__)
+                   force_int4_emulation, hadamard, is_causal.__class__, sm_scale.__class__, return_lse.__class__,
+                   smooth_k.__class__, smooth_q.__class__, smooth_v.__class__, force_int4_emulation.__class__,
+                   hadamard.__class__)
             call = _calls.get(key)
         except Exception:  # not tensors, an unhashable argument: the checks below say what is wrong
             key = call = None
@@ -132,7 +138,8 @@ def sageattn(
     _check_choice("granularity", granularity, _GRANULARITIES)
     _check_choice("backend", backend, dispatch.BACKENDS)
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("smooth_k", smooth_k),
-                       ("smooth_v", smooth_v), ("force_int4_emulation", force_int4_emulation)):
+                       ("smooth_v", smooth_v), ("force_int4_emulation", force_int4_emulation),
+                       ("hadamard", hadamard)):
         check_flag(name, flag)
     check_flag("smooth_q", smooth_q, optional=True)
     sm_scale = checked_scale(sm_scale, q.shape[-1])
@@ -143,7 +150,7 @@ def sageattn(
         q, k, v,
         layout=tensor_layout, precision=precision, granularity=granularity,
         smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
-        backend=backend, force_int4_emulation=force_int4_emulation,
+        backend=backend, force_int4_emulation=force_int4_emulation, hadamard=hadamard,
     )
     call = _Call(p, q, k, tensor_layout, is_causal, sm_scale, return_lse, precision == "auto")
     if key is not None:
@@ -218,11 +225,13 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     precision: str = "auto",
+    hadamard: bool = False,
 ) -> torch.Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention ((B, H, L, D) tensors).
 
     Serves what SageAttention can (no mask, no dropout, 4-D inputs); everything else goes to
-    PyTorch's SDPA unchanged, with one log line per reason.
+    PyTorch's SDPA unchanged, with one log line per reason. `precision` and `hadamard` are
+    `sageattn`'s.
     """
     reason = None
     if attn_mask is not None:
@@ -237,4 +246,4 @@ def scaled_dot_product_attention(
         dispatch.log_once(f"exact attention: {reason} go to PyTorch SDPA")
         return sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                     is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    return sageattn(query, key, value, "HND", is_causal, scale, precision=precision)
+    return sageattn(query, key, value, "HND", is_causal, scale, precision=precision, hadamard=hadamard)

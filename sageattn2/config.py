@@ -237,7 +237,7 @@ class AttnConfig:
     pv_accum: PVAccum = PVAccum.FP32
     # Q and K rotated by an orthonormal Walsh-Hadamard transform of the (padded) head dim before
     # quantization (numerics.md §1.6): Q K^T is unchanged, outlier channels are spread over all
-    # channels. Served by both families' quantizers; not offered by the API yet.
+    # channels. Served by both families' quantizers and the reference; `sageattn(hadamard=True)`.
     hadamard: bool = False
 
     def __post_init__(self):

@@ -77,7 +77,7 @@ def _exact(note: str | None) -> Plan:
     return Plan("exact", None, note=note)
 
 
-def _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, family) -> AttnConfig:
+def _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, family, hadamard) -> AttnConfig:
     qk, pv = parse_precision(precision)
     return AttnConfig(
         qk_dtype=qk,
@@ -87,6 +87,7 @@ def _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, family
         smooth_q=default_smooth_q(qk) if smooth_q is None else smooth_q,
         smooth_v=smooth_v,
         family=family,
+        hadamard=hadamard,
     )
 
 
@@ -104,11 +105,15 @@ def plan(
     is_causal: bool,
     backend: str = "auto",
     force_int4_emulation: bool = False,
+    hadamard: bool = False,
 ) -> Plan:
     """Arguments are assumed validated (api.py). Cached per shape and options: a diffusion
-    model makes the same few calls thousands of times, and planning must cost ~nothing."""
+    model makes the same few calls thousands of times, and planning must cost ~nothing.
+    `hadamard`: Q and K rotated inside the quantizer (numerics.md §1.6); every family and the
+    reference serve it at every head dim they serve, and exact attention has nothing to rotate."""
     key = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), q.stride(-1), k.stride(-1), v.stride(-1),
-           layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal, backend, force_int4_emulation)
+           layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal, backend, force_int4_emulation,
+           hadamard)
     cached = _plans.get(key)
     if cached is None:
         if len(_plans) > 4096:
@@ -116,7 +121,7 @@ def plan(
         cached = _plans[key] = _plan_uncached(
             q, k, v, layout=layout, precision=precision, granularity=granularity, smooth_k=smooth_k,
             smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal, backend=backend,
-            force_int4_emulation=force_int4_emulation,
+            force_int4_emulation=force_int4_emulation, hadamard=hadamard,
         )
     return cached
 
@@ -125,12 +130,12 @@ _plans: dict[tuple, Plan] = {}
 
 
 def _plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_q, smooth_v, is_causal,
-                   backend, force_int4_emulation) -> Plan:
+                   backend, force_int4_emulation, hadamard) -> Plan:
     if precision == "exact" or backend == "exact":
         return Plan("exact", None)
     if backend == "reference":
         p = "int8+fp8" if precision == "auto" else precision
-        return Plan("reference", _resolve_config(p, granularity, smooth_k, smooth_q, smooth_v, Family.MMA))
+        return Plan("reference", _resolve_config(p, granularity, smooth_k, smooth_q, smooth_v, Family.MMA, hadamard))
 
     if q.device.type != "cuda":
         return _exact(f"{q.device.type} tensors have no quantized kernel")
@@ -146,20 +151,20 @@ def _plan_uncached(q, k, v, *, layout, precision, granularity, smooth_k, smooth_
     return plan_for_library(
         q, k, v, lib, capability, layout=layout, precision=precision, granularity=granularity,
         smooth_k=smooth_k, smooth_q=smooth_q, smooth_v=smooth_v, is_causal=is_causal,
-        force_int4_emulation=force_int4_emulation,
+        force_int4_emulation=force_int4_emulation, hadamard=hadamard,
     )
 
 
 def plan_for_library(
     q, k, v, lib, capability: tuple[int, int], *, layout, precision, granularity, smooth_k, smooth_q,
-    smooth_v, is_causal, force_int4_emulation=False,
+    smooth_v, is_causal, force_int4_emulation=False, hadamard=False,
 ) -> Plan:
     """The GPU part of `plan`: which family of `lib` (the device's kernels: `tag`, `families`)
     serves this call, at which precision; what the arch can do comes from sageattn2/archs.py."""
     arch = archs.arch(*capability)
     if precision == "auto":
         precision = default_precision(capability)
-    cfg = _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, Family.MMA)
+    cfg = _resolve_config(precision, granularity, smooth_k, smooth_q, smooth_v, Family.MMA, hadamard)
 
     if cfg.pv_dtype is PVDType.FP8 and not arch.fp8_mma:
         log_once(f"{lib.tag} has no FP8 tensor cores: running {cfg.qk_dtype.value}+fp16 instead of +fp8")

@@ -120,8 +120,11 @@ def smooth_v16_kernel(bf16: bool) -> Kernel:
 
 
 def product_kernels(arch: Arch) -> list[Kernel]:
-    """What install.py builds for `arch`: every kernel dispatch can pick there."""
+    """What install.py builds for `arch`: every kernel dispatch can pick there. The rotating
+    quantizers (`sageattn(hadamard=True)`) serve both families at every padded head dim."""
     out = [quant_kernel(bf16, d, kinds) for bf16 in (False, True) for d in QUANT_HEAD_DIMS for kinds in QUANT_KINDS]
+    out += [quant_kernel(bf16, d, kinds, hadamard=True) for bf16 in (False, True) for d in QUANT_HEAD_DIMS
+            for kinds in QUANT_ROW_KINDS]
     out += [smooth_v16_kernel(bf16) for bf16 in (False, True)]
     pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
     qks = (False, True) if arch.int4_mma else (False,)
@@ -137,9 +140,9 @@ def product_kernels(arch: Arch) -> list[Kernel]:
 
 def test_kernels(arch: Arch) -> list[Kernel]:
     """The product kernels plus those only tests and benchmarks reach: every wgmma schedule, INT4
-    QK where the arch emulates it, the P.V accumulator dispatch does not pick (FP8 with the
-    other one, fp16 PV with an fp16 accumulator) and the Hadamard-rotating quantizers
-    (`install.py --all`; otherwise they compile on first use)."""
+    QK where the arch emulates it and the P.V accumulator dispatch does not pick (FP8 with the
+    other one, fp16 PV with an fp16 accumulator) (`install.py --all`; otherwise they compile on
+    first use)."""
     out = product_kernels(arch)
     extra = []
     pvs = (abi.PV_FP16, abi.PV_BF16) + ((abi.PV_FP8,) if arch.fp8_mma else ())
@@ -150,8 +153,6 @@ def test_kernels(arch: Arch) -> list[Kernel]:
               for pv in (abi.PV_FP16,) + ((abi.PV_FP8,) if arch.fp8_mma else ())]
     if arch.fp8_mma:
         extra += [mma_kernel(d, int4, abi.PV_FP8) for d in MMA_HEAD_DIMS for int4 in qks]
-    extra += [quant_kernel(bf16, d, kinds, hadamard=True) for bf16 in (False, True) for d in QUANT_HEAD_DIMS
-              for kinds in QUANT_ROW_KINDS]
     if arch.wgmma:
         extra += [wgmma_kernel(d, pv, s) for d in WGMMA_HEAD_DIMS for pv in (abi.PV_FP8, abi.PV_FP16, abi.PV_BF16)
                   for s in WGMMA_SCHEDULES if d == 128 or s in WGMMA_HEAD_DIM_64]

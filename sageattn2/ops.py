@@ -39,8 +39,9 @@ def _attention_impl(
     return_lse: bool,
     force_int4_emulation: bool,
     pv_accum: str = "fp32",
+    hadamard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    cfg = AttnConfig(qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v, family, pv_accum)
+    cfg = AttnConfig(qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v, family, pv_accum, hadamard)
     o, lse = _execute(q, k, v, layout, backend, cfg, is_causal, sm_scale, return_lse, force_int4_emulation)
     if lse is None:
         lse = q.new_empty((0,), dtype=torch.float32)
@@ -71,7 +72,7 @@ attention_op = torch.library.custom_op("sageattn2::attention", mutates_args=())(
 
 @attention_op.register_fake
 def _(q, k, v, layout, backend, qk_dtype, pv_dtype, granularity, smooth_k, smooth_q, smooth_v,
-      family, is_causal, sm_scale, return_lse, force_int4_emulation, pv_accum="fp32"):
+      family, is_causal, sm_scale, return_lse, force_int4_emulation, pv_accum="fp32", hadamard=False):
     lse_shape = _lse_shape(q, layout) if return_lse else (0,)
     return _output_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -86,6 +87,6 @@ def run(plan: Plan, q, k, v, layout: str, is_causal: bool, sm_scale: float, retu
     o, lse = attention_op(
         q, k, v, layout, plan.backend, cfg.qk_dtype.value, cfg.pv_dtype.value, cfg.granularity.value,
         cfg.smooth_k, cfg.smooth_q, cfg.smooth_v, cfg.family.value, is_causal, sm_scale, return_lse,
-        plan.force_int4_emulation, cfg.pv_accum.value,
+        plan.force_int4_emulation, cfg.pv_accum.value, cfg.hadamard,
     )
     return o, (lse if return_lse else None)

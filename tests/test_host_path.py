@@ -115,6 +115,27 @@ def test_repeated_calls_launch_their_own_pointers(device, pv, monkeypatch):
     check_call(device, *first, quant3, att3, out3, pv=pv)
 
 
+def test_the_rotation_reaches_the_quantizer_launches(device):
+    """sageattn(hadamard=True) on either family launches the rotating quantizers with this call's
+    pointers, the same attention kernel; the unrotated call of the same tensors keeps its own plan."""
+    q, k, v = qkv(seed=5)
+    names = lambda since: [name for name, _ in device.launches(since)]
+    for rotate in (True, False, True):
+        before = len(device.dk.lib.launches)
+        out, quant, att = device.call(q, k, v, precision="int8+fp8", hadamard=rotate, return_lse=True)
+        check_call(device, q, k, v, quant, att, *out)
+        launched = names(before)
+        if rotate:  # K smoothing and the lse: k-bar first (statistics only, nothing to rotate)
+            assert launched[:2] == ["quant-bf16-d128-stats", "quant-bf16-d128-kvq-hadamard"]
+        else:
+            assert launched[:2] == ["quant-bf16-d128-stats", "quant-bf16-d128-kvq"]
+        assert launched[2].startswith(device.family)
+    assert sorted(c.plan.cfg.hadamard for c in api._calls.values()) == [False, True]
+    before = len(device.dk.lib.launches)
+    out, quant, att = device.call(q, k, v, precision="int8+fp16", hadamard=True)
+    assert names(before)[:2] == ["quant-bf16-d128-qstats-hadamard", "quant-bf16-d128-kvq-hadamard"]
+
+
 def test_other_strides_same_shape_get_their_own_plan(device):
     q, k, v = qkv(seed=3)
     out, quant, att = device.call(q, k, v, precision="int8+fp8")

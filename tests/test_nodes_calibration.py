@@ -14,11 +14,13 @@ from test_nodes_support import DiscreteSampling, FakePatcher, FlowSampling, Tiny
 from sageattn2_pack.nodes import calibration as cal
 from sageattn2_pack.nodes import comfy_nodes, override as ov
 from sageattn2_pack.nodes.layers import LayerPosition
-from sageattn2_pack.nodes.levels import cost_order
+from sageattn2_pack.nodes.levels import calibration_candidates, cost_order
 from sageattn2_pack.nodes.recording import CalibrationState, error_metrics
 from sageattn2_pack.nodes.schedule import parse
 
 FULL = ("int4+fp8", "int8+fp8", "int4+fp16", "int8+fp16", "exact")
+ROTATING = ("int4+fp8", "int4+fp8+hadamard", "int8+fp8", "int8+fp8+hadamard", "int4+fp16", "int4+fp16+hadamard",
+            "int8+fp16", "int8+fp16+hadamard", "exact")
 
 
 def position(name, block):
@@ -33,6 +35,13 @@ def test_cost_order_per_gpu():
     assert cost_order((8, 9)) == FULL and cost_order((12, 0)) == FULL
     assert cost_order((8, 0)) == cost_order((8, 6)) == ("int4+fp16", "int8+fp16", "exact")  # no FP8 MMA
     assert cost_order((9, 0)) == cost_order((10, 0)) == ("int8+fp8", "int8+fp16", "exact")  # no INT4 MMA
+
+
+def test_calibration_candidates_put_each_rotation_after_its_level():
+    assert calibration_candidates(FULL, True) == ROTATING
+    assert calibration_candidates(FULL, False) == FULL
+    assert calibration_candidates(cost_order((9, 0)), True) == (
+        "int8+fp8", "int8+fp8+hadamard", "int8+fp16", "int8+fp16+hadamard", "exact")
 
 
 def test_select_cheapest_level_meeting_the_targets():
@@ -50,6 +59,24 @@ def test_select_cheapest_level_meeting_the_targets():
     assert cal.select_levels(table, order, 0.999, max_rel_l1=0.025)[("a", 0)] == "int8+fp16"
     # A GPU without INT4: int4 measurements are never chosen.
     assert cal.select_levels(table, ("int8+fp8", "int8+fp16", "exact"), 0.999)[("a", 1)] == "int8+fp8"
+
+
+def test_select_takes_a_rotated_level_only_where_the_plain_one_misses():
+    table = {
+        ("a", 0): {"int4+fp8": (0.990, 0.10), "int4+fp8+hadamard": (0.9993, 0.04), "int8+fp8": (0.9995, 0.03)},
+        ("a", 1): {"int4+fp8": (0.9995, 0.09), "int4+fp8+hadamard": (0.9997, 0.05), "int8+fp8": (0.9999, 0.02)},
+        ("b", 0): {"int4+fp8": (0.90, 0.3), "int4+fp8+hadamard": (0.95, 0.2), "int8+fp8": (0.99, 0.1),
+                   "int8+fp8+hadamard": (0.9991, 0.03), "int8+fp16": (0.9992, 0.02)},
+        ("b", 1): {"int4+fp8": (0.90, 0.3), "int4+fp8+hadamard": (0.89, 0.3), "int8+fp8": (0.9990, 0.03),
+                   "int8+fp8+hadamard": (0.9991, 0.03)},
+    }
+    assert cal.select_levels(table, ROTATING, 0.999) == {
+        ("a", 0): "int4+fp8+hadamard",  # int4 misses, rotated int4 meets: cheaper than int8
+        ("a", 1): "int4+fp8",  # both meet: no rotation
+        ("b", 0): "int8+fp8+hadamard",
+        ("b", 1): "int8+fp8"}
+    assert cal.select_levels(table, FULL, 0.999)[("a", 0)] == "int8+fp8"  # rotations not offered
+    assert cal.select_levels(table, ROTATING, 0.999, max_rel_l1=0.035)[("b", 0)] == "int8+fp8+hadamard"
 
 
 def test_recorder_keeps_the_worst_call_per_cell():
@@ -191,12 +218,12 @@ def test_recorded_run_gives_a_schedule_that_the_patch_follows(tmp_path, monkeypa
     assert all(torch.equal(a, b) for a, b in zip(out, reference))
     rec = state.recorder
     assert rec.calls == dit.attention_calls_per_forward() * 6
-    assert rec.order == FULL and rec.sigmas == pytest.approx(sigmas)
+    assert rec.order == ROTATING and rec.sigmas == pytest.approx(sigmas)
     assert set(rec.cells) == {(f"{k} {i}", s) for k, n in dit.blocks for i in range(n) for s in range(6)}
     table = rec.table()
-    assert all(set(per) == set(FULL[:-1]) for per in table.values())
-    # int8+fp16 is the most accurate level everywhere.
-    assert all(per["int8+fp16"][0] >= max(c for c, _ in per.values()) - 1e-9 for per in table.values())
+    assert all(set(per) == set(ROTATING[:-1]) for per in table.values())
+    # int8+fp16 is the most accurate unrotated level everywhere.
+    assert all(per["int8+fp16"][0] >= max(per[lv][0] for lv in FULL[:-1]) - 1e-9 for per in table.values())
 
     # A target between the measured int8+fp8 errors mixes int8+fp8 and more accurate levels.
     target = float(np.median([per["int8+fp8"][0] for per in table.values()]))
@@ -204,7 +231,7 @@ def test_recorded_run_gives_a_schedule_that_the_patch_follows(tmp_path, monkeypa
     assert len(set(result.choice.values())) >= 2
     for cell, level in result.choice.items():
         per = table[cell]
-        ok = [lv for lv in FULL[:-1] if per[lv][0] >= target]
+        ok = [lv for lv in ROTATING[:-1] if per[lv][0] >= target]
         assert level == (ok[0] if ok else "exact")
 
     patched_state = ov.PatchState(ov.PatchSettings(precision="int4+fp8", min_seq_len=0, backend="reference"),
@@ -244,3 +271,53 @@ def test_calibration_without_kernels_records_nothing_and_says_so(caplog):
     assert any("cannot measure int8+fp8" in r.message for r in caplog.records)
     with pytest.raises(ValueError, match="recorded nothing"):
         comfy_nodes.SageAttn2CalibrationSchedule().build(state, {}, 0.999, 0.0, "cal")
+
+
+def _calibrated(dit, try_rotation, target):
+    """Calibrate `dit` on a 3-step run (reference kernels); the result for `target`."""
+    state = CalibrationState(ov.PatchSettings(min_seq_len=0, backend="reference"), try_rotation=try_rotation)
+    sample(ov.install(FakePatcher(FlowSampling(3.0)), state), dit, [1.0, 0.6, 0.2, 0.0])
+    return state, cal.calibrate(state.recorder, state.percent_to_sigma, target, None)
+
+
+def test_calibration_rotates_where_outlier_channels_need_it(monkeypatch):
+    """Q and K with outlier channels (two Q channels x10, two K channels x20 per head): unrotated
+    INT8 misses cosine 0.997 in every cell (measured: 0.979-0.996) and rotated INT8 meets it
+    (0.9978-0.9994), so every cell runs int8+fp8+hadamard, and the rotated measurement is the
+    better one of its cell; without rotation candidates nothing quantized meets it. Plain data
+    (int8+fp8 0.9994-0.9996) meets the target unrotated: no cell is rotated. The patch then runs
+    the rotation."""
+    target = 0.997
+    state, outliers = _calibrated(TinyDiT(qk_outliers=True), True, target)
+    assert set(outliers.choice.values()) == {"int8+fp8+hadamard"}
+    for per in outliers.table.values():
+        assert per["int8+fp8+hadamard"][0] >= target > per["int8+fp8"][0]
+        assert per["int8+fp8+hadamard"][1] < per["int8+fp8"][1]
+        assert per["int4+fp8+hadamard"][0] > per["int4+fp8"][0] + 0.1  # INT4 gains most, still short
+    assert outliers.schedule == "all: int8+fp8+hadamard"
+    _, without = _calibrated(TinyDiT(qk_outliers=True), False, target)
+    assert set(without.choice.values()) == {"exact"}
+    _, plain = _calibrated(TinyDiT(), True, target)
+    assert set(plain.choice.values()) == {"int8+fp8"}
+
+    calls = []
+    real = ov.sa2.sageattn
+    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    patched = ov.PatchState(ov.PatchSettings(precision="int4+fp8", min_seq_len=0, backend="reference"),
+                            parse(outliers.schedule))
+    sample(ov.install(FakePatcher(FlowSampling(3.0)), patched), TinyDiT(qk_outliers=True), [1.0, 0.6, 0.2, 0.0])
+    assert calls and all(kw["precision"] == "int8+fp8" and kw["hadamard"] is True for kw in calls)
+    assert patched.stats[("sage", "int8+fp8+hadamard")] == len(calls)
+
+
+def test_heatmap_marks_rotated_cells():
+    layers, steps = ["double 0", "single 0"], 2
+    choice = {("double 0", 0): "int8+fp8+hadamard", ("double 0", 1): "int8+fp8",
+              ("single 0", 0): "int4+fp8+hadamard", ("single 0", 1): "exact"}
+    img = cal.render_heatmap(_result(choice, layers, steps))
+    for r, layer in enumerate(layers):
+        for c in range(steps):
+            base, rotate = choice[(layer, c)].split("+hadamard")[0], choice[(layer, c)].endswith("+hadamard")
+            y, x = 40 + r * 16, 84 + c * 38
+            assert tuple(img[y + 14, x + 35]) == cal.LEVEL_COLORS[base], (layer, c)
+            assert (tuple(img[y + 1, x + 35]) == cal.ROTATION_MARK) == rotate, (layer, c)

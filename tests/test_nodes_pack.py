@@ -9,6 +9,7 @@ from test_nodes_support import ROOT, STOCK, FakePatcher, TinyDiT, pack, sample
 
 from sageattn2_pack.nodes import comfy_nodes
 from sageattn2_pack.nodes.levels import LEVELS
+from sageattn2_pack.nodes import override as ov
 from sageattn2_pack.nodes.override import SageOverride
 from sageattn2_pack.nodes.schedule import parse
 
@@ -72,6 +73,45 @@ def test_patch_node_end_to_end(monkeypatch):
     assert len(STOCK.calls) == 6 and o.state.stats[("sage", "int8+fp8")] == 4
 
 
+def test_patch_node_rotation_reaches_the_kernels(monkeypatch):
+    """rotate_qk: every call the node serves asks sageattn for hadamard=True, except where a
+    schedule rule sets a level without '+hadamard'; on Q and K with outlier channels the
+    sampled result is then closer to the stock one (one block, so errors do not compound:
+    measured 0.043 against 0.114 relative L2)."""
+    monkeypatch.setenv(comfy_nodes.BACKEND_ENV, "reference")
+    calls = []
+    real = ov.sa2.sageattn
+    monkeypatch.setattr(ov.sa2, "sageattn", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    sigmas = [1.0, 0.5, 0.0]
+    node = comfy_nodes.SageAttn2Patch()
+
+    def run(dit, rotate_qk, schedule=None):
+        calls.clear()
+        (patched,) = node.patch(FakePatcher(), "int8+fp8", "per_thread", True, "auto", False, 0, rotate_qk, schedule)
+        outs = sample(patched, dit, sigmas)
+        state = patched.model_options["transformer_options"]["optimized_attention_override"].state
+        return state, [kw["hadamard"] for kw in calls], outs
+
+    dit = TinyDiT(qk_outliers=True)  # 5 blocks, 10 calls per evaluation
+    state, rotations, _ = run(dit, True)
+    assert state.settings.rotate_qk and state.settings.level == "int8+fp8+hadamard" and "+hadamard" in state.label
+    assert rotations == [True] * 20 and state.stats[("sage", "int8+fp8+hadamard")] == 20
+    state, rotations, _ = run(dit, False)
+    assert rotations == [False] * 20 and state.stats[("sage", "int8+fp8")] == 20
+    state, rotations, _ = run(dit, True, parse("single: int4+fp8; double 1: int8+fp16+hadamard"))
+    assert sorted(rotations) == [False] * 12 + [True] * 8
+    assert (state.stats[("sage", "int8+fp8+hadamard")], state.stats[("sage", "int4+fp8")],
+            state.stats[("sage", "int8+fp16+hadamard")]) == (4, 12, 4)
+
+    one_block = TinyDiT(blocks=(("double", 1),), qk_outliers=True)
+    stock = sample(FakePatcher(), one_block, sigmas)
+    error = lambda outs: max(float((o - s).norm() / s.norm()) for o, s in zip(outs, stock))
+    rotated, plain = error(run(one_block, True)[2]), error(run(one_block, False)[2])
+    assert rotated < 0.5 * plain, (rotated, plain)
+    with pytest.raises(TypeError, match="rotate_qk must be a bool"):
+        node.patch(FakePatcher(), "auto", "per_thread", True, "auto", False, 0, "False")
+
+
 def test_patch_node_default_min_seq_len_keeps_short_calls_stock(monkeypatch):
     monkeypatch.setenv(comfy_nodes.BACKEND_ENV, "reference")
     dit = TinyDiT()  # 96 tokens
@@ -113,3 +153,8 @@ def test_calibrate_node_returns_model_and_recording(monkeypatch):
     dit = TinyDiT(blocks=(("double", 1),))
     sample(model, dit, [1.0, 0.5, 0.0])
     assert calibration.recorder.calls == 4 and torch.isfinite(torch.tensor(calibration.recorder.sigmas)).all()
+    assert calibration.try_rotation and "int8+fp8+hadamard" in calibration.recorder.order
+    _, plain = comfy_nodes.SageAttn2Calibrate().patch(base, "per_thread", True, "auto", False, try_rotation=False)
+    assert not plain.try_rotation
+    sample(_, dit, [1.0, 0.0])
+    assert not any(lv.endswith("+hadamard") for lv in plain.recorder.order)

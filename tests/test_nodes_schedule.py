@@ -21,7 +21,31 @@ def pos(kind=None, index=0, kind_total=None, block=0, block_total=None):
 def test_levels_match_the_core_api():
     assert levels.LEVELS == sageattn2.PRECISIONS
     assert levels.QUANTIZED == sageattn2.QUANTIZED_PRECISIONS
-    assert set(levels.ACCURACY_RANK) == set(levels.LEVELS)
+    assert set(levels.ACCURACY_RANK) == set(levels.SCHEDULE_LEVELS)
+    assert set(levels.SCHEDULE_LEVELS) == set(levels.LEVELS) | {lv + "+hadamard" for lv in levels.LEVELS if lv != "exact"}
+
+
+def test_rotated_levels_parse_print_and_rank():
+    """'+hadamard' after a level: Q and K rotated in that cell (sageattn(hadamard=True)); the
+    canonical text keeps it, and it ranks just above the same level unrotated."""
+    s = parse("0-20%: int4+fp8+hadamard; double 1-3: INT8 + FP8 +Hadamard\nall: auto+hadamard\nsingle: int4+fp16")
+    assert [r.level for r in s.rules] == ["int4+fp8+hadamard", "int8+fp8+hadamard", "auto+hadamard", "int4+fp16"]
+    assert s.text == "0-20%: int4+fp8+hadamard\ndouble 1-3: int8+fp8+hadamard\nall: auto+hadamard\nsingle: int4+fp16"
+    assert parse(s.text) == s
+    rank = levels.ACCURACY_RANK
+    for level in levels.LEVELS[:-1]:
+        above = [lv for lv in levels.SCHEDULE_LEVELS if rank[lv] > rank[level]]
+        assert min(above, key=rank.get) == level + "+hadamard"
+    assert levels.most_accurate(["int4+fp8+hadamard", "int4+fp8"]) == "int4+fp8+hadamard"
+    assert levels.most_accurate(["int4+fp8+hadamard", "int4+fp16"]) == "int4+fp16"
+    assert levels.split_rotation("int4+fp8+hadamard") == ("int4+fp8", True)
+    assert levels.split_rotation("exact") == ("exact", False)
+    assert levels.rotated("exact") == "exact" and levels.rotated("auto") == "auto+hadamard"
+    assert levels.rotated("int8+fp8", False) == "int8+fp8"
+    # An uncertain cell runs the most accurate candidate, rotation included.
+    b = parse("blocks last 2: int4+fp8+hadamard").bind(FlowSampling().percent_to_sigma)
+    assert b.level(0.5, pos(block=3), "int4+fp8") == "int4+fp8+hadamard"
+    assert b.level(0.5, pos(block=3, block_total=10), "int4+fp8") == "int4+fp8"
 
 
 def test_parse_the_documented_examples():
@@ -71,6 +95,9 @@ def test_empty_and_comment_only_schedules_have_no_rules():
     (": exact", 1, 1, "nothing before ':'"),
     ("all 0-10%: exact", 1, 1, "'all' stands alone"),
     ("0-10%: exact; double 1 ? 2: exact", 1, 24, "unexpected '?'"),
+    ("double 1: exact+hadamard", 1, 11, "nothing to rotate"),
+    ("0-20%: hadamard", 1, 8, "may end in '+hadamard'"),
+    ("0-20%: int4+hadamard", 1, 8, "unknown precision level"),
 ])
 def test_errors_name_line_column_and_the_problem(text, line, col, words):
     with pytest.raises(ScheduleError) as e:
@@ -119,7 +146,7 @@ def test_random_text_gives_a_schedule_or_a_schedule_error():
     other exception into an internal validation error), and what parses round-trips."""
     rng = random.Random(17)
     alphabet = list("0123456789-%:;,. \n#") + ["double", "single", "blocks", "first", "last", "all", "input",
-                                                "int8+fp8", "exact", "auto", "9" * 30, "\u00e9", "\0"]
+                                                "int8+fp8", "exact", "auto", "+hadamard", "9" * 30, "\u00e9", "\0"]
     parsed = 0
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))

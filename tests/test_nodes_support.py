@@ -217,15 +217,22 @@ class TinyDiT:
     """A diffusion 'model' whose forward makes attention calls the way ComfyUI's models do:
     `blocks` per block type with block_type/block_index/total_blocks (keys=True), or
     nothing (keys=False, like SD3/LTXV). Each block: self-attention (NHD) + one
-    cross-attention to a short context."""
+    cross-attention to a short context. `qk_outliers`: in every head, two Q channels x10 and
+    two other K channels x20 (test_hadamard.outlier_qkv's outliers)."""
 
     def __init__(self, blocks=(("double", 2), ("single", 3)), keys=True, heads=2, dim=32, tokens=96,
-                 context=16, seed=0):
+                 context=16, seed=0, qk_outliers=False):
         gen = torch.Generator().manual_seed(seed)
         self.blocks, self.keys, self.heads, self.tokens = blocks, keys, heads, tokens
         self.w = {(kind, i): torch.randn(dim * heads, 3 * dim * heads, generator=gen) / math.sqrt(dim * heads)
                   for kind, n in blocks for i in range(n)}
         self.ctx = torch.randn(1, context, dim * heads, generator=gen)
+        self.q_gain, self.k_gain = torch.ones(heads, dim), torch.ones(heads, dim)
+        if qk_outliers:
+            for h in range(heads):
+                channels = torch.randperm(dim, generator=gen)[:4]
+                self.q_gain[h, channels[:2]], self.k_gain[h, channels[2:]] = 10.0, 20.0
+        self.q_gain, self.k_gain = self.q_gain.flatten(), self.k_gain.flatten()
 
     def forward(self, x, transformer_options):
         to = transformer_options
@@ -236,8 +243,9 @@ class TinyDiT:
                 if self.keys:
                     to["block_index"] = i
                 q, k, v = (x @ self.w[(kind, i)]).chunk(3, dim=-1)
+                q, k = q * self.q_gain, k * self.k_gain
                 x = x + stock_attention(q, k, v, self.heads, transformer_options=to)
-                x = x + stock_attention(q, self.ctx, self.ctx, heads=self.heads, transformer_options=to)
+                x = x + stock_attention(q, self.ctx * self.k_gain, self.ctx, heads=self.heads, transformer_options=to)
                 x = x / x.std()
         return x
 

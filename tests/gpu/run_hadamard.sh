@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Device script for the Hadamard rotation (numerics.md §1.6): the rotating quantizers and both
-# families on their operands (tests/gpu/test_hadamard_kernels.py) plus the mma suite's decline
-# test, the quantizer's cost with and without it (bench/bench_hadamard.py) and a memcheck of tiny
-# rotating calls. Expects the product kernels built (python3 install.py -j 16 --no-selfcheck);
-# the kernels only these reach (rotating quantizers, INT4 emulated on Hopper) are compiled first,
-# in parallel, into the same cache. About 2 minutes on an H100. Logs go under $OUT (default
+# families on their operands and through the public API (tests/gpu/test_hadamard_kernels.py)
+# plus the mma suite's decline test, the quantizer's cost with and without it
+# (bench/bench_hadamard.py) and a memcheck of tiny rotating calls. Expects the product kernels
+# built (python3 install.py -j 16 --no-selfcheck; they include the rotating quantizers); the
+# kernels only these reach (INT4 emulated on Hopper) and any rotating quantizer missing from an
+# older cache are compiled first, in parallel, into the same cache. About 2 minutes on an H100. Logs go under $OUT (default
 # ./hadamard_out); exits non-zero on a failed build, test or memcheck.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,7 +52,7 @@ python3 - <<'PY'
 import json, os
 rows = [json.loads(l) for l in open(os.environ["SA2_TEST_LOG"])] if os.path.exists(os.environ["SA2_TEST_LOG"]) else []
 for r in rows:
-    if r.get("kind") in ("hadamard_gain", "hadamard_wgmma"):
+    if r.get("kind") in ("hadamard_gain", "hadamard_wgmma", "hadamard_api"):
         a, b = r["rotated"], r["plain"]
         print(f"{r['kind']:15s} {r['case']:34s} vs exact: rotated cos {a['cos']:.6f} relL1 {a['rel_l1']:.4f} "
               f"lse {a['lse_err']:.2e} | plain cos {b['cos']:.6f} relL1 {b['rel_l1']:.4f} lse {b['lse_err']:.2e}")

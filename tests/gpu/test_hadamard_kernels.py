@@ -12,6 +12,9 @@ operands, on data with outlier channels (2 Q channels x10, 2 other K channels x2
   the same kernel without it, lse included.
 - wgmma attention (Hopper, INT8): against the reference (13-bit FP8 accumulator) and float64
   exact attention, outputs poisoned with NaN, and the gain over the unrotated kernel.
+- The public API (`sageattn(..., hadamard=True)`): dispatch keeps the flag for the family it picks
+  (wgmma for INT8 on Hopper), the result is that backend's rotated one bit for bit, the gain over
+  the same call without it, and the rotating quantizers come from the product build.
 Metrics go to $SA2_TEST_LOG (JSON lines).
 """
 from __future__ import annotations
@@ -21,7 +24,9 @@ import secrets
 import pytest
 import torch
 
+import sageattn2
 from conftest import error_metrics, make_qkv
+from sageattn2 import archs, dispatch, kernels
 from sageattn2.config import AttnConfig, Family, QKDType
 from sageattn2.reference import exact_attention, quantize_k, quantize_q, reference_attention, unpack_int4
 from test_mma_kernels import CAP, DEV, LIB, _values_close, check, log, mma, need, poison_allocator, run_kernel
@@ -205,4 +210,39 @@ def test_wgmma_attention_with_rotation(pv, d, n, causal, layout):
     # The wgmma suite's bounds against the reference (test_wgmma_kernels.TOL / LSE_TOL).
     assert same["cos"] >= 0.9999 and same["rel_l1"] <= 0.006 and same["lse_err"] <= 5e-2, record
     assert rot["rel_l1"] <= 0.8 * plain["rel_l1"] and rot["cos"] >= max(plain["cos"], 0.995), record
+    assert rot["lse_err"] <= plain["lse_err"] + 1e-2, record
+
+
+# ---------------------------------------------------------------------------------------
+# The public API
+
+
+@pytest.mark.parametrize("precision,layout", [("int8+fp8", "HND"), ("int8+fp16", "NHD"), ("int4+fp8", "HND"),
+                                              ("int4+fp16", "NHD")])
+def test_public_api_serves_the_rotation(precision, layout):
+    q, k, v = outlier_qkv(1, 4, 2, 2048 + 33, 2048 + 33, 128, layout=layout)
+    opts = dict(layout=layout, precision=precision, granularity="per_thread", smooth_k=True, smooth_q=None,
+                smooth_v=False, is_causal=False)
+    p = dispatch.plan(q, k, v, hadamard=True, **opts)
+    if p.backend == "exact":
+        pytest.skip(p.note)
+    assert p.cfg.hadamard and p.backend == dispatch.plan(q, k, v, **opts).backend
+    if CAP == (9, 0) and p.cfg.qk_dtype is QKDType.INT8 and not p.cfg.smooth_q:
+        assert p.backend == "wgmma"
+    product = {kn.name for kn in kernels.product_kernels(archs.arch(*CAP))}
+    assert {f"quant-bf16-d128-{kind}-hadamard" for kind in kernels.QUANT_ROW_KINDS} <= product
+    poison_allocator()
+    o_rot, l_rot = sageattn2.sageattn(q, k, v, tensor_layout=layout, return_lse=True, precision=precision,
+                                      hadamard=True)
+    o_direct, l_direct = dispatch.backend_module(p.backend).attention(
+        q, k, v, layout=layout, cfg=p.cfg, is_causal=False, sm_scale=128 ** -0.5, return_lse=True)
+    o_plain, l_plain = sageattn2.sageattn(q, k, v, tensor_layout=layout, return_lse=True, precision=precision)
+    torch.cuda.synchronize()
+    assert torch.equal(o_rot, o_direct) and torch.equal(l_rot, l_direct)
+    ex_o, ex_l = exact_attention(q, k, v, tensor_layout=layout, return_lse=True)
+    rot, plain = _vs_exact(o_rot, l_rot, ex_o, ex_l), _vs_exact(o_plain, l_plain, ex_o, ex_l)
+    record = {"kind": "hadamard_api", "case": f"{p.backend}/{precision}->{p.cfg.precision}/{layout}",
+              "rotated": rot, "plain": plain}
+    log(record)
+    assert rot["rel_l1"] <= 0.8 * plain["rel_l1"] and rot["cos"] >= plain["cos"], record
     assert rot["lse_err"] <= plain["lse_err"] + 1e-2, record
