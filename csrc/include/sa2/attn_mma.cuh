@@ -161,7 +161,9 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "every thread copies one chunk column");
+  static_assert(kThreads % kChunks == 0 && (kRows % kRowsPerPass == 0 || kRowsPerPass % kRows == 0),
+                "every thread copies one chunk column (or none, where a pass covers more rows than the tile)");
+  constexpr int kPasses = kRows >= kRowsPerPass ? kRows / kRowsPerPass : 1;
   const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
   const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
   const uint32_t dst_addr = mma::smem_addr(dst);
@@ -169,8 +171,9 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
   const int stride = static_cast<int>(src_stride);
   const bool chunk_valid = chunk < valid_chunks;
 #pragma unroll
-  for (int it = 0; it < kRows / kRowsPerPass; ++it) {
+  for (int it = 0; it < kPasses; ++it) {
     const int row = row0 + it * kRowsPerPass;
+    if (kRowsPerPass > kRows && row >= kRows) break;
     const bool valid = chunk_valid && row < valid_rows;
     const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
     const uint32_t d = kRowsPerPass % 8 == 0 ? dst0 + it * kRowsPerPass * kRowBytes
