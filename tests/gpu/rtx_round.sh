@@ -40,7 +40,8 @@ in_variant() { local v=$1; shift; SAGEATTN2_CACHE_DIR=/tmp/sa2_ab/${v%%:*} SAGEA
 pack() { tar czf "$OUT/rtx_raw.tgz" -C "$OUT" raw && rm -rf "$RAW"; }
 export PYTHONUNBUFFERED=1 SAGEATTN2_COMMIT=${SAGEATTN2_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 THUML=.thirdparty/SageAttention
-export PYTHONPATH=$PWD/$THUML${PYTHONPATH:+:$PYTHONPATH}
+# The ncu case runs from /tmp: the pack is importable by path, not by the working directory.
+export PYTHONPATH=$PWD:$PWD/$THUML${PYTHONPATH:+:$PYTHONPATH}
 STAGES=${*:-build test bench ncu}
 failed=()
 has() { case " $STAGES " in *" $1 "*) return 0;; esac; return 1; }
