@@ -6,7 +6,7 @@
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
 //   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
-// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpRows rows each; the
+// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
 // K/V tiles of kKTile keys stream through cp.async (K two stages, V two or one: kVStages).
 // Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
@@ -18,25 +18,20 @@
 
 // Experiment switches for device A/B runs (tests/gpu/rtx_round.sh MMA_VARIANTS, through
 // SAGEATTN2_NVRTC_FLAGS); each goes once a winner is measured.
-#ifndef SA2_MMA_ONE_BARRIER
-#define SA2_MMA_ONE_BARRIER 1  // 0: one V stage for 16-bit V at D=64 and three barriers per tile
-#endif
 #ifndef SA2_MMA_EAGER_RESCALE
 #define SA2_MMA_EAGER_RESCALE 0  // 1: rescale O every tile (no vote, no branch before P.V)
-#endif
-#ifndef SA2_MMA_TWO_V_STAGES_D128
-#define SA2_MMA_TWO_V_STAGES_D128 0  // 1: two 16-bit V stages (one barrier) at D=128 too: 64 KB per CTA
-#endif
-#ifndef SA2_MMA_SPLIT_WARPS
-#define SA2_MMA_SPLIT_WARPS 0  // 1: at D <= 128, 8 warps of 16 rows (two CTAs per SM, <= 128 registers)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
 #endif
-#if SA2_MMA_MIN_CTAS_D64 > 1 || SA2_MMA_SPLIT_WARPS  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
+#if SA2_MMA_MIN_CTAS_D64 > 1  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads, T::kMinCtasPerSm)
 #else
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads)
+#endif
+
+#ifndef SA2_MMA_V_STAGES_D128
+#error "SA2_MMA_V_STAGES_D128 comes from the arch table (sageattn2/archs.py Arch.defines)"
 #endif
 
 namespace sa2 {
@@ -51,14 +46,11 @@ struct AttnMmaTraits {
   // config.tile_shape(Family.MMA, D): (128, 32, 64) up to 128, (64, 16, 64) at 256 where a
   // 32-row warp's fp32 O fragment (256 registers) would not fit.
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
-  static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;  // rows of one Q scale group (config warp_q)
-  // Rows one warp computes: kWarpQ, or half of it where a group is split over two warps (the
-  // scale groups, and so the quantizer, stay as they are).
-  static constexpr int kWarpRows = SA2_MMA_SPLIT_WARPS && kWarpQ == 32 ? 16 : kWarpQ;
+  static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
   static constexpr int kKTile = 64;
-  static constexpr int kWarps = kCtaQ / kWarpRows;
+  static constexpr int kWarps = kCtaQ / kWarpQ;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMTiles = kWarpRows / 16;
+  static constexpr int kMTiles = kWarpQ / 16;
   static constexpr int kSTiles = kKTile / 8;                             // n8 tiles of S
   static constexpr int kOTiles = kHeadDim / 8;                           // n8 tiles of O
   static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
@@ -74,16 +66,15 @@ struct AttnMmaTraits {
   static constexpr int kKTileBytes = kKTile * kQKBytes;
   static constexpr int kVTileBytes = kVRows * kVRowBytes;
   static constexpr int kQTileBytes = kCtaQ * kQKBytes;
-  // K is double-buffered. 16-bit V tiles are twice the size of FP8 ones: above D=64 a single
-  // V stage keeps a D=128 CTA at 48 KB (two CTAs per SM on sm_86/89/120) and D=256 under
-  // 99 KB; its load still overlaps the next tile's QK and softmax.
-  static constexpr int kVStages =
-      kFp8PV || (SA2_MMA_ONE_BARRIER && (kHeadDim <= 64 || (SA2_MMA_TWO_V_STAGES_D128 && kHeadDim == 128))) ? 2 : 1;
-  // With two V stages a tile needs one barrier: at its top K_j and V_j have landed, every warp
-  // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages. With one V
-  // stage it needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}).
-  static constexpr bool kOneBarrier = SA2_MMA_ONE_BARRIER && kVStages == 2;
-  static constexpr int kMinCtasPerSm = kWarpRows < kWarpQ ? 2 : kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
+  // K is double-buffered; V too for FP8 and D=64, and at D=128 where the arch table says so
+  // (archs.py mma_v_stages_d128: a 64 KB CTA instead of 48, two per SM only outside GeForce).
+  // With two V stages a tile needs one barrier (at its top K_j and V_j have landed, every warp
+  // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages); with one it
+  // needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}). D=256 keeps
+  // one stage (99 KB per CTA at most).
+  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || (kHeadDim == 128 && SA2_MMA_V_STAGES_D128 == 2) ? 2 : 1;
+  static constexpr bool kOneBarrier = kVStages == 2;
+  static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -94,7 +85,7 @@ struct AttnMmaTraits {
   static constexpr int kSmemBytes = kDsOffset + kWarps * kKTile * 4;  // with Q smoothing; kQbarOffset without
 
   static_assert(kQKBytes % 32 == 0, "head dim must fill whole QK k-steps");
-  static_assert(kWarpRows % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
+  static_assert(kWarpQ % 16 == 0 && kCtaQ % kWarpQ == 0, "warp rows are whole m16 tiles");
   static_assert(kOTiles % 2 == 0 && kSTiles % 4 == 0, "fragments are loaded in pairs");
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB of sm_86/89/120");
   static_assert(!kF16Acc || kPV != PVType::kBf16, "an fp16 accumulator takes fp16 or FP8 operands, not bf16");
@@ -161,9 +152,7 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && (kRows % kRowsPerPass == 0 || kRowsPerPass % kRows == 0),
-                "every thread copies one chunk column (or none, where a pass covers more rows than the tile)");
-  constexpr int kPasses = kRows >= kRowsPerPass ? kRows / kRowsPerPass : 1;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "every thread copies one chunk column");
   const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
   const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
   const uint32_t dst_addr = mma::smem_addr(dst);
@@ -171,9 +160,8 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
   const int stride = static_cast<int>(src_stride);
   const bool chunk_valid = chunk < valid_chunks;
 #pragma unroll
-  for (int it = 0; it < kPasses; ++it) {
+  for (int it = 0; it < kRows / kRowsPerPass; ++it) {
     const int row = row0 + it * kRowsPerPass;
-    if (kRowsPerPass > kRows && row >= kRows) break;
     const bool valid = chunk_valid && row < valid_rows;
     const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
     const uint32_t d = kRowsPerPass % 8 == 0 ? dst0 + it * kRowsPerPass * kRowBytes
@@ -204,7 +192,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int64_t bh = static_cast<int64_t>(batch) * a.heads_q + head;
   const int64_t bkv = static_cast<int64_t>(batch) * a.heads_kv + kv_head;
   const int row0 = q_block * T::kCtaQ;          // first query row of the CTA
-  const int warp_row0 = row0 + warp * T::kWarpRows;  // first query row of this warp
+  const int warp_row0 = row0 + warp * T::kWarpQ;  // first query row of this warp
   const int nq = static_cast<int>(a.nq), nk = static_cast<int>(a.nk);
 
   // ---- Q tile -> shared memory (its own commit group, completed with K0).
@@ -373,7 +361,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     for (int ks = 0; ks < T::kQKSteps; ++ks) {
       uint32_t q_frag[M][4];
 #pragma unroll
-      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpRows + m * 16, ks * 2));
+      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t b[4];
