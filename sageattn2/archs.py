@@ -10,11 +10,6 @@ which levels are native or substituted. Nothing else restates these facts.
               FP8 P.V in the mma family accumulates in fp16 by default: GeForce Ada and
               Blackwell run that MMA at twice the rate of fp32 accumulation, at the same error
               within 0.1 % (numerics.md §2.6); Hopper emulates FP8 mma.sync, so it gains nothing
-    mma_v_stages_d128
-              16-bit V tiles the mma family's D=128 kernel double-buffers (1 or 2): two take
-              64 KB per CTA, one barrier per key tile instead of three, and no spills on
-              sm_90 (measured on H100: +4..7 %); the 100 KB GeForce SMs would hold one such
-              CTA, and sm_80's ptxas spills more with two (untimed), so only Hopper takes two
 """
 from __future__ import annotations
 
@@ -29,7 +24,6 @@ class Arch:
     int4_mma: bool
     wgmma: bool
     fp8_pv_fp16_accum: bool = False
-    mma_v_stages_d128: int = 1
 
     @property
     def number(self) -> int:
@@ -47,8 +41,7 @@ class Arch:
 
     def defines(self) -> list[str]:
         """Macros every kernel unit of this arch is compiled with."""
-        return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}",
-                f"-DSA2_MMA_V_STAGES_D128={self.mma_v_stages_d128}"]
+        return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}"]
 
 
 # Compute capability -> capabilities. Archs the mma.sync family serves; newer ones fall back to
@@ -58,7 +51,7 @@ _TABLE = {
     (8, 6): Arch(8, 6, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
-    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True, mma_v_stages_d128=2),
+    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True),
     (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False),
     (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
 }

@@ -171,16 +171,3 @@ def test_concurrent_launches_of_one_plan_keep_their_own_pointers():
         words = (ctypes.c_uint64 * (len(raw) // 8)).from_buffer_copy(raw)
         assert words[q_ptr_word] == expected[ident]
 
-
-@needs_nvrtc
-@pytest.mark.parametrize("cc", [(8, 6), (9, 0)])
-def test_mma_d128_v_stages_follow_the_arch_table(cc):
-    """The D=128 16-bit mma kernel's shared memory, read from the compiled cubin: Q + two K
-    stages + archs.mma_v_stages_d128 V stages + the per-warp q-bar and Delta-S rows."""
-    arch = archs.arch(*cc)
-    kernel = next(k for k in kernels.product_kernels(arch) if k.name == "mma-d128-int8-bf16")
-    cubin, _, _ = NV.compile(kernel.source(), f"{kernel.name}.cu", kernels.headers(), kernels.options(arch),
-                             [kernel.expr])
-    q_tile, k_tile, v_tile, per_warp = 128 * 128, 64 * 128, 64 * 256, 4 * (128 + 64 * 4)
-    assert kernels.launch_info(kernel, cubin)["smem"] == (
-        q_tile + 2 * k_tile + arch.mma_v_stages_d128 * v_tile + per_warp)

@@ -30,10 +30,6 @@
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads)
 #endif
 
-#ifndef SA2_MMA_V_STAGES_D128
-#error "SA2_MMA_V_STAGES_D128 comes from the arch table (sageattn2/archs.py Arch.defines)"
-#endif
-
 namespace sa2 {
 
 template <int kHeadDim_, QKType kQK_, PVType kPV_, PVAccum kAcc_ = PVAccum::kFp32>
@@ -66,13 +62,12 @@ struct AttnMmaTraits {
   static constexpr int kKTileBytes = kKTile * kQKBytes;
   static constexpr int kVTileBytes = kVRows * kVRowBytes;
   static constexpr int kQTileBytes = kCtaQ * kQKBytes;
-  // K is double-buffered; V too for FP8 and D=64, and at D=128 where the arch table says so
-  // (archs.py mma_v_stages_d128: a 64 KB CTA instead of 48, two per SM only outside GeForce).
-  // With two V stages a tile needs one barrier (at its top K_j and V_j have landed, every warp
-  // is done with tile j-1, and tile j+1's K and V are issued into j-1's stages); with one it
-  // needs three (K_j landed; V_j landed; every warp done with V_j before V_{j+1}). D=256 keeps
-  // one stage (99 KB per CTA at most).
-  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || (kHeadDim == 128 && SA2_MMA_V_STAGES_D128 == 2) ? 2 : 1;
+  // K is double-buffered, V too for FP8 and D=64. With two V stages a tile needs one barrier
+  // (at its top K_j and V_j have landed, every warp is done with tile j-1, and tile j+1's K and
+  // V are issued into j-1's stages); with one it needs three (K_j landed; V_j landed; every warp
+  // done with V_j before V_{j+1}). Above D=64 a 16-bit V tile is 32 KB: one stage keeps a D=128
+  // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB.
+  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 ? 2 : 1;
   static constexpr bool kOneBarrier = kVStages == 2;
   static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
