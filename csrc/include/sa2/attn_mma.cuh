@@ -21,6 +21,9 @@
 #ifndef SA2_MMA_EAGER_RESCALE
 #define SA2_MMA_EAGER_RESCALE 0  // 1: rescale O every tile (no vote, no branch before P.V)
 #endif
+#ifndef SA2_MMA_TWO_BARRIERS
+#define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
+#endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
 #endif
@@ -69,6 +72,9 @@ struct AttnMmaTraits {
   // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB.
   static constexpr int kVStages = kFp8PV || kHeadDim <= 64 ? 2 : 1;
   static constexpr bool kOneBarrier = kVStages == 2;
+  // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
+  // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
+  static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier;
   static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
@@ -264,10 +270,14 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // Commit order K0, V0, K1, V1, ... With three barriers: at the top of tile j wait_group 1
   // leaves only V_j in flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
   // With one: at the top of tile j wait_group 0 (K_j, V_j), then K_{j+1} and V_{j+1} go out.
+  // With two: at the top of tile j wait_group 0 (K_j), V_j goes out; before P . V wait_group 1
+  // leaves only K_{j+1}.
   load_k(0, 0);
   cp_async_commit();
-  load_v(0, 0);
-  cp_async_commit();
+  if constexpr (!T::kTwoBarriers) {
+    load_v(0, 0);
+    cp_async_commit();
+  }
 
   // One key tile. kMasked and kExactLogits (BoolConstants) compile one body per case, so the
   // steady-state tile has no branch between its QK MMAs and its softmax (ptxas schedules only
@@ -287,6 +297,11 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         load_k(j + 1, stage ^ 1);
         load_v(j + 1, stage ^ 1);
       }
+      cp_async_commit();
+    } else if constexpr (T::kTwoBarriers) {
+      cp_async_wait<0>();
+      __syncthreads();
+      load_v(j, 0);
       cp_async_commit();
     } else {
       cp_async_wait<1>();
@@ -538,7 +553,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       }
     }
 
-    if constexpr (!T::kOneBarrier) {
+    if constexpr (!T::kOneBarrier && !T::kTwoBarriers) {
       if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
       if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
       cp_async_commit();
