@@ -3,8 +3,10 @@
 which levels are native or substituted. Nothing else restates these facts.
 
     fp8_mma   e4m3 mma.sync exists (sm_89+): FP8 PV in the mma family, the FP8 V quantizer
-    int4_mma  INT4 mma.sync runs natively (sm_80-89, sm_120); Hopper emulates it ~10x slower,
-              so an int4 request runs INT8 there unless emulation is forced
+    int4_mma  INT4 mma.sync runs natively (sm_80-89). Hopper emulates it ~10x slower, and so
+              does sm_120: NVRTC 12.8-13.5 turn its m16n8k64.s4 into unpacking and an
+              IMMA.16832.S8 loop (2 IMMA in the D=128 kernel's SASS against sm_89's 128
+              IMMA.16864.S4); an int4 request runs INT8 there unless emulation is forced
     wgmma     the Hopper family (sm_90a only: wgmma, TMA, setmaxnreg)
     fp8_pv_fp16_accum
               FP8 P.V in the mma family accumulates in fp16 by default: GeForce Ada and
@@ -53,7 +55,7 @@ _TABLE = {
     (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
     (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True),
     (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False),
-    (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
+    (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp8_pv_fp16_accum=True),
 }
 
 # What CI compiles every product kernel for.

@@ -69,11 +69,12 @@ def test_product_builds_hold_what_dispatch_reaches():
     assert sorted(n for n in hopper if n.startswith("wgmma")) == [
         "wgmma-d128-bf16-overlap", "wgmma-d128-fp16-overlap", "wgmma-d128-fp8-sequential3wg",
         "wgmma-d64-bf16-sequential3wg", "wgmma-d64-fp16-sequential3wg", "wgmma-d64-fp8-sequential3wg"]
-    assert not any("int4" in n for n in hopper)  # emulated INT4 compiles only when forced
+    # Emulated INT4 (Hopper, sm_120) compiles only when forced.
+    assert not any("int4" in n for n in hopper | names[(12, 0)])
     assert not any("fp8" in n for n in names[(8, 6)]) and not any("wgmma" in n for n in names[(8, 9)])
     # FP8 PV accumulates in fp16 on GeForce Ada/Blackwell (archs.py), in fp32 on Hopper's mma path.
-    for cc in ((8, 9), (12, 0)):
-        assert "mma-d256-int4-fp8-acc16" in names[cc] and "mma-d256-int4-fp8" not in names[cc]
+    assert "mma-d256-int4-fp8-acc16" in names[(8, 9)] and "mma-d256-int4-fp8" not in names[(8, 9)]
+    assert "mma-d256-int8-fp8-acc16" in names[(12, 0)] and "mma-d256-int8-fp8" not in names[(12, 0)]
     assert "mma-d128-int8-fp8" in hopper and not any(n.endswith("acc16") for n in hopper)
     # No product build holds fp16 accumulation of 16-bit PV (dispatch never picks it).
     assert not any(n.endswith("fp16-acc16") for cc in names for n in names[cc])

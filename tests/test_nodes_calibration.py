@@ -32,9 +32,10 @@ def position(name, block):
 
 def test_cost_order_per_gpu():
     assert cost_order(None) == FULL
-    assert cost_order((8, 9)) == FULL and cost_order((12, 0)) == FULL
+    assert cost_order((8, 9)) == FULL
     assert cost_order((8, 0)) == cost_order((8, 6)) == ("int4+fp16", "int8+fp16", "exact")  # no FP8 MMA
-    assert cost_order((9, 0)) == cost_order((10, 0)) == ("int8+fp8", "int8+fp16", "exact")  # no INT4 MMA
+    # No native INT4 MMA (emulated on Hopper and on sm_120): calibration never picks INT4 there.
+    assert cost_order((9, 0)) == cost_order((10, 0)) == cost_order((12, 0)) == ("int8+fp8", "int8+fp16", "exact")
 
 
 def test_calibration_candidates_put_each_rotation_after_its_level():
