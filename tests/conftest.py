@@ -88,3 +88,7 @@ def fresh_sageattn_calls():
     for name, mod in list(sys.modules.items()):
         if name == "sageattn2.api" or name.endswith(".sageattn2.api"):
             mod._calls.clear()
+    # The node tests' record of what reached stock attention starts empty in every test.
+    support = sys.modules.get("test_nodes_support")
+    if support is not None:
+        support.STOCK.calls.clear()

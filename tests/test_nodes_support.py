@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import importlib.util
+import pkgutil
 import math
 import sys
 from pathlib import Path
@@ -30,11 +32,18 @@ PACK = "sageattn2_pack"
 
 def load_pack():
     """Import the repo root as a package (ComfyUI loads custom_nodes/<folder>/__init__.py
-    this way). Its `sageattn2` subpackage is the already imported `sageattn2`, so the core
-    (and its torch custom op) exists once in the test process."""
+    this way). Its `sageattn2` subpackage and every module below it are the already imported
+    `sageattn2` ones, so the core (its enums, caches and torch custom op) exists once in the
+    test process. Aliasing only the package would not do: `from ..sageattn2 import autotune`
+    would import a second copy of each submodule and rebind `sageattn2.config` & co. to it, and
+    enums from the two copies never compare equal."""
     if PACK in sys.modules:
         return sys.modules[PACK]
-    sys.modules[f"{PACK}.sageattn2"] = sageattn2
+    for info in pkgutil.walk_packages(sageattn2.__path__, "sageattn2."):
+        importlib.import_module(info.name)
+    for name, module in list(sys.modules.items()):
+        if name == "sageattn2" or name.startswith("sageattn2."):
+            sys.modules[f"{PACK}.{name}"] = module
     spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
     sys.modules[PACK] = pack
