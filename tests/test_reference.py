@@ -424,10 +424,12 @@ def test_fp8_accumulator_truncation_is_small_but_real():
 
 def test_fp8_accumulator_flushed_every_few_tiles_matches_two_level():
     # A kernel could let the PV accumulator run over several tiles before adding it into the
-    # fp32 O (docs/notes-wgmma.md, session 5). Without truncation that is the same math; with
-    # 13 bits, flushing every 8 tiles keeps today's accuracy while never flushing loses some at
-    # long sequences. Measured rel-L1 ratios to two-level (Nk 16384, 3 seeds): every 8 tiles
-    # 0.9998-1.0008, never 1.013-1.021.
+    # fp32 O (docs/notes-wgmma.md). Without truncation that is the same math; with 13 bits,
+    # flushing every 8 tiles keeps today's accuracy while never flushing drifts at long
+    # sequences. Against the untruncated output at 32K keys (9 draws): two-level 6-9e-5 rel L1,
+    # every 8 tiles 3.9-4.4e-4, never 1.26-1.35e-2. Against exact attention the drift can hide
+    # under the quantization error of an unlucky draw (rel L1 0.056 both ways), so it is
+    # measured against the untruncated output.
     cfg = AttnConfig(pv_dtype="fp8", family="wgmma")
     q, k, v = make_qkv(1, 2, 1, 40, 700, 128)
     two_level = reference_attention(q, k, v, cfg, fp8_acc_mantissa_bits=13)[0]
@@ -437,11 +439,12 @@ def test_fp8_accumulator_flushed_every_few_tiles_matches_two_level():
                                rtol=1e-2, atol=1e-3)
 
     q, k, v = make_qkv(1, 1, 1, 64, 32768, 128)
-    ref = exact64(q, k, v)[0]
-    err = {f: error_metrics(reference_attention(q, k, v, cfg, fp8_acc_mantissa_bits=13, fp8_flush_tiles=f)[0],
-                            ref)["rel_l1"] for f in (1, 8, 10**6)}
+    ref, untruncated = exact64(q, k, v)[0], reference_attention(q, k, v, cfg)[0]
+    out = {f: reference_attention(q, k, v, cfg, fp8_acc_mantissa_bits=13, fp8_flush_tiles=f)[0] for f in (1, 8, 10**6)}
+    err = {f: error_metrics(o, ref)["rel_l1"] for f, o in out.items()}
+    drift = {f: error_metrics(o, untruncated)["rel_l1"] for f, o in out.items()}
     assert err[8] < 1.005 * err[1], err
-    assert err[10**6] > 1.005 * err[1], err
+    assert drift[1] < 5e-4 and drift[8] < 2e-3 and drift[10**6] > 5e-3, drift
 
 
 def test_truncate_mantissa_rounds_toward_zero():
