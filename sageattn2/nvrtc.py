@@ -11,6 +11,7 @@ types (csrc/include/sa2/common.cuh) and every header they include is passed in m
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -145,6 +146,8 @@ class Nvrtc:
             ("nvrtcGetProgramLog", [vp, ctypes.c_char_p]),
             ("nvrtcGetCUBINSize", [vp, ctypes.POINTER(sz)]),
             ("nvrtcGetCUBIN", [vp, ctypes.c_char_p]),
+            ("nvrtcGetPTXSize", [vp, ctypes.POINTER(sz)]),
+            ("nvrtcGetPTX", [vp, ctypes.c_char_p]),
             ("nvrtcGetLoweredName", [vp, cp, ctypes.POINTER(cp)]),
             ("nvrtcGetNumSupportedArchs", [ctypes.POINTER(i)]),
             ("nvrtcGetSupportedArchs", [ctypes.POINTER(i)]),
@@ -165,10 +168,11 @@ class Nvrtc:
             msg = (self.lib.nvrtcGetErrorString(rc) or b"?").decode()
             raise NvrtcError(f"{what}: {msg}" + (f"\n{log}" if log else ""))
 
-    def compile(self, source: str, name: str, headers: dict[str, str], options: list[str],
-                name_expressions: list[str]) -> tuple[bytes, dict[str, str], str]:
-        """(cubin, {name expression: lowered symbol}, compiler log). `options` must name a real
-        `--gpu-architecture=sm_XX` (a cubin, not PTX). Raises NvrtcError with the log."""
+    @contextlib.contextmanager
+    def _compiled(self, source: str, name: str, headers: dict[str, str], options: list[str],
+                  name_expressions: list[str]):
+        """(program, compiler log) of a successful compile; the program is destroyed on exit.
+        Raises NvrtcError with the log."""
         lib, cp = self.lib, ctypes.c_char_p
         prog = ctypes.c_void_p()
         hdr_names = list(headers)
@@ -187,6 +191,17 @@ class Nvrtc:
             lib.nvrtcGetProgramLog(prog, buf)
             log = buf.value.decode(errors="replace").strip()
             self._check(rc, f"compiling {name}", log)
+            yield prog, log
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    def compile(self, source: str, name: str, headers: dict[str, str], options: list[str],
+                name_expressions: list[str]) -> tuple[bytes, dict[str, str], str]:
+        """(cubin, {name expression: lowered symbol}, compiler log). `options` must name a real
+        `--gpu-architecture=sm_XX` (a cubin, not PTX). Raises NvrtcError with the log."""
+        lib, cp = self.lib, ctypes.c_char_p
+        with self._compiled(source, name, headers, options, name_expressions) as (prog, log):
+            size = ctypes.c_size_t()
             self._check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
             cubin = ctypes.create_string_buffer(size.value)
             self._check(lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
@@ -196,9 +211,16 @@ class Nvrtc:
                 self._check(lib.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(out)), "nvrtcGetLoweredName")
                 lowered[expr] = out.value.decode()
             return cubin.raw, lowered, log
-        finally:
-            lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
+    def ptx(self, source: str, name: str, headers: dict[str, str], options: list[str]) -> str:
+        """PTX of a compile for a virtual `--gpu-architecture=compute_XX` (tests read what NVRTC
+        made of a construct). Raises NvrtcError with the log."""
+        with self._compiled(source, name, headers, options, []) as (prog, _):
+            size = ctypes.c_size_t()
+            self._check(self.lib.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
+            buf = ctypes.create_string_buffer(size.value)
+            self._check(self.lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
+            return buf.value.decode()
 
 _loaded: Nvrtc | None = None
 _why: str | None = None

@@ -53,11 +53,6 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def clear_stock():
-    STOCK.calls.clear()
-
-
 def packed_qkv(gen, n=L, h=H, d=D):
     """q, k, v as strided views of one packed projection, as Flux/Qwen produce them."""
     q = outlier_tokens(B, n, h, d, gen)

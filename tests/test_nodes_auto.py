@@ -40,11 +40,16 @@ class SimClock:
         return mark[1] - mark[0]
 
 
-def run_evaluations(decision, clock, n, calls, call_ms, other_ms, rng=None, noise=0.0, hiccup=0.0):
+def run_evaluations(decision, clock, n, calls, call_ms, other_ms, rng=None, noise=0.0, hiccup=0.0, measure=None):
     """n model evaluations: `calls` = {signature: calls per evaluation}; call_ms(sig, side) the
     true time of one call; `other_ms` the rest of the evaluation. What a timed call measures
-    is its time scaled by lognormal noise, and with probability `hiccup` 50 % more (a GC
-    pause, a page fault). Returns the total true time."""
+    is `measure(true time)`: by default its time scaled by lognormal noise, and with
+    probability `hiccup` 50 % more (a GC pause, a page fault). Returns the total true time."""
+    if measure is None:
+        def measure(t):
+            if rng is None:
+                return t
+            return t * (rng.lognormvariate(0.0, noise) * (1.5 if rng.random() < hiccup else 1.0))
     total = 0.0
     for _ in range(n):
         t0 = clock.now
@@ -53,9 +58,7 @@ def run_evaluations(decision, clock, n, calls, call_ms, other_ms, rng=None, nois
             for _ in range(count):
                 side, timed = decision.route(sig)
                 t = call_ms(sig, side)
-                seen = t
-                if rng is not None:
-                    seen *= rng.lognormvariate(0.0, noise) * (1.5 if rng.random() < hiccup else 1.0)
+                seen = measure(t)
                 start = clock.start()
                 clock.now += t
                 if timed:
@@ -122,23 +125,8 @@ def test_assess_stops_early_only_on_clear_evidence():
 def bimodal_evaluations(decision, clock, n, calls, call_ms, other_ms, rng, gap, p_slow, noise=0.02):
     """As run_evaluations, but what a timed call measures is, with probability p_slow, `gap`
     longer (two modes, e.g. a span that sometimes includes host time)."""
-    total = 0.0
-    for _ in range(n):
-        t0 = clock.now
-        mark = decision.start_evaluation()
-        for sig, count in calls.items():
-            for _ in range(count):
-                side, timed = decision.route(sig)
-                t = call_ms(sig, side)
-                seen = t * rng.lognormvariate(0.0, noise) * ((1 + gap) if rng.random() < p_slow else 1.0)
-                start = clock.start()
-                clock.now += t
-                if timed:
-                    decision.record(sig, side, (start, start + seen))
-        clock.now += other_ms
-        decision.end_evaluation(mark)
-        total += clock.now - t0
-    return total
+    return run_evaluations(decision, clock, n, calls, call_ms, other_ms, measure=lambda t: t * rng.lognormvariate(
+        0.0, noise) * ((1 + gap) if rng.random() < p_slow else 1.0))
 
 
 # Attention is the whole evaluation here (one shape, 8 calls), so a 1 % faster kernel saves

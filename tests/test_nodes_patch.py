@@ -46,11 +46,6 @@ class Counting:
         return func(*args, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def clear_stock():
-    STOCK.calls.clear()
-
-
 @pytest.fixture(scope="module")
 def dit():
     return TinyDiT()

@@ -7,8 +7,6 @@ so only the generated code shows it.
 """
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 
 from sageattn2 import archs, kernels, nvrtc
@@ -29,28 +27,8 @@ extern "C" __global__ void probe(float* x, const int* key, int nk) {
 
 def ptx_of(source: str) -> str:
     """PTX for compute_90 through the same headers and options as the kernels."""
-    lib, cp = NV.lib, ctypes.c_char_p
-    headers = kernels.headers()
-    names = list(headers)
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"probe.cu", len(names),
-                                  (cp * len(names))(*(headers[h].encode() for h in names)),
-                                  (cp * len(names))(*(h.encode() for h in names))) == 0
-    try:
-        opts = [o for o in kernels.options(archs.arch(9, 0)) if not o.startswith("--gpu-architecture")]
-        opts.append("--gpu-architecture=compute_90")
-        rc = lib.nvrtcCompileProgram(prog, len(opts), (cp * len(opts))(*(o.encode() for o in opts)))
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value + 1)
-        lib.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode()
-        assert lib.nvrtcGetPTXSize(prog, ctypes.byref(size)) == 0
-        ptx = ctypes.create_string_buffer(size.value)
-        assert lib.nvrtcGetPTX(prog, ptx) == 0
-        return ptx.value.decode()
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    opts = [o for o in kernels.options(archs.arch(9, 0)) if not o.startswith("--gpu-architecture")]
+    return NV.ptx(source, "probe.cu", kernels.headers(), opts + ["--gpu-architecture=compute_90"])
 
 
 def test_infinity_is_a_folded_constant():

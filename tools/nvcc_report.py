@@ -22,6 +22,18 @@ def all_kernels():
     return {k.name: k for cc in archs.PRODUCT_ARCHS for k in kernels.test_kernels(archs.arch(*cc))}
 
 
+def nvcc_cubin(kernel, arch, cubin: Path, extra=(), capture: bool = False) -> subprocess.CompletedProcess:
+    """nvcc -cubin of `kernel`'s unit for `arch`: the NVRTC build's source, headers and defines."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unit = Path(tmp) / f"{kernel.name}.cu"
+        unit.write_text(kernel.source() + f"\nauto* sa2_instantiate = &{kernel.expr};\n")
+        cmd = ["nvcc", "-cubin", f"-arch={arch.target}", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}",
+               *arch.defines(), *extra, str(unit), "-o", str(cubin)]
+        if not capture:
+            print(" ".join(cmd), flush=True)
+        return subprocess.run(cmd, capture_output=capture)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kernel")
@@ -33,17 +45,11 @@ def main() -> int:
     num = int("".join(c for c in args.target if c.isdigit()))
     arch = archs.arch(num // 10, num % 10)
     with tempfile.TemporaryDirectory() as tmp:
-        unit = Path(tmp) / f"{k.name}.cu"
-        unit.write_text(k.source() + f"\nauto* sa2_instantiate = &{k.expr};\n")
         cubin = Path(tmp) / "k.cubin"
-        cmd = ["nvcc", "-cubin", f"-arch={arch.target}", "-std=c++17", "-O3", "-Xptxas", "-v",
-               f"-I{ROOT / 'csrc' / 'include'}", *arch.defines(), *args.extra, str(unit), "-o", str(cubin)]
-        print(" ".join(cmd), flush=True)
-        rc = subprocess.run(cmd).returncode
+        rc = nvcc_cubin(k, arch, cubin, ("-Xptxas", "-v", *args.extra)).returncode
         if rc == 0 and args.sass:
             rc = subprocess.run(["cuobjdump", "-sass", str(cubin)]).returncode
     return rc
-
 
 if __name__ == "__main__":
     sys.exit(main())

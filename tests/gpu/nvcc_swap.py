@@ -5,7 +5,7 @@
 
 Copies every cache entry of SRC_CACHE/<arch> (an NVRTC build: install.py) to DST_CACHE under
 the same file name, its cubin replaced by `nvcc -cubin` of the same generated unit with the
-same defines (tools/nvcc_report.py's command). The loader then serves nvcc's machine code
+same defines (tools/nvcc_report.py's nvcc_cubin). The loader then serves nvcc's machine code
 through the unchanged host path, so a timing difference between the two caches is the
 compiler's alone, not a source or launch-path difference. Needs nvcc (a CUDA toolkit).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,18 +21,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
+from nvcc_report import nvcc_cubin  # noqa: E402
 from sageattn2 import archs, build, kernels  # noqa: E402
 
 
-def nvcc_cubin(kernel: kernels.Kernel, arch: archs.Arch) -> bytes:
+def nvcc_build(kernel: kernels.Kernel, arch: archs.Arch) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        unit = Path(tmp) / f"{kernel.name}.cu"
-        unit.write_text(kernel.source() + f"\nauto* sa2_instantiate = &{kernel.expr};\n")
         out = Path(tmp) / "k.cubin"
-        cmd = ["nvcc", "-cubin", f"-arch={arch.target}", "-std=c++17", "-O3",
-               f"-I{ROOT / 'csrc' / 'include'}", *arch.defines(), str(unit), "-o", str(out)]
-        subprocess.run(cmd, check=True, capture_output=True)
+        done = nvcc_cubin(kernel, arch, out, capture=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{kernel.name}: nvcc failed\n{done.stderr.decode(errors='replace')}")
         return out.read_bytes()
 
 
@@ -61,7 +60,7 @@ def main() -> int:
         if args.only and not re.search(args.only, kernel.name):
             build.write_entry(dst, entry, meta["nvrtc"])
             return f"{kernel.name}: NVRTC (copied)"
-        cubin = nvcc_cubin(kernel, arch)
+        cubin = nvcc_build(kernel, arch)
         info = kernels.launch_info(kernel, cubin)
         if entry.symbol.encode() not in cubin:
             raise RuntimeError(f"{kernel.name}: nvcc's cubin has no {entry.symbol}")
