@@ -13,6 +13,7 @@
 #          switches (MMA_VARIANTS, tests/gpu/mma_ab.py: base, variants, base again); then fp16
 #          inputs (our fp16-accumulated 16-bit PV)
 #   ncu    one shape (1x24x8192x128): our int8+fp16 kernel and thu-ml's, key sections
+#          (NCU_SECTIONS overrides the ncu --section list)
 #
 # The stages can run in separate calls on the same warm machine (the library stays in
 # the kernel cache, thu-ml in place). The whole round fits one 10-minute device call: optional
@@ -148,7 +149,7 @@ for _ in range(3):
     fn()
 torch.cuda.synchronize()
 PY
-  SECTIONS="--section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis"
+  SECTIONS=${NCU_SECTIONS:-"--section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis"}
   for who in ours thuml; do
     [ "$(left)" -gt 40 ] || { echo "ncu $who skipped ($(left) s left)"; continue; }
     kernel=$([ $who = ours ] && echo "regex:attn_mma_kernel" || echo "regex:qk_int_sv_f16_attn_kernel")
