@@ -528,6 +528,11 @@ def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_
     return a
 
 
+def _attention_grid(kernel, nq_pad: int, hq: int, b: int) -> tuple[int, int, int]:
+    """One CTA per `cta_rows` query rows (a multiple of the quantizer's `cta_q` block)."""
+    return -(-nq_pad // kernel.info["cta_rows"]), hq, b
+
+
 def _attention_smem(kernel, smooth_q: bool) -> int:
     """Dynamic shared memory of one attention launch: without Q smoothing the q-bar and Delta-S
     rows are left out (48 KB instead of 49.5 KB at D = 128, so two CTAs fit the ~100 KB of an
@@ -589,7 +594,7 @@ class _AttentionPlan(calls.CallPlan):
         a = _attention_params(cfg, q_h, k_h, dpad, tile, self.qkv.nq_pad, self.qkv.nk_pad, v_pad, v_strides,
                               _contiguous_bhn_strides(q.shape, layout), is_causal, float(sm_scale))
         _check_attention(a, self.kernel, dk.arch)
-        grid = (self.qkv.nq_pad // self.kernel.info["cta_q"], hq, b)
+        grid = _attention_grid(self.kernel, self.qkv.nq_pad, hq, b)
         self.template = abi.ParamTemplate(a)
         t, offsets = self.template, self.qkv.offsets
         self.base_slots = tuple((t.slot(field), offsets[part]) for field, part in (
@@ -695,6 +700,6 @@ def launch(dk: DeviceKernels, qz: Quantized, q, k, *, layout, cfg, is_causal, sm
                     ("v_scale", qz.v_scale), ("v_mean", qz.vbar), ("out", out), ("lse", lse)):
         setattr(a, name, None if t is None else t.data_ptr())
     dk.drv.ensure_context(dk.index)
-    kernel.launch_struct((qz.q.shape[2] // kernel.info["cta_q"], hq, b), a, _stream(q.device),
+    kernel.launch_struct(_attention_grid(kernel, qz.q.shape[2], hq, b), a, _stream(q.device),
                          _attention_smem(kernel, cfg.smooth_q))
     return out, lse

@@ -6,7 +6,7 @@
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
 //   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
-// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
+// Per CTA: kCtaRows query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
 // K/V tiles of kKTile keys stream through cp.async (K two stages, V two or one: kVStages).
 // Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
@@ -23,6 +23,9 @@
 #endif
 #ifndef SA2_MMA_TWO_BARRIERS
 #define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
+#endif
+#ifndef SA2_MMA_PINGPONG
+#define SA2_MMA_PINGPONG 0  // 1: 8 warps per CTA at D <= 128, the upper four half a step behind (ping-pong)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
@@ -47,7 +50,10 @@ struct AttnMmaTraits {
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
   static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
   static constexpr int kKTile = 64;
-  static constexpr int kWarps = kCtaQ / kWarpQ;
+  // Ping-pong: a CTA takes two blocks of kCtaQ rows (the quantizer's groups stay per kCtaQ).
+  static constexpr bool kPingPong = SA2_MMA_PINGPONG && kHeadDim <= 128;
+  static constexpr int kCtaRows = kPingPong ? 2 * kCtaQ : kCtaQ;
+  static constexpr int kWarps = kCtaRows / kWarpQ;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMTiles = kWarpQ / 16;
   static constexpr int kSTiles = kKTile / 8;                             // n8 tiles of S
@@ -64,17 +70,18 @@ struct AttnMmaTraits {
   static constexpr int kVRows = kFp8PV ? kHeadDim : kKTile;
   static constexpr int kKTileBytes = kKTile * kQKBytes;
   static constexpr int kVTileBytes = kVRows * kVRowBytes;
-  static constexpr int kQTileBytes = kCtaQ * kQKBytes;
+  static constexpr int kQTileBytes = kCtaRows * kQKBytes;
   // K is double-buffered, V too for FP8 and D=64. With two V stages a tile needs one barrier
   // (at its top K_j and V_j have landed, every warp is done with tile j-1, and tile j+1's K and
   // V are issued into j-1's stages); with one it needs three (K_j landed; V_j landed; every warp
   // done with V_j before V_{j+1}). Above D=64 a 16-bit V tile is 32 KB: one stage keeps a D=128
   // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB.
-  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 ? 2 : 1;
-  static constexpr bool kOneBarrier = kVStages == 2;
+  // Ping-pong reads V_{j-1} during step j while V_j lands: two stages.
+  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || kPingPong ? 2 : 1;
+  static constexpr bool kOneBarrier = kVStages == 2 && !kPingPong;
   // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
-  static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier;
+  static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
   static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
@@ -192,13 +199,17 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int kv_head = head / static_cast<int>(a.heads_q / a.heads_kv);  // GQA: no K/V copies
   const int64_t bh = static_cast<int64_t>(batch) * a.heads_q + head;
   const int64_t bkv = static_cast<int64_t>(batch) * a.heads_kv + kv_head;
-  const int row0 = q_block * T::kCtaQ;          // first query row of the CTA
+  const int row0 = q_block * T::kCtaRows;         // first query row of the CTA
   const int warp_row0 = row0 + warp * T::kWarpQ;  // first query row of this warp
   const int nq = static_cast<int>(a.nq), nk = static_cast<int>(a.nk);
+  // A ping-pong CTA's second block may lie past Q's padding: its warps run on zeros, read the
+  // last block's scales and store nothing.
+  const int group_row0 = T::kPingPong ? min(warp_row0, static_cast<int>(a.nq_pad) - T::kWarpQ) : warp_row0;
 
   // ---- Q tile -> shared memory (its own commit group, completed with K0).
   const uint8_t* q_src = static_cast<const uint8_t*>(a.q) + (bh * a.nq_pad + row0) * QB;
-  load_tile_async<QB, T::kCtaQ, T::kThreads>(q_smem, q_src, QB, T::kCtaQ, QB / 16);
+  load_tile_async<QB, T::kCtaRows, T::kThreads>(q_smem, q_src, QB,
+                                                T::kPingPong ? static_cast<int>(a.nq_pad) - row0 : T::kCtaQ, QB / 16);
   cp_async_commit();
 
   // Q smoothing: this warp's q-bar block (every warp lies inside one q_mean_rows block).
@@ -206,7 +217,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   float qbar_scale = 0.0f;
   if (smooth_q) {
     const int qbar_blocks = static_cast<int>(a.nq_pad / a.q_mean_rows);
-    const int64_t block = bh * qbar_blocks + warp_row0 / a.q_mean_rows;
+    const int64_t block = bh * qbar_blocks + group_row0 / a.q_mean_rows;
     const int8_t* src = static_cast<const int8_t*>(a.qbar) + block * T::kHeadDim;
     int8_t* dst = qbar_smem + warp * T::kHeadDim;
     for (int c = lane; c < T::kHeadDim; c += 32) {
@@ -222,9 +233,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int gran = static_cast<int>(a.granularity);
   const int q_groups = static_cast<int>(a.nq_pad / T::kCtaQ) *
                        (gran == kPerBlock ? 1 : (T::kCtaQ / T::kWarpQ) * (gran == kPerThread ? 8 : 1));
-  const int q_group = gran == kPerBlock ? q_block
-                      : gran == kPerWarp ? warp_row0 / T::kWarpQ
-                                         : (warp_row0 / T::kWarpQ) * 8 + g;
+  const int q_group = gran == kPerBlock ? (T::kPingPong ? group_row0 / T::kCtaQ : q_block)
+                      : gran == kPerWarp ? group_row0 / T::kWarpQ
+                                         : (group_row0 / T::kWarpQ) * 8 + g;
   const float q_scale = static_cast<const float*>(a.q_scale)[bh * q_groups + q_group];
   const int k_groups_per_tile = gran == kPerThread ? 4 : 1;
   const int k_groups = static_cast<int>(a.nk_pad / T::kKTile) * k_groups_per_tile;
@@ -253,8 +264,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   };
 
   const int k_tiles_all = (nk + T::kKTile - 1) / T::kKTile;
-  // Causal (top-left): the CTA's last row sees keys up to row0 + kCtaQ - 1.
-  const int k_tiles = causal ? min(k_tiles_all, (row0 + T::kCtaQ + T::kKTile - 1) / T::kKTile) : k_tiles_all;
+  // Causal (top-left): the CTA's last row sees keys up to row0 + kCtaRows - 1.
+  const int k_tiles = causal ? min(k_tiles_all, (row0 + T::kCtaRows + T::kKTile - 1) / T::kKTile) : k_tiles_all;
 
   float o[M][NO][4];
 #pragma unroll
@@ -271,96 +282,71 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // leaves only V_j in flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
   // With one: at the top of tile j wait_group 0 (K_j, V_j), then K_{j+1} and V_{j+1} go out.
   // With two: at the top of tile j wait_group 0 (K_j), V_j goes out; before P . V wait_group 1
-  // leaves only K_{j+1}.
+  // leaves only K_{j+1}. Ping-pong: at the top of step j wait_group 0 (K_j, V_{j-1}), then
+  // K_{j+1} and V_j go out.
   load_k(0, 0);
   cp_async_commit();
-  if constexpr (!T::kTwoBarriers) {
+  if constexpr (!T::kTwoBarriers && !T::kPingPong) {
     load_v(0, 0);
     cp_async_commit();
   }
 
-  // One key tile. kMasked and kExactLogits (BoolConstants) compile one body per case, so the
-  // steady-state tile has no branch between its QK MMAs and its softmax (ptxas schedules only
-  // inside a basic block):
-  // - kMasked: only tiles that hold keys past nk or (causal) past a row of the CTA need the
-  //   per-key mask (~3 instructions per score of predicated compares and selects).
-  // - kExactLogits: with Q smoothing (Delta-S term) or c <= 0 the logits are finished before the
-  //   softmax; otherwise the dequantization factor is left to the softmax's FFMA.
-  auto key_tile = [&](const int j, auto masked, auto exact_logits) {
-    constexpr bool kMasked = decltype(masked)::value;
-    constexpr bool kExactLogits = decltype(exact_logits)::value;
-    const int stage = j & 1;
-    if constexpr (T::kOneBarrier) {
-      cp_async_wait<0>();
-      __syncthreads();
-      if (j + 1 < k_tiles) {
-        load_k(j + 1, stage ^ 1);
-        load_v(j + 1, stage ^ 1);
-      }
-      cp_async_commit();
-    } else if constexpr (T::kTwoBarriers) {
-      cp_async_wait<0>();
-      __syncthreads();
-      load_v(j, 0);
-      cp_async_commit();
-    } else {
-      cp_async_wait<1>();
-      __syncthreads();
-    }
-    const uint8_t* ks_tile = k_smem + stage * T::kKTileBytes;
-    const uint32_t ks_addr = smem_addr(ks_tile);
-    // ldmatrix lane offsets. Q (A operand): matrices = rows 0-7/8-15 x chunk 0/1. K and FP8
-    // V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows 8-15. 16-bit V
-    // (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
-    const int ln = lane_id_in_loop();
-    const FragOffsets<QB> q_offsets(ln & 15, ln >> 4);
-    const FragOffsets<QB> k_offsets((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1);
-    const FragOffsets<T::kVRowBytes> v_offsets =
-        T::kFp8PV ? FragOffsets<T::kVRowBytes>((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1)
-                  : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4);
+  // The parts of one key tile j, in the order the math runs them: scores (QK), softmax into P
+  // (and O's rescale), O += P . V. Each reads its K or V stage `j & 1`.
+  //
+  // Lane parts of the ldmatrix addresses. Q (A operand): matrices = rows 0-7/8-15 x chunk 0/1.
+  // K and FP8 V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows 8-15.
+  // 16-bit V (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
+  struct TileOffsets {
+    FragOffsets<QB> q, k;
+    FragOffsets<T::kVRowBytes> v;
+    __device__ __forceinline__ explicit TileOffsets(int ln)
+        : q(ln & 15, ln >> 4),
+          k((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1),
+          v(T::kFp8PV ? FragOffsets<T::kVRowBytes>((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1)
+                      : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4)) {}
+  };
+  constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;  // P fragments per m16 tile
 
-    // Step 2, Delta-S = q-bar_hat . K_hat^T on CUDA cores, per warp for its q-bar block,
-    // folded with its scales into one additive term per key.
-    if (kExactLogits && smooth_q) {
-      const int8_t* qb = qbar_smem + warp * T::kHeadDim;
+  // Step 2's Delta-S = q-bar_hat . K_hat^T on CUDA cores, per warp for its q-bar block, folded
+  // with its scales into one additive term per key (ds_smem). Reads K_j from shared memory.
+  auto delta_s = [&](const int j) {
+    const uint8_t* ks_tile = k_smem + (j & 1) * T::kKTileBytes;
+    const int8_t* qb = qbar_smem + warp * T::kHeadDim;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int key = lane + 32 * half;
-        int acc = 0;
+    for (int half = 0; half < 2; ++half) {
+      const int key = lane + 32 * half;
+      int acc = 0;
 #pragma unroll
-        for (int ch = 0; ch < QB / 16; ++ch) {
-          const uint4 kv = *reinterpret_cast<const uint4*>(ks_tile + swizzle<QB>(key, ch));
-          const uint32_t kw[4] = {kv.x, kv.y, kv.z, kv.w};
+      for (int ch = 0; ch < QB / 16; ++ch) {
+        const uint4 kv = *reinterpret_cast<const uint4*>(ks_tile + swizzle<QB>(key, ch));
+        const uint32_t kw[4] = {kv.x, kv.y, kv.z, kv.w};
 #pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            if constexpr (T::kQK == QKType::kInt8) {
-              acc = __dp4a(static_cast<int>(kw[w]), *reinterpret_cast<const int*>(qb + ch * 16 + w * 4), acc);
-            } else {
-              // 8 nibbles = channels 8i..8i+7, i = 4ch + w. Each nibble moved to the top of its
-              // byte reads as 16x its value: even channels from the low nibbles, odd from the high.
-              const int i = ch * 4 + w;
-              const int even = static_cast<int>((kw[w] << 4) & 0xF0F0F0F0u);
-              const int odd = static_cast<int>(kw[w] & 0xF0F0F0F0u);
-              acc = __dp4a(even, *reinterpret_cast<const int*>(qb + i * 4), acc);
-              acc = __dp4a(odd, *reinterpret_cast<const int*>(qb + T::kHeadDim / 2 + i * 4), acc);
-            }
+        for (int w = 0; w < 4; ++w) {
+          if constexpr (T::kQK == QKType::kInt8) {
+            acc = __dp4a(static_cast<int>(kw[w]), *reinterpret_cast<const int*>(qb + ch * 16 + w * 4), acc);
+          } else {
+            // 8 nibbles = channels 8i..8i+7, i = 4ch + w. Each nibble moved to the top of its
+            // byte reads as 16x its value: even channels from the low nibbles, odd from the high.
+            const int i = ch * 4 + w;
+            const int even = static_cast<int>((kw[w] << 4) & 0xF0F0F0F0u);
+            const int odd = static_cast<int>(kw[w] & 0xF0F0F0F0u);
+            acc = __dp4a(even, *reinterpret_cast<const int*>(qb + i * 4), acc);
+            acc = __dp4a(odd, *reinterpret_cast<const int*>(qb + T::kHeadDim / 2 + i * 4), acc);
           }
         }
-        if constexpr (T::kQK == QKType::kInt4) acc >>= 4;  // exact: every term was a multiple of 16
-        const float ks = k_scale[j * k_groups_per_tile + (gran == kPerThread ? (key % 8) / 2 : 0)];
-        ds_smem[warp * T::kKTile + key] = static_cast<float>(acc) * (qbar_scale * ks * c_log2);
       }
-      __syncwarp();
+      if constexpr (T::kQK == QKType::kInt4) acc >>= 4;  // exact: every term was a multiple of 16
+      const float ks = k_scale[j * k_groups_per_tile + (gran == kPerThread ? (key % 8) / 2 : 0)];
+      ds_smem[warp * T::kKTile + key] = static_cast<float>(acc) * (qbar_scale * ks * c_log2);
     }
+    __syncwarp();
+  };
 
-    const float kscale_lane = k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)];
-    const float s_to_x = q_scale * kscale_lane * c_log2;
-    const int key0 = j * T::kKTile;
-    const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
-
-    // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
-    // fragment is read from shared memory once and feeds kMTiles MMAs.
-    int32_t s[M][NS][4];
+  // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
+  // fragment is read from shared memory once and feeds kMTiles MMAs.
+  auto qk = [&](const int j, const TileOffsets& off, int32_t (&s)[M][NS][4]) {
+    const uint32_t ks_addr = smem_addr(k_smem + (j & 1) * T::kKTileBytes);
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -371,11 +357,11 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     for (int ks = 0; ks < T::kQKSteps; ++ks) {
       uint32_t q_frag[M][4];
 #pragma unroll
-      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + q_offsets.at(warp * T::kWarpQ + m * 16, ks * 2));
+      for (int m = 0; m < M; ++m) ldmatrix_x4(q_frag[m], q_addr + off.q.at(warp * T::kWarpQ + m * 16, ks * 2));
 #pragma unroll
       for (int np = 0; np < NS / 2; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, ks_addr + k_offsets.at(np * 16, ks * 2));
+        ldmatrix_x4(b, ks_addr + off.k.at(np * 16, ks * 2));
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           mma_qk<T::kQK>(s[m][2 * np], q_frag[m], b[0], b[1]);
@@ -383,13 +369,25 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         }
       }
     }
+  };
 
-    // Steps 2-5 per m16 row tile; P as A fragments of the PV MMA. FP8 (k32): a step covers S
-    // tiles 4kk..4kk+3, in the order V^T is stored in (quant::v_stored_position). 16-bit (k16):
-    // S tiles 2kk, 2kk+1.
-    constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;
-    uint32_t p_frag[M][kPSteps][4];
-    float alpha[M][2];
+  // Steps 2-5 per m16 row tile; P as A fragments of the PV MMA. FP8 (k32): a step covers S
+  // tiles 4kk..4kk+3, in the order V^T is stored in (quant::v_stored_position). 16-bit (k16):
+  // S tiles 2kk, 2kk+1. kMasked and kExactLogits (BoolConstants) compile one body per case:
+  // - kMasked: only tiles that hold keys past nk or (causal) past a row of the CTA need the
+  //   per-key mask (~3 instructions per score of predicated compares and selects).
+  // - kExactLogits: with Q smoothing (Delta-S term) or c <= 0 the logits are finished before the
+  //   softmax; otherwise the dequantization factor is left to the softmax's FFMA.
+  // `kscale_lane` is this lane's K scale of tile j (read before the QK MMAs, whose ldmatrix
+  // would otherwise keep the load from being issued early).
+  auto lane_k_scale = [&](const int j) { return k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)]; };
+  auto softmax_p = [&](const int j, const float kscale_lane, const int32_t (&s)[M][NS][4],
+                       uint32_t (&p_frag)[M][kPSteps][4], float (&alpha)[M][2], auto masked, auto exact_logits) {
+    constexpr bool kMasked = decltype(masked)::value;
+    constexpr bool kExactLogits = decltype(exact_logits)::value;
+    const float s_to_x = q_scale * kscale_lane * c_log2;
+    const int key0 = j * T::kKTile;
+    const bool need_mask = kMasked && (key0 + T::kKTile > nk || (causal && key0 + T::kKTile - 1 > warp_row0));
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       // Step 2: logits = s * (qscale * kscale * c) [+ Delta-S term], masked keys -> -inf. In the
@@ -443,15 +441,11 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         }
       }
     }
+  };
 
-    if constexpr (!T::kOneBarrier) {
-      // The next K tile streams in during P . V.
-      if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
-      cp_async_commit();
-    }
-
-    // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
-    // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
+  // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
+  // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
+  auto rescale_o = [&](const float (&alpha)[M][2]) {
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
@@ -466,14 +460,12 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
           o[m][n][3] *= alpha[m][1];
         }
     }
+  };
 
-    if constexpr (!T::kOneBarrier) {
-      cp_async_wait<1>();
-      __syncthreads();
-    }
-    const uint32_t vs_addr = smem_addr(v_smem + (stage % T::kVStages) * T::kVTileBytes);
-
-    // Step 6: O += P . V.
+  // Step 6: O += P . V with V_j from stage j % kVStages.
+  auto pv = [&](const int j, const TileOffsets& off, const uint32_t (&p_frag)[M][kPSteps][4]) {
+    const uint32_t vs_addr = smem_addr(v_smem + ((j & 1) % T::kVStages) * T::kVTileBytes);
+    const FragOffsets<T::kVRowBytes>& v_offsets = off.v;
     if constexpr (T::kFp8PV) {
 #if SA2_HAS_FP8_MMA
       // Two-level accumulation: R = P_hat . V_hat over this tile from zero, then O += R in fp32.
@@ -552,7 +544,48 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         }
       }
     }
+  };
 
+  // One key tile, every part in order (the sequential schedule).
+  auto key_tile = [&](const int j, auto masked, auto exact_logits) {
+    constexpr bool kExactLogits = decltype(exact_logits)::value;
+    const int stage = j & 1;
+    if constexpr (T::kOneBarrier) {
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < k_tiles) {
+        load_k(j + 1, stage ^ 1);
+        load_v(j + 1, stage ^ 1);
+      }
+      cp_async_commit();
+    } else if constexpr (T::kTwoBarriers) {
+      cp_async_wait<0>();
+      __syncthreads();
+      load_v(j, 0);
+      cp_async_commit();
+    } else {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    const TileOffsets off(lane_id_in_loop());
+    if (kExactLogits && smooth_q) delta_s(j);
+    const float kscale = lane_k_scale(j);
+    int32_t s[M][NS][4];
+    qk(j, off, s);
+    uint32_t p_frag[M][kPSteps][4];
+    float alpha[M][2];
+    softmax_p(j, kscale, s, p_frag, alpha, masked, exact_logits);
+    if constexpr (!T::kOneBarrier) {
+      // The next K tile streams in during P . V.
+      if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    rescale_o(alpha);
+    if constexpr (!T::kOneBarrier) {
+      cp_async_wait<1>();
+      __syncthreads();
+    }
+    pv(j, off, p_frag);
     if constexpr (!T::kOneBarrier && !T::kTwoBarriers) {
       if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
       if (j + 1 < k_tiles) load_v(j + 1, (stage ^ 1) % T::kVStages);
@@ -561,9 +594,79 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   };
   // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
   const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
+
+  // Ping-pong (T::kPingPong): warps w and w + 4 share a scheduler (sub-partition); the upper half
+  // of the CTA runs half a step behind the lower half, so one warp's MMAs overlap the other's
+  // softmax. Step j: QK_j and P_{j-1} . V_{j-1} (the MMAs of both), and the softmax of tile j
+  // (lower half, after its MMAs) or of tile j-1 (upper half, before them). One barrier per step:
+  // K_j and V_{j-1} have landed, every warp is done with K_{j-1} and V_{j-2}, whose stages take
+  // K_{j+1} and V_j.
+  // Each half is its own compiled loop: across the barrier the lower half holds P, the upper half
+  // the scores, never both.
+  auto pingpong_steps = [&](auto exact_logits, auto upper_half) {
+    constexpr bool kExactLogits = decltype(exact_logits)::value;
+    constexpr bool upper = decltype(upper_half)::value;
+    int32_t s[M][NS][4];
+    uint32_t p_frag[M][kPSteps][4];
+    float kscale = 0.0f;  // of the tile whose scores are in s
+    // Step j: K_j and V_{j-1} are in shared memory. has_prev: j > 0 (P_{j-1} . V_{j-1}, and
+    // the upper half's softmax of tile j-1); has_next: j < k_tiles (QK_j, the lower half's
+    // softmax of tile j). `masked` is for the tile of this step's softmax.
+    auto step = [&](const int j, auto masked, auto has_prev, auto has_next) {
+      constexpr bool kPrev = decltype(has_prev)::value, kNext = decltype(has_next)::value;
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < k_tiles) load_k(j + 1, (j + 1) & 1);
+      if (kNext) load_v(j, j & 1);
+      cp_async_commit();
+      float alpha[M][2];
+      if constexpr (upper && kPrev) {
+        softmax_p(j - 1, kscale, s, p_frag, alpha, masked, exact_logits);
+        rescale_o(alpha);
+      }
+      const TileOffsets off(lane_id_in_loop());
+      if constexpr (kPrev) pv(j - 1, off, p_frag);
+      if constexpr (kNext) {
+        if (kExactLogits && smooth_q) delta_s(j);
+        kscale = lane_k_scale(j);
+        qk(j, off, s);
+        if constexpr (!upper) {
+          softmax_p(j, kscale, s, p_frag, alpha, masked, exact_logits);
+          rescale_o(alpha);
+        }
+      }
+    };
+    constexpr BoolConstant<true> yes{};
+    constexpr BoolConstant<false> no{};
+    // The softmax of step j is of tile j - kLag; each range of steps is its own loop, so the
+    // steady-state step has one softmax body (unmasked) and no edge branches.
+    constexpr int kLag = upper ? 1 : 0;
+    if (!upper && full_tiles == 0) {
+      step(0, yes, no, yes);
+    } else {
+      step(0, no, no, yes);
+    }
+    const int first_masked = max(1, min(k_tiles, full_tiles + kLag));
+    for (int j = 1; j < first_masked; ++j) step(j, no, yes, yes);
+    for (int j = first_masked; j < k_tiles; ++j) step(j, yes, yes, yes);
+    if (upper && k_tiles - 1 >= full_tiles) {
+      step(k_tiles, yes, yes, no);
+    } else {
+      step(k_tiles, no, yes, no);
+    }
+  };
+
   auto key_tiles = [&](auto exact_logits) {
-    for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
-    for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
+    if constexpr (T::kPingPong) {
+      if (warp >= T::kWarps / 2) {
+        pingpong_steps(exact_logits, BoolConstant<true>{});
+      } else {
+        pingpong_steps(exact_logits, BoolConstant<false>{});
+      }
+    } else {
+      for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
+      for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
+    }
   };
   if (smooth_q || !(c_log2 > 0.0f)) {
     key_tiles(BoolConstant<true>{});
