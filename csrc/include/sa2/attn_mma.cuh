@@ -61,6 +61,7 @@ struct AttnMmaTraits {
   static constexpr int kQKBytes = kQK == QKType::kInt4 ? kHeadDim / 2 : kHeadDim;  // bytes per Q/K row
   static constexpr int kQKSteps = kQKBytes / 32;                         // MMAs along the head dim
   static constexpr bool kFp8PV = kPV == PVType::kFp8;
+  static constexpr int kPSteps = kFp8PV ? kSTiles / 4 : kSTiles / 2;  // P fragments (PV k-steps) per m16 tile
   // P = exp2(x - m + kPLog2Max) lies in [0, 2^kPLog2Max] (config.AttnConfig.p_log2_max):
   // the E4M3 range for FP8; 2^-7 for 16-bit PV into an fp16 accumulator, so that 64 products
   // with any fp16 V stay far below 65504 (numerics.md §2.6; FP8 bounds V instead).
@@ -155,6 +156,20 @@ struct FragOffsets {
 // tile, not once per chunk. Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of
 // its source); the thread index comes from thread_id_in_loop() so ptxas recomputes them per
 // tile instead of keeping hoisted registers alive through the main loop.
+// Lane parts of the ldmatrix addresses of one key tile. Q (A operand): matrices = rows 0-7/8-15 x
+// chunk 0/1. K and FP8 V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows
+// 8-15. 16-bit V (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
+template <class T>
+struct MmaTileOffsets {
+  FragOffsets<T::kQKBytes> q, k;
+  FragOffsets<T::kVRowBytes> v;
+  __device__ __forceinline__ explicit MmaTileOffsets(int ln)
+      : q(ln & 15, ln >> 4),
+        k((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1),
+        v(T::kFp8PV ? FragOffsets<T::kVRowBytes>((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1)
+                    : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4)) {}
+};
+
 template <int kRowBytes, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src, int64_t src_stride, int valid_rows,
                                                 int valid_chunks) {
@@ -294,19 +309,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // The parts of one key tile j, in the order the math runs them: scores (QK), softmax into P
   // (and O's rescale), O += P . V. Each reads its K or V stage `j & 1`.
   //
-  // Lane parts of the ldmatrix addresses. Q (A operand): matrices = rows 0-7/8-15 x chunk 0/1.
-  // K and FP8 V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows 8-15.
-  // 16-bit V (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
-  struct TileOffsets {
-    FragOffsets<QB> q, k;
-    FragOffsets<T::kVRowBytes> v;
-    __device__ __forceinline__ explicit TileOffsets(int ln)
-        : q(ln & 15, ln >> 4),
-          k((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1),
-          v(T::kFp8PV ? FragOffsets<T::kVRowBytes>((ln & 7) + (ln >> 4) * 8, (ln >> 3) & 1)
-                      : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4)) {}
-  };
-  constexpr int kPSteps = T::kFp8PV ? NS / 4 : NS / 2;  // P fragments per m16 tile
+  using TileOffsets = MmaTileOffsets<T>;
+  constexpr int kPSteps = T::kPSteps;
 
   // Step 2's Delta-S = q-bar_hat . K_hat^T on CUDA cores, per warp for its q-bar block, folded
   // with its scales into one additive term per key (ds_smem). Reads K_j from shared memory.
@@ -345,7 +349,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
 
   // Step 1: S = Q_hat . K_hat^T in int32, every m16 row tile of the warp at once: each K
   // fragment is read from shared memory once and feeds kMTiles MMAs.
-  auto qk = [&](const int j, const TileOffsets& off, int32_t (&s)[M][NS][4]) {
+  auto qk = [&](const int j, const TileOffsets& off, int32_t (&s)[T::kMTiles][T::kSTiles][4]) {
     const uint32_t ks_addr = smem_addr(k_smem + (j & 1) * T::kKTileBytes);
 #pragma unroll
     for (int m = 0; m < M; ++m)
@@ -381,8 +385,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // `kscale_lane` is this lane's K scale of tile j (read before the QK MMAs, whose ldmatrix
   // would otherwise keep the load from being issued early).
   auto lane_k_scale = [&](const int j) { return k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)]; };
-  auto softmax_p = [&](const int j, const float kscale_lane, const int32_t (&s)[M][NS][4],
-                       uint32_t (&p_frag)[M][kPSteps][4], float (&alpha)[M][2], auto masked, auto exact_logits) {
+  auto softmax_p = [&](const int j, const float kscale_lane, const int32_t (&s)[T::kMTiles][T::kSTiles][4],
+                       uint32_t (&p_frag)[T::kMTiles][T::kPSteps][4], float (&alpha)[T::kMTiles][2], auto masked,
+                       auto exact_logits) {
     constexpr bool kMasked = decltype(masked)::value;
     constexpr bool kExactLogits = decltype(exact_logits)::value;
     const float s_to_x = q_scale * kscale_lane * c_log2;
@@ -445,7 +450,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
 
   // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
   // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
-  auto rescale_o = [&](const float (&alpha)[M][2]) {
+  auto rescale_o = [&](const float (&alpha)[T::kMTiles][2]) {
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
@@ -463,7 +468,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   };
 
   // Step 6: O += P . V with V_j from stage j % kVStages.
-  auto pv = [&](const int j, const TileOffsets& off, const uint32_t (&p_frag)[M][kPSteps][4]) {
+  auto pv = [&](const int j, const TileOffsets& off, const uint32_t (&p_frag)[T::kMTiles][T::kPSteps][4]) {
     const uint32_t vs_addr = smem_addr(v_smem + ((j & 1) % T::kVStages) * T::kVTileBytes);
     const FragOffsets<T::kVRowBytes>& v_offsets = off.v;
     if constexpr (T::kFp8PV) {
