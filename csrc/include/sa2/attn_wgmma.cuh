@@ -359,16 +359,18 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
-  uint8_t* s_q = smem;
-  uint8_t* s_ones = s_q + T::kQBytes;
-  uint8_t* s_k = s_ones + T::kOnesBytes;
-  uint8_t* s_v = s_k + S * T::kKBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(s_v + S * T::kVBytes);
-  uint64_t* q_full = bars;
-  uint64_t* k_full = bars + 1;
-  uint64_t* k_empty = k_full + S;
-  uint64_t* v_full = k_empty + S;
-  uint64_t* v_empty = v_full + S;
+  // Shared-window addresses (32 bits, sm90::make_smem_desc says why): Q, the ones tile, the K
+  // and V stages, then the mbarriers (8 bytes each; stage s of an array at + 8 * s).
+  const uint32_t s_q = sm90::smem_addr(smem);
+  const uint32_t s_ones = s_q + T::kQBytes;
+  const uint32_t s_k = s_ones + T::kOnesBytes;
+  const uint32_t s_v = s_k + S * T::kKBytes;
+  const uint32_t q_full = s_v + S * T::kVBytes;
+  const uint32_t k_full = q_full + 8;
+  const uint32_t k_empty = k_full + 8 * S;
+  const uint32_t v_full = k_empty + 8 * S;
+  const uint32_t v_empty = v_full + 8 * S;
+  auto at = [](uint32_t bars, int stage) { return bars + 8u * static_cast<uint32_t>(stage); };
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -383,17 +385,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
   if (tid == 0) {
     sm90::mbar_init(q_full, 1);
     for (int s = 0; s < S; ++s) {
-      sm90::mbar_init(&k_full[s], 1);
-      sm90::mbar_init(&v_full[s], 1);
+      sm90::mbar_init(at(k_full, s), 1);
+      sm90::mbar_init(at(v_full, s), 1);
       // one arrival per consumer warp, after its own wgmma.wait_group
-      sm90::mbar_init(&k_empty[s], 4 * T::kConsumerWGs);
-      sm90::mbar_init(&v_empty[s], 4 * T::kConsumerWGs);
+      sm90::mbar_init(at(k_empty, s), 4 * T::kConsumerWGs);
+      sm90::mbar_init(at(v_empty, s), 4 * T::kConsumerWGs);
     }
   }
   {
     // The ones tile in the PV operand's type (e4m3 0x38, f16 0x3C00, bf16 0x3F80).
     constexpr uint32_t kOne = T::kFp8PV ? 0x38383838u : T::kBf16PV ? 0x3F803F80u : 0x3C003C00u;
-    uint32_t* ones = reinterpret_cast<uint32_t*>(s_ones);
+    uint32_t* ones = reinterpret_cast<uint32_t*>(smem + T::kQBytes);
     for (int i = tid; i < T::kOnesBytes / 4; i += T::kThreads) ones[i] = kOne;
     sm90::mbar_init_fence();  // this thread's barrier / ones writes -> async proxy
   }
@@ -411,19 +413,19 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       for (int j = 0; j < num_tiles; ++j) {
         const int stage = j % S;
         const uint32_t phase = (j / S) & 1;
-        sm90::mbar_wait(&k_empty[stage], phase ^ 1);
-        sm90::mbar_arrive_expect_tx(&k_full[stage], T::kKBytes);
-        sm90::tma_load_4d(s_k + stage * T::kKBytes, &tm_k, &k_full[stage], 0, j * T::kBlockN,
+        sm90::mbar_wait(at(k_empty, stage), phase ^ 1);
+        sm90::mbar_arrive_expect_tx(at(k_full, stage), T::kKBytes);
+        sm90::tma_load_4d(s_k + stage * T::kKBytes, &tm_k, at(k_full, stage), 0, j * T::kBlockN,
                           kv_head, batch);
-        sm90::mbar_wait(&v_empty[stage], phase ^ 1);
-        sm90::mbar_arrive_expect_tx(&v_full[stage], T::kVBytes);
-        uint8_t* dst = s_v + stage * T::kVBytes;
+        sm90::mbar_wait(at(v_empty, stage), phase ^ 1);
+        sm90::mbar_arrive_expect_tx(at(v_full, stage), T::kVBytes);
+        const uint32_t dst = s_v + stage * T::kVBytes;
         if constexpr (T::kFp8PV) {
-          sm90::tma_load_4d(dst, &tm_v, &v_full[stage], j * T::kBlockN, 0, kv_head, batch);
+          sm90::tma_load_4d(dst, &tm_v, at(v_full, stage), j * T::kBlockN, 0, kv_head, batch);
         } else {
 #pragma unroll
           for (int cb = 0; cb < D / 64; ++cb)
-            sm90::tma_load_4d(dst + cb * T::kVColumnBlockBytes, &tm_v, &v_full[stage], cb * 64,
+            sm90::tma_load_4d(dst + cb * T::kVColumnBlockBytes, &tm_v, at(v_full, stage), cb * 64,
                               j * T::kBlockN, kv_head, batch);
         }
       }
@@ -465,7 +467,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       return sm90::make_smem_desc<128>(s_v + stage * T::kVBytes, T::kVColumnBlockBytes, 1024);
   };
   // One arrival per warp once this warp's wgmmas reading the stage have retired.
-  auto release = [&](uint64_t* bar) {
+  auto release = [&](uint32_t bar) {
     __syncwarp();
     if (lane == 0) sm90::mbar_arrive(bar);
   };
@@ -554,7 +556,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     sm90::fence_operands(lsum);
     sm90::fence_operands(pk);  // P stays live (the in-flight PV reads it) until here
     if constexpr (T::kFp8PV) sm90::fence_operands(r);
-    release(&v_empty[stage]);
+    release(at(v_empty, stage));
     fold_pv(a);
   };
 
@@ -566,17 +568,17 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       const int stage = j % S;
       const uint32_t phase = (j / S) & 1;
       const float dequant = q_dequant * k_scale[j * 4];
-      sm90::mbar_wait(&k_full[stage], phase);
+      sm90::mbar_wait(at(k_full, stage), phase);
       sm90::wgmma_fence();
       issue_qk<T>(s, desc_q, desc_k(stage));
       sm90::wgmma_commit();
       sm90::wgmma_wait<0>();
       sm90::fence_operands(s);
-      release(&k_empty[stage]);
+      release(at(k_empty, stage));
       softmax(j, dequant);
       rescale_o(alpha);
       pack();
-      sm90::mbar_wait(&v_full[stage], phase);
+      sm90::mbar_wait(at(v_full, stage), phase);
       if constexpr (T::kSplitPV) {
         // Two N = 64 halves through one 32-register partial: O's half h is folded before
         // half h + 1 is issued.
@@ -596,7 +598,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
           for (int i = 0; i < 32; ++i)
             o[32 * half + i] = fmaf(o[32 * half + i], alpha[(i / 2) % 2], r[i]);
         }
-        release(&v_empty[stage]);
+        release(at(v_empty, stage));
       } else {
         sm90::wgmma_fence();
         issue_pv(stage);
@@ -608,7 +610,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // Prologue: S(0) and its softmax.
     {
       const float dequant = q_dequant * k_scale[0];
-      sm90::mbar_wait(&k_full[0], 0);
+      sm90::mbar_wait(at(k_full, 0), 0);
       pingpong_wait();
       sm90::wgmma_fence();
       issue_qk<T>(s, desc_q, desc_k(0));
@@ -616,7 +618,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       pingpong_pass();
       sm90::wgmma_wait<0>();
       sm90::fence_operands(s);
-      release(&k_empty[0]);
+      release(at(k_empty, 0));
       softmax(0, dequant);
       pack();
     }
@@ -627,8 +629,8 @@ __global__ void __launch_bounds__(T::kThreads, 1)
       const int prev = (j - 1) % S;
       const uint32_t prev_phase = ((j - 1) / S) & 1;
       const float dequant = q_dequant * k_scale[j * 4];
-      sm90::mbar_wait(&k_full[stage], phase);
-      sm90::mbar_wait(&v_full[prev], prev_phase);
+      sm90::mbar_wait(at(k_full, stage), phase);
+      sm90::mbar_wait(at(v_full, prev), prev_phase);
       pingpong_wait();
       sm90::wgmma_fence();
       issue_qk<T>(s, desc_q, desc_k(stage));
@@ -642,7 +644,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
         retire_pv(prev, alpha_pending);
       }
       sm90::fence_operands(s);
-      release(&k_empty[stage]);
+      release(at(k_empty, stage));
       softmax(j, dequant);
       if constexpr (T::kIntraOverlap) retire_pv(prev, alpha_pending);
       rescale_o(alpha);
@@ -653,7 +655,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     // Epilogue: PV of the last tile.
     {
       const int last = (num_tiles - 1) % S;
-      sm90::mbar_wait(&v_full[last], ((num_tiles - 1) / S) & 1);
+      sm90::mbar_wait(at(v_full, last), ((num_tiles - 1) / S) & 1);
       pingpong_wait();
       sm90::wgmma_fence();
       issue_pv(last);
@@ -696,7 +698,7 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     constexpr int kChunks = D / 8;               // 16-byte chunks per output row
     constexpr int kRowsPerStore = 32 / kChunks;  // rows one warp-wide 16-byte store covers
     // Chunk c of staged row r sits at chunk c ^ r: conflict-free for both access patterns.
-    uint32_t* staged = reinterpret_cast<uint32_t*>(s_q + (wg * 64 + warp * 16) * D);
+    uint32_t* staged = reinterpret_cast<uint32_t*>(smem + (wg * 64 + warp * 16) * D);  // Q tile
     uint16_t* out = static_cast<uint16_t*>(p.out) + head_offset;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
