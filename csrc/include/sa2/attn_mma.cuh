@@ -175,15 +175,17 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "every thread copies one chunk column");
+  static_assert(kThreads % kChunks == 0 && (kRows % kRowsPerPass == 0 || kRowsPerPass % kRows == 0),
+                "every thread copies one chunk column");
   const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
   const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
+  if (kRows < kRowsPerPass && row0 >= kRows) return;  // more threads than chunks (INT4 K at D=64, 8 warps)
   const uint32_t dst_addr = mma::smem_addr(dst);
   const uint32_t dst0 = dst_addr + swizzle<kRowBytes>(row0, chunk);
   const int stride = static_cast<int>(src_stride);
   const bool chunk_valid = chunk < valid_chunks;
 #pragma unroll
-  for (int it = 0; it < kRows / kRowsPerPass; ++it) {
+  for (int it = 0; it < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++it) {
     const int row = row0 + it * kRowsPerPass;
     const bool valid = chunk_valid && row < valid_rows;
     const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
