@@ -149,13 +149,6 @@ struct FragOffsets {
   }
 };
 
-// Copies kRows rows of kRowBytes bytes (global rows `src_stride` bytes apart) into a swizzled
-// shared tile; rows >= valid_rows and chunks >= valid_chunks are zero-filled. A thread copies
-// one chunk column, every kRowsPerPass-th row; where kRowsPerPass is a multiple of 8 (the period
-// of the swizzle) its shared offsets differ by constants, so the index arithmetic runs once per
-// tile, not once per chunk. Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of
-// its source); the thread index comes from thread_id_in_loop() so ptxas recomputes them per
-// tile instead of keeping hoisted registers alive through the main loop.
 // Lane parts of the ldmatrix addresses of one key tile. Q (A operand): matrices = rows 0-7/8-15 x
 // chunk 0/1. K and FP8 V^T (B operands, rows = keys / channels): rows 0-7 x chunk 0/1, then rows
 // 8-15. 16-bit V (B operand through .trans, rows = keys): keys 0-7/8-15 x channel chunk 0/1.
@@ -170,6 +163,13 @@ struct MmaTileOffsets {
                     : FragOffsets<T::kVRowBytes>((ln & 7) + ((ln >> 3) & 1) * 8, ln >> 4)) {}
 };
 
+// Copies kRows rows of kRowBytes bytes (global rows `src_stride` bytes apart) into a swizzled
+// shared tile; rows >= valid_rows and chunks >= valid_chunks are zero-filled. A thread copies
+// one chunk column, every kRowsPerPass-th row; where kRowsPerPass is a multiple of 8 (the period
+// of the swizzle) its shared offsets differ by constants, so the index arithmetic runs once per
+// tile, not once per chunk. Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of
+// its source); the thread index comes from thread_id_in_loop() so ptxas recomputes them per
+// tile instead of keeping hoisted registers alive through the main loop.
 template <int kRowBytes, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src, int64_t src_stride, int valid_rows,
                                                 int valid_chunks) {
@@ -309,8 +309,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   }
 
   // The parts of one key tile j, in the order the math runs them: scores (QK), softmax into P
-  // (and O's rescale), O += P . V. Each reads its K or V stage `j & 1`.
-  //
+  // (and O's rescale), O += P . V. Each reads its K or V stage `j & 1`. Their array parameters
+  // are spelled with the traits (T::kMTiles, ...): NVRTC 13.0's front end crashes on local
+  // constexprs in the parameter types of lambdas.
   using TileOffsets = MmaTileOffsets<T>;
   constexpr int kPSteps = T::kPSteps;
 
