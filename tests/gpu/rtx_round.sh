@@ -7,7 +7,8 @@
 #          does not pick too; registers and spills from the cubins) and thu-ml's fused
 #          quantizers + sm80 kernel (tests/gpu/build_thuml.sh, from .thirdparty/SageAttention,
 #          carried), in parallel
-#   test   the mma GPU suite (tests/gpu/test_mma_kernels.py: FP16 accumulation included)
+#   test   the mma GPU suite (tests/gpu/test_mma_kernels.py: FP16 accumulation included); with
+#          TEST_VARIANT=name:flags (an MMA_VARIANTS entry) on that variant's build
 #   bench  bench/bench_attention.py at hd64/hd128, 4K-32K and causal: our mma int8+fp16 whole
 #          call vs thu-ml `sageattn_qk_int8_pv_fp16_cuda`, same run; then the A/B of kernel
 #          switches (MMA_VARIANTS, tests/gpu/mma_ab.py: base, variants, base again); then fp16
@@ -78,10 +79,11 @@ if has build; then
 fi
 
 if has test; then
-  echo "== mma GPU suite"
+  echo "== mma GPU suite${TEST_VARIANT:+ (build ${TEST_VARIANT%%:*})}"
   export SA2_TEST_LOG=$RAW/metrics.jsonl
   rm -f "$SA2_TEST_LOG"
-  timeout "$(cap 420)" python3 -m pytest tests/gpu/test_mma_kernels.py -q -rfEs --maxfail=60 -p no:cacheprovider \
+  suite=(timeout "$(cap 420)" python3 -m pytest tests/gpu/test_mma_kernels.py -q -rfEs --maxfail=60 -p no:cacheprovider)
+  if [ -n "${TEST_VARIANT:-}" ]; then in_variant "$TEST_VARIANT" "${suite[@]}"; else "${suite[@]}"; fi \
     > "$OUT/pytest.txt" 2>&1 || failed+=(test)
   tail -60 "$OUT/pytest.txt"
   python3 - <<'PY'
