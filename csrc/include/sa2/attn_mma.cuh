@@ -176,7 +176,7 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
   constexpr int kChunks = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kChunks;
   static_assert(kThreads % kChunks == 0 && (kRows % kRowsPerPass == 0 || kRowsPerPass % kRows == 0),
-                "every thread copies one chunk column");
+                "every thread copies one chunk column (or none, where a pass covers more rows than the tile)");
   const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
   const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
   if (kRows < kRowsPerPass && row0 >= kRows) return;  // more threads than chunks (INT4 K at D=64, 8 warps)
