@@ -24,8 +24,8 @@
 #ifndef SA2_MMA_TWO_BARRIERS
 #define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
 #endif
-#ifndef SA2_MMA_PINGPONG
-#define SA2_MMA_PINGPONG 0  // 1: 8 warps per CTA at D <= 128, the upper four half a step behind (ping-pong)
+#ifndef SA2_MMA_PINGPONG_MAX_D
+#define SA2_MMA_PINGPONG_MAX_D 64  // the ping-pong schedule for D <= this (0: never, 128: D=128 too)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
@@ -51,7 +51,8 @@ struct AttnMmaTraits {
   static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
   static constexpr int kKTile = 64;
   // Ping-pong: a CTA takes two blocks of kCtaQ rows (the quantizer's groups stay per kCtaQ).
-  static constexpr bool kPingPong = SA2_MMA_PINGPONG && kHeadDim <= 128;
+  // At D=128 the upper half's scores spill across the barrier (notes-mma.md): sequential there.
+  static constexpr bool kPingPong = kHeadDim <= SA2_MMA_PINGPONG_MAX_D && kHeadDim <= 128;
   static constexpr int kCtaRows = kPingPong ? 2 * kCtaQ : kCtaQ;
   static constexpr int kWarps = kCtaRows / kWarpQ;
   static constexpr int kThreads = kWarps * 32;
@@ -617,16 +618,21 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     int32_t s[M][NS][4];
     uint32_t p_frag[M][kPSteps][4];
     float kscale = 0.0f;  // of the tile whose scores are in s
+    // At the top of step j: K_j and V_{j-1} have landed and every warp is done with the stages
+    // that K_{j+1} and V_j now go into.
+    auto issue_loads = [&](const int j) {
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < k_tiles) load_k(j + 1, (j + 1) & 1);
+      if (j < k_tiles) load_v(j, j & 1);
+      cp_async_commit();
+    };
     // Step j: K_j and V_{j-1} are in shared memory. has_prev: j > 0 (P_{j-1} . V_{j-1}, and
     // the upper half's softmax of tile j-1); has_next: j < k_tiles (QK_j, the lower half's
     // softmax of tile j). `masked` is for the tile of this step's softmax.
     auto step = [&](const int j, auto masked, auto has_prev, auto has_next) {
       constexpr bool kPrev = decltype(has_prev)::value, kNext = decltype(has_next)::value;
-      cp_async_wait<0>();
-      __syncthreads();
-      if (j + 1 < k_tiles) load_k(j + 1, (j + 1) & 1);
-      if (kNext) load_v(j, j & 1);
-      cp_async_commit();
+      issue_loads(j);
       float alpha[M][2];
       if constexpr (upper && kPrev) {
         softmax_p(j - 1, kscale, s, p_frag, alpha, masked, exact_logits);
@@ -646,22 +652,28 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     };
     constexpr BoolConstant<true> yes{};
     constexpr BoolConstant<false> no{};
+    // Causal: the lower half's rows end kCtaQ rows before the CTA's, so it computes up to its own
+    // last tile and then only takes part in the remaining steps' barriers and loads.
+    const int half_row0 = row0 + (upper ? T::kCtaQ : 0);
+    const int half_tiles = causal ? min(k_tiles, (half_row0 + T::kCtaQ + T::kKTile - 1) / T::kKTile) : k_tiles;
+    const int half_full = min(half_tiles, causal ? min(nk / T::kKTile, (half_row0 + 1) / T::kKTile) : nk / T::kKTile);
     // The softmax of step j is of tile j - kLag; each range of steps is its own loop, so the
     // steady-state step has one softmax body (unmasked) and no edge branches.
     constexpr int kLag = upper ? 1 : 0;
-    if (!upper && full_tiles == 0) {
+    if (!upper && half_full == 0) {
       step(0, yes, no, yes);
     } else {
       step(0, no, no, yes);
     }
-    const int first_masked = max(1, min(k_tiles, full_tiles + kLag));
+    const int first_masked = max(1, min(half_tiles, half_full + kLag));
     for (int j = 1; j < first_masked; ++j) step(j, no, yes, yes);
-    for (int j = first_masked; j < k_tiles; ++j) step(j, yes, yes, yes);
-    if (upper && k_tiles - 1 >= full_tiles) {
-      step(k_tiles, yes, yes, no);
+    for (int j = first_masked; j < half_tiles; ++j) step(j, yes, yes, yes);
+    if (upper && half_tiles - 1 >= half_full) {
+      step(half_tiles, yes, yes, no);
     } else {
-      step(k_tiles, no, yes, no);
+      step(half_tiles, no, yes, no);
     }
+    for (int j = half_tiles + 1; j <= k_tiles; ++j) issue_loads(j);
   };
 
   auto key_tiles = [&](auto exact_logits) {
