@@ -622,7 +622,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     // that K_{j+1} and V_j now go into.
     auto issue_loads = [&](const int j) {
       cp_async_wait<0>();
-      __syncthreads();
+      cta_barrier_divergent();
       if (j + 1 < k_tiles) load_k(j + 1, (j + 1) & 1);
       if (j < k_tiles) load_v(j, j & 1);
       cp_async_commit();
