@@ -273,7 +273,24 @@ def test_quantizers_match_reference(d, nq, nk, precision, gran, smoothing, dtype
         mine = qz.v.float()
         _values_close(mine, rv.values[:, :, :nk], 2 ** -6 * rv.values.abs().max(), "smoothed v", max_fraction=1e-2)
     if cfg.smooth_v:
-        torch.testing.assert_close(qz.vbar, rv.vbar, rtol=1e-5, atol=1e-5)
+        _vbar_close(qz.vbar, rv.vbar, v, cfg, layout)
+
+
+def _vbar_close(mine: torch.Tensor, ref: torch.Tensor, v: torch.Tensor, cfg: AttnConfig, layout: str) -> None:
+    """vbar is the channel mean rounded to V's grid (numerics.md §1.5). The quantizer sums in
+    another order than the reference, so a mean within float32 summation error of a half-way
+    point may round one grid step the other way; nothing else may differ."""
+    x, _, n, _, _ = R._keys_fp32(v, cfg, layout, smooth=False)
+    mean, amax = R._channel_mean(x, n), x.abs().amax(dim=2)
+    slack = 1e-5 * mean.abs() + 1e-6  # far above float32 summation error over these lengths
+    lo = R.mean_on_input_grid(mean - slack, amax, v.dtype)
+    hi = R.mean_on_input_grid(mean + slack, amax, v.dtype)
+    close = lambda a, b: (a - b).abs() <= 1e-6 * b.abs() + 1e-7
+    ok = close(mine, ref) | close(mine, lo) | close(mine, hi)
+    flips = int((~close(mine, ref)).sum())
+    log({"kind": "quant_mismatch", "what": "vbar", "count": flips, "of": mine.numel()})
+    assert ok.all(), ("vbar", float((mine - ref).abs().max()))
+    assert flips <= max(2, 1e-2 * mine.numel()), ("vbar grid flips", flips, mine.numel())
 
 
 # ---------------------------------------------------------------------------------------

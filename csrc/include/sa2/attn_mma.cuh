@@ -25,7 +25,7 @@
 #define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
 #endif
 #ifndef SA2_MMA_PINGPONG_MAX_D
-#define SA2_MMA_PINGPONG_MAX_D 64  // the ping-pong schedule for D <= this (0: never, 128: D=128 too)
+#define SA2_MMA_PINGPONG_MAX_D 0  // 64 / 128: the ping-pong schedule for D <= that (at most 128)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
@@ -51,7 +51,6 @@ struct AttnMmaTraits {
   static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
   static constexpr int kKTile = 64;
   // Ping-pong: a CTA takes two blocks of kCtaQ rows (the quantizer's groups stay per kCtaQ).
-  // At D=128 the upper half's scores spill across the barrier (notes-mma.md): sequential there.
   static constexpr bool kPingPong = kHeadDim <= SA2_MMA_PINGPONG_MAX_D && kHeadDim <= 128;
   static constexpr int kCtaRows = kPingPong ? 2 * kCtaQ : kCtaQ;
   static constexpr int kWarps = kCtaRows / kWarpQ;
@@ -321,6 +320,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   auto delta_s = [&](const int j) {
     const uint8_t* ks_tile = k_smem + (j & 1) * T::kKTileBytes;
     const int8_t* qb = qbar_smem + warp * T::kHeadDim;
+    // Every lane is done reading the previous tile's row (the ping-pong upper half reaches here
+    // with no CTA barrier since its softmax of tile j-1).
+    if constexpr (T::kPingPong) __syncwarp();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int key = lane + 32 * half;
