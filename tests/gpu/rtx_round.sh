@@ -13,8 +13,9 @@
 #          call vs thu-ml `sageattn_qk_int8_pv_fp16_cuda`, same run; then the A/B of kernel
 #          switches (MMA_VARIANTS, tests/gpu/mma_ab.py: base, variants, base again); then fp16
 #          inputs (our fp16-accumulated 16-bit PV)
-#   ncu    one shape (1x24x8192x128): our int8+fp16 kernel and thu-ml's, key sections
-#          (NCU_SECTIONS overrides the ncu --section list)
+#   ncu    one shape (NCU_SHAPE, default 1x24x8192x128): our int8+fp16 kernel and thu-ml's, key
+#          sections and per-instruction stall samples (ncu_<who>_sass.csv; NCU_SECTIONS overrides
+#          the ncu --section list)
 #
 # The stages can run in separate calls on the same warm machine (the library stays in
 # the kernel cache, thu-ml in place). The whole round fits one 10-minute device call: optional
@@ -133,14 +134,16 @@ if has bench; then
 fi
 
 if has ncu; then
-  echo "== ncu 1x24x8192x128 int8+fp16 (ours, thu-ml sm80)"
+  NCU_SHAPE=${NCU_SHAPE:-1x24x8192x128}
+  echo "== ncu $NCU_SHAPE int8+fp16 (ours, thu-ml sm80)"
   cat > /tmp/rtx_ncu_case.py <<'PY'
 import sys, torch
 from sageattn2.backends import mma
 from sageattn2.config import AttnConfig
+b, h, n, d = map(int, sys.argv[2].split("x"))
 g = torch.Generator(device="cuda").manual_seed(0)
-q, k, v = (torch.randn(1, 24, 8192, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-k = k + 3 * torch.randn(1, 24, 1, 128, device="cuda", generator=g, dtype=torch.bfloat16)
+q, k, v = (torch.randn(b, h, n, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+k = k + 3 * torch.randn(b, h, 1, d, device="cuda", generator=g, dtype=torch.bfloat16)
 if sys.argv[1] == "ours":
     fn = lambda: mma.attention(q, k, v, layout="HND", cfg=AttnConfig(pv_dtype="fp16"), is_causal=False,
                                sm_scale=None, return_lse=False)
@@ -151,13 +154,14 @@ for _ in range(3):
     fn()
 torch.cuda.synchronize()
 PY
-  SECTIONS=${NCU_SECTIONS:-"--section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis"}
+  SECTIONS=${NCU_SECTIONS:-"--section SpeedOfLight --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats --section InstructionStats --section ComputeWorkloadAnalysis --section SourceCounters"}
   for who in ours thuml; do
     [ "$(left)" -gt 40 ] || { echo "ncu $who skipped ($(left) s left)"; continue; }
     kernel=$([ $who = ours ] && echo "regex:attn_mma_kernel" || echo "regex:qk_int_sv_f16_attn_kernel")
     timeout "$(cap 150)" ncu $SECTIONS -k "$kernel" --launch-skip 2 --launch-count 1 \
-      -o "$RAW/ncu_$who" -f python3 /tmp/rtx_ncu_case.py $who > "$RAW/ncu_$who.log" 2>&1 || failed+=(ncu_$who)
+      -o "$RAW/ncu_$who" -f python3 /tmp/rtx_ncu_case.py $who "$NCU_SHAPE" > "$RAW/ncu_$who.log" 2>&1 || failed+=(ncu_$who)
     ncu -i "$RAW/ncu_$who.ncu-rep" --page details --print-units base > "$RAW/ncu_$who.txt" 2>&1
+    ncu -i "$RAW/ncu_$who.ncu-rep" --page source --csv --print-source sass > "$RAW/ncu_${who}_sass.csv" 2>&1
     grep -E "Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc Active|No Eligible|Warp Cycles Per Issued|Block Limit (Registers|Shared Mem)|Dynamic Shared|Stall" "$RAW/ncu_$who.txt" | sed "s/^/$who: /"
   done
 fi
