@@ -471,11 +471,12 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     __syncwarp();
     if (lane == 0) sm90::mbar_arrive(bar);
   };
-  // Tiles needing a mask: from the first that holds a key past num_k or (causal) past this WG's
-  // first row. One index, compared per tile: testing p.causal there reloads the parameter.
+  // Tiles needing a mask: the key tail, and for causal the tiles reaching past this WG's first row.
   const int wg_first_row = q_tile * T::kBlockM + wg * 64;
-  const int first_masked_tile = p.causal ? min(p.num_k, wg_first_row + 1) / T::kBlockN : p.num_k / T::kBlockN;
-  auto needs_mask = [&](int j) { return j >= first_masked_tile; };
+  auto needs_mask = [&](int j) {
+    return (j + 1) * T::kBlockN > p.num_k ||
+           (p.causal && (j + 1) * T::kBlockN - 1 > wg_first_row);
+  };
   // Ping-pong: named barriers 1 and 2, one per consumer warpgroup.
   auto pingpong_wait = [&]() {
     if constexpr (T::kPingPong) sm90::named_bar_sync<256>(1 + wg);
