@@ -381,19 +381,24 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     }
   };
 
-  // Steps 2-5 per m16 row tile; P as A fragments of the PV MMA. FP8 (k32): a step covers S
-  // tiles 4kk..4kk+3, in the order V^T is stored in (quant::v_stored_position). 16-bit (k16):
-  // S tiles 2kk, 2kk+1. kMasked and kExactLogits (BoolConstants) compile one body per case:
+  // Steps 2-5 on the warp's score tile, in two parts so that O's rescale can sit between them
+  // and the exponentials of the second m16 row tile can overlap the first one's P . V MMAs:
+  // - logits_and_max: steps 2-3 (logits into x, the new row maxima, alpha for O and l);
+  // - probabilities: steps 4-5 (x -> P, the row sums) and P as A fragments of the PV MMA. FP8
+  //   (k32): a step covers S tiles 4kk..4kk+3, in the order V^T is stored in
+  //   (quant::v_stored_position). 16-bit (k16): S tiles 2kk, 2kk+1.
+  // kMasked and kExactLogits (BoolConstants) compile one body per case:
   // - kMasked: only tiles that hold keys past nk or (causal) past a row of the CTA need the
   //   per-key mask (~3 instructions per score of predicated compares and selects).
   // - kExactLogits: with Q smoothing (Delta-S term) or c <= 0 the logits are finished before the
   //   softmax; otherwise the dequantization factor is left to the softmax's FFMA.
   // `kscale_lane` is this lane's K scale of tile j (read before the QK MMAs, whose ldmatrix
-  // would otherwise keep the load from being issued early).
+  // would otherwise keep the load from being issued early). Returns the factor that turns x
+  // into logits.
   auto lane_k_scale = [&](const int j) { return k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)]; };
-  auto softmax_p = [&](const int j, const float kscale_lane, const int32_t (&s)[T::kMTiles][T::kSTiles][4],
-                       uint32_t (&p_frag)[T::kMTiles][T::kPSteps][4], float (&alpha)[T::kMTiles][2], auto masked,
-                       auto exact_logits) {
+  auto logits_and_max = [&](const int j, const float kscale_lane, const int32_t (&s)[T::kMTiles][T::kSTiles][4],
+                            float (&x)[T::kMTiles][T::kSTiles][4], float (&alpha)[T::kMTiles][2], auto masked,
+                            auto exact_logits) {
     constexpr bool kMasked = decltype(masked)::value;
     constexpr bool kExactLogits = decltype(exact_logits)::value;
     const float s_to_x = q_scale * kscale_lane * c_log2;
@@ -405,19 +410,16 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       // steady state the factor is left to the softmax's FFMA: x = s, scale = s_to_x (c > 0, so
       // the row max of x * scale is (max x) * scale). kExactLogits: x is the finished logit and
       // scale = 1.
-      float x[NS][4];
 #pragma unroll
       for (int n = 0; n < NS; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) x[n][e] = static_cast<float>(s[m][n][e]);
-      float x_scale = s_to_x;
+        for (int e = 0; e < 4; ++e) x[m][n][e] = static_cast<float>(s[m][n][e]);
       if constexpr (kExactLogits) {
 #pragma unroll
         for (int n = 0; n < NS; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            x[n][e] = fmaf(x[n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
-        x_scale = 1.0f;
+            x[m][n][e] = fmaf(x[m][n][e], s_to_x, smooth_q ? ds_smem[warp * T::kKTile + n * 8 + 2 * t + (e & 1)] : 0.0f);
       }
       if constexpr (kMasked) {
         if (need_mask) {
@@ -427,28 +429,34 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
             for (int e = 0; e < 4; ++e) {
               const int key = key0 + n * 8 + 2 * t + (e & 1);
               const int row = warp_row0 + m * 16 + g + (e >> 1) * 8;
-              if (key >= nk || (causal && key > row)) x[n][e] = -INFINITY;
+              if (key >= nk || (causal && key > row)) x[m][n][e] = -INFINITY;
             }
         }
       }
-
-      // Steps 3-5: online softmax in base 2.
-      softmax::online_softmax_tile<NS>(x, x_scale, rows.max[m], rows.sum_part[m], kPOffset, alpha[m]);
-
+      // Step 3, in base 2.
+      softmax::update_row_max<NS>(x[m], kExactLogits ? 1.0f : s_to_x, rows.max[m], alpha[m]);
+    }
+    return kExactLogits ? 1.0f : s_to_x;
+  };
+  auto probabilities = [&](float (&x)[T::kMTiles][T::kSTiles][4], const float x_scale,
+                           const float (&alpha)[T::kMTiles][2], uint32_t (&p_frag)[T::kMTiles][T::kPSteps][4]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      softmax::exp_and_sum<NS>(x[m], x_scale, rows.max[m], kPOffset, alpha[m], rows.sum_part[m]);
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
         if constexpr (T::kFp8PV) {
           const int n0 = 4 * kk;
-          p_frag[m][kk][0] = pack_e4m3x4(x[n0][0], x[n0][1], x[n0 + 1][0], x[n0 + 1][1]);
-          p_frag[m][kk][1] = pack_e4m3x4(x[n0][2], x[n0][3], x[n0 + 1][2], x[n0 + 1][3]);
-          p_frag[m][kk][2] = pack_e4m3x4(x[n0 + 2][0], x[n0 + 2][1], x[n0 + 3][0], x[n0 + 3][1]);
-          p_frag[m][kk][3] = pack_e4m3x4(x[n0 + 2][2], x[n0 + 2][3], x[n0 + 3][2], x[n0 + 3][3]);
+          p_frag[m][kk][0] = pack_e4m3x4(x[m][n0][0], x[m][n0][1], x[m][n0 + 1][0], x[m][n0 + 1][1]);
+          p_frag[m][kk][1] = pack_e4m3x4(x[m][n0][2], x[m][n0][3], x[m][n0 + 1][2], x[m][n0 + 1][3]);
+          p_frag[m][kk][2] = pack_e4m3x4(x[m][n0 + 2][0], x[m][n0 + 2][1], x[m][n0 + 3][0], x[m][n0 + 3][1]);
+          p_frag[m][kk][3] = pack_e4m3x4(x[m][n0 + 2][2], x[m][n0 + 2][3], x[m][n0 + 3][2], x[m][n0 + 3][3]);
         } else {
           // P rounded to the input dtype.
-          p_frag[m][kk][0] = pack_16bit<T::kPV>(x[2 * kk][0], x[2 * kk][1]);
-          p_frag[m][kk][1] = pack_16bit<T::kPV>(x[2 * kk][2], x[2 * kk][3]);
-          p_frag[m][kk][2] = pack_16bit<T::kPV>(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-          p_frag[m][kk][3] = pack_16bit<T::kPV>(x[2 * kk + 1][2], x[2 * kk + 1][3]);
+          p_frag[m][kk][0] = pack_16bit<T::kPV>(x[m][2 * kk][0], x[m][2 * kk][1]);
+          p_frag[m][kk][1] = pack_16bit<T::kPV>(x[m][2 * kk][2], x[m][2 * kk][3]);
+          p_frag[m][kk][2] = pack_16bit<T::kPV>(x[m][2 * kk + 1][0], x[m][2 * kk + 1][1]);
+          p_frag[m][kk][3] = pack_16bit<T::kPV>(x[m][2 * kk + 1][2], x[m][2 * kk + 1][3]);
         }
       }
     }
@@ -583,9 +591,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     const float kscale = lane_k_scale(j);
     int32_t s[M][NS][4];
     qk(j, off, s);
-    uint32_t p_frag[M][kPSteps][4];
+    float x[M][NS][4];
     float alpha[M][2];
-    softmax_p(j, kscale, s, p_frag, alpha, masked, exact_logits);
+    const float x_scale = logits_and_max(j, kscale, s, x, alpha, masked, exact_logits);
     if constexpr (!T::kOneBarrier) {
       // The next K tile streams in during P . V.
       if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
@@ -596,6 +604,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       cp_async_wait<1>();
       __syncthreads();
     }
+    // One basic block from here to the end of P . V.
+    uint32_t p_frag[M][kPSteps][4];
+    probabilities(x, x_scale, alpha, p_frag);
     pv(j, off, p_frag);
     if constexpr (!T::kOneBarrier && !T::kTwoBarriers) {
       if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
@@ -620,6 +631,14 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     int32_t s[M][NS][4];
     uint32_t p_frag[M][kPSteps][4];
     float kscale = 0.0f;  // of the tile whose scores are in s
+    // The softmax of tile j from the scores in s into P, with O's rescale.
+    auto softmax_p = [&](const int j, auto masked) {
+      float x[M][NS][4];
+      float alpha[M][2];
+      const float x_scale = logits_and_max(j, kscale, s, x, alpha, masked, exact_logits);
+      rescale_o(alpha);
+      probabilities(x, x_scale, alpha, p_frag);
+    };
     // At the top of step j: K_j and V_{j-1} have landed and every warp is done with the stages
     // that K_{j+1} and V_j now go into.
     auto issue_loads = [&](const int j) {
@@ -635,21 +654,14 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     auto step = [&](const int j, auto masked, auto has_prev, auto has_next) {
       constexpr bool kPrev = decltype(has_prev)::value, kNext = decltype(has_next)::value;
       issue_loads(j);
-      float alpha[M][2];
-      if constexpr (upper && kPrev) {
-        softmax_p(j - 1, kscale, s, p_frag, alpha, masked, exact_logits);
-        rescale_o(alpha);
-      }
+      if constexpr (upper && kPrev) softmax_p(j - 1, masked);
       const TileOffsets off(lane_id_in_loop());
       if constexpr (kPrev) pv(j - 1, off, p_frag);
       if constexpr (kNext) {
         if (kExactLogits && smooth_q) delta_s(j);
         kscale = lane_k_scale(j);
         qk(j, off, s);
-        if constexpr (!upper) {
-          softmax_p(j, kscale, s, p_frag, alpha, masked, exact_logits);
-          rescale_o(alpha);
-        }
+        if constexpr (!upper) softmax_p(j, masked);
       }
     };
     constexpr BoolConstant<true> yes{};

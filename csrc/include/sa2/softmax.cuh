@@ -43,15 +43,18 @@ struct RowState {
   }
 };
 
-// One key tile of one m16 row tile. The logits are x * scale with scale > 0, so the caller can
-// pass the integer scores converted to float and their per-lane dequantization factor: the row
-// max of x * scale is (max x) * scale exactly (rounding is monotone), and each p costs one FFMA
-// and one ex2. x -> p = exp2(x * scale - m_new + p_offset) in place, l = alpha * l + sum(p), and
-// alpha[h] is returned for rescaling O. The first tile processed must give every row a finite
-// max (key 0 is always visible), so alpha = exp2(-inf) = 0 there.
+// One key tile of one m16 row tile, in two steps so that the caller can rescale O between them
+// and let the exponentials of one row tile overlap the P . V MMAs of another. The logits are
+// x * scale with scale > 0, so the caller can pass the integer scores converted to float and their
+// per-lane dequantization factor: the row max of x * scale is (max x) * scale exactly (rounding is
+// monotone), and each p costs one FFMA and one ex2.
+//
+// Step 3: the new row maxima, and alpha[h] = exp2(m_old - m_new) for rescaling O and l. The first
+// tile processed must give every row a finite max (key 0 is always visible), so alpha =
+// exp2(-inf) = 0 there.
 template <int N>
-__device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float scale, float (&row_max)[2],
-                                                    float (&row_sum)[2], float p_offset, float (&alpha)[2]) {
+__device__ __forceinline__ void update_row_max(const float (&x)[N][4], float scale, float (&row_max)[2],
+                                               float (&alpha)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float raw_max = -INFINITY;
@@ -60,7 +63,16 @@ __device__ __forceinline__ void online_softmax_tile(float (&x)[N][4], float scal
     const float m_new = fmaxf(row_max[h], quad_max(raw_max * scale));
     alpha[h] = exp2_approx(row_max[h] - m_new);
     row_max[h] = m_new;
-    const float neg_shift = p_offset - m_new;
+  }
+}
+
+// Steps 4-5: x -> p = exp2(x * scale - m + p_offset) in place, l = alpha * l + sum(p).
+template <int N>
+__device__ __forceinline__ void exp_and_sum(float (&x)[N][4], float scale, const float (&row_max)[2],
+                                            float p_offset, const float (&alpha)[2], float (&row_sum)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float neg_shift = p_offset - row_max[h];
     float sum = 0.0f;
 #pragma unroll
     for (int n = 0; n < N; ++n) {
