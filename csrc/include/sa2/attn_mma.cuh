@@ -84,6 +84,10 @@ struct AttnMmaTraits {
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
   static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
   static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
+  // The exponentials after O's rescale, in one basic block with P . V, so that the second m16
+  // tile's overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
+  // there the overlap makes ptxas spill on sm_89/sm_120 (4-8 spill loads per tile).
+  static constexpr bool kExpWithPV = !(kFp8PV && kHeadDim >= 128);
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -594,6 +598,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     float x[M][NS][4];
     float alpha[M][2];
     const float x_scale = logits_and_max(j, kscale, s, x, alpha, masked, exact_logits);
+    uint32_t p_frag[M][kPSteps][4];
+    if constexpr (!T::kExpWithPV) probabilities(x, x_scale, alpha, p_frag);
     if constexpr (!T::kOneBarrier) {
       // The next K tile streams in during P . V.
       if (j + 1 < k_tiles) load_k(j + 1, stage ^ 1);
@@ -604,9 +610,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       cp_async_wait<1>();
       __syncthreads();
     }
-    // One basic block from here to the end of P . V.
-    uint32_t p_frag[M][kPSteps][4];
-    probabilities(x, x_scale, alpha, p_frag);
+    if constexpr (T::kExpWithPV) probabilities(x, x_scale, alpha, p_frag);  // one basic block with P . V
     pv(j, off, p_frag);
     if constexpr (!T::kOneBarrier && !T::kTwoBarriers) {
       if constexpr (T::kVStages == 1) __syncthreads();  // every warp is done with the one V buffer
