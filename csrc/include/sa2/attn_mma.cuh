@@ -84,8 +84,8 @@ struct AttnMmaTraits {
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
   static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
   static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
-  // The exponentials after O's rescale, in one basic block with P . V, so that the second m16
-  // tile's overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
+  // The exponentials after O's rescale, in one basic block with P . V, so that those of the
+  // second m16 tile overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
   // there the overlap makes ptxas spill on sm_89/sm_120 (4-8 spill loads per tile).
   static constexpr bool kExpWithPV = !(kFp8PV && kHeadDim >= 128);
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
