@@ -222,6 +222,7 @@ class Nvrtc:
             self._check(self.lib.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
             return buf.value.decode()
 
+
 _loaded: Nvrtc | None = None
 _why: str | None = None
 

@@ -51,5 +51,6 @@ def main() -> int:
             rc = subprocess.run(["cuobjdump", "-sass", str(cubin)]).returncode
     return rc
 
+
 if __name__ == "__main__":
     sys.exit(main())
