@@ -106,14 +106,17 @@ def test_worst_case_tile_cannot_overflow(cfg, monkeypatch):
 def test_int8_fp8_fp16_accumulation_within_budget_on_baseline_data():
     """The accuracy budget of issue 15 (cos >= 0.9992, rel L1 <= 0.039 for int8+fp8) holds with
     FP16 accumulation, and it adds almost nothing to FP8 PV's own error."""
-    q, k, v = baseline_qkv(2, 2048, 128)
+    # Eight heads: the error varies mostly with each head's K bias draw, so more heads narrow
+    # the spread (2 x 2048 keys crossed 0.039 in about 1 of 25 draws, 8 x 1024 stayed at
+    # 0.0365-0.0376 over 48).
+    q, k, v = baseline_qkv(8, 1024, 128)
     ex, _ = exact_attention(q, k, v, compute_dtype=torch.float32)
     acc32, _ = reference_attention(q, k, v, AttnConfig(pv_dtype="fp8"))
     acc16, _ = reference_attention(q, k, v, FP8_ACC16)
     m32, m16 = error_metrics(acc32, ex), error_metrics(acc16, ex)
     print("int8+fp8 fp32 acc", m32, "fp16 acc", m16)
     assert m16["cos"] >= 0.9992 and m16["rel_l1"] <= 0.039, m16
-    # Over fresh data (6 seeds) the ratio ran 0.98-1.016, so 1.03 leaves room for sampling spread.
+    # Over fresh data (48 draws) the ratio ran 0.989-1.005, so 1.03 leaves room for sampling spread.
     assert m16["rel_l1"] <= 1.03 * m32["rel_l1"], (m16, m32)
     assert not torch.equal(acc16, acc32)  # the fp16 rounding is really applied
 
@@ -149,7 +152,7 @@ def test_int4_fp8_fp16_accumulation_error_is_known():
     m32 = error_metrics(reference_attention(q, k, v, cfg)[0], ex)
     m16 = error_metrics(reference_attention(q, k, v, cfg.with_(pv_accum="fp16"))[0], ex)
     print("int4+fp8 fp32 acc", m32, "fp16 acc", m16)
-    # Over fresh data (6 seeds) the ratio ran 0.98-1.016, so 1.03 leaves room for sampling spread.
+    # Over fresh data (48 draws) the ratio ran 0.989-1.005, so 1.03 leaves room for sampling spread.
     assert m16["rel_l1"] <= 1.03 * m32["rel_l1"], (m16, m32)
 
 
