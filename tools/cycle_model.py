@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sageattn2 import archs as arch_table  # noqa: E402
 WORK = Path("/tmp/sa2_cycle_model")
 
 # ---------------------------------------------------------------------------------------
@@ -282,13 +284,13 @@ def build(archs: list[int], thuml: Path | None, jobs_in_parallel: int = 2, ours:
         src.write_text('#include "sa2/attn_mma.cuh"\nnamespace sa2 {\n' + "".join(
             f"template __global__ void attn_mma_kernel<AttnMmaTraits<{d}, QKType::kInt8, PVType::kFp16>>"
             f"(const {params});\n" for d in (64, 128)) + "}\n")
-        jobs.append((f"rev{rev}_sm90", ["-DSA2_ARCH=90", "-DSA2_HAS_FP8_MMA=1", "-DSA2_FAMILY_WGMMA=0",
+        jobs.append((f"rev{rev}_sm90", [*arch_table.arch(9, 0).defines(), "-DSA2_FAMILY_WGMMA=0",
                                         f"-I{tree / 'csrc/include'}", str(src)], 90))
     for arch in archs if ours else ():
         src = WORK / f"ours_sm{arch}.cu"
         src.write_text(ours_source(arch))
-        jobs.append((f"ours_sm{arch}", [f"-DSA2_ARCH={arch}", f"-DSA2_HAS_FP8_MMA={int(arch >= 89)}",
-                                         "-DSA2_FAMILY_WGMMA=0", f"-I{ROOT / 'csrc' / 'include'}", str(src)], arch))
+        jobs.append((f"ours_sm{arch}", [*arch_table.arch(arch // 10, arch % 10).defines(), "-DSA2_FAMILY_WGMMA=0",
+                                         f"-I{ROOT / 'csrc' / 'include'}", str(src)], arch))
     if thuml:
         import sysconfig
 
