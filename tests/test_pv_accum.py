@@ -152,7 +152,7 @@ def test_int4_fp8_fp16_accumulation_error_is_known():
     m32 = error_metrics(reference_attention(q, k, v, cfg)[0], ex)
     m16 = error_metrics(reference_attention(q, k, v, cfg.with_(pv_accum="fp16"))[0], ex)
     print("int4+fp8 fp32 acc", m32, "fp16 acc", m16)
-    # Over fresh data (48 draws) the ratio ran 0.989-1.005, so 1.03 leaves room for sampling spread.
+    # Over fresh data (6 seeds) the ratio ran 0.98-1.016, so 1.03 leaves room for sampling spread.
     assert m16["rel_l1"] <= 1.03 * m32["rel_l1"], (m16, m32)
 
 
