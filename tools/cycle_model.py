@@ -284,12 +284,12 @@ def build(archs: list[int], thuml: Path | None, jobs_in_parallel: int = 2, ours:
         src.write_text('#include "sa2/attn_mma.cuh"\nnamespace sa2 {\n' + "".join(
             f"template __global__ void attn_mma_kernel<AttnMmaTraits<{d}, QKType::kInt8, PVType::kFp16>>"
             f"(const {params});\n" for d in (64, 128)) + "}\n")
-        jobs.append((f"rev{rev}_sm90", [*arch_table.arch(9, 0).defines(), "-DSA2_FAMILY_WGMMA=0",
+        jobs.append((f"rev{rev}_sm90", [*arch_table.arch(9, 0).defines(),
                                         f"-I{tree / 'csrc/include'}", str(src)], 90))
     for arch in archs if ours else ():
         src = WORK / f"ours_sm{arch}.cu"
         src.write_text(ours_source(arch))
-        jobs.append((f"ours_sm{arch}", [*arch_table.arch(arch // 10, arch % 10).defines(), "-DSA2_FAMILY_WGMMA=0",
+        jobs.append((f"ours_sm{arch}", [*arch_table.arch(arch // 10, arch % 10).defines(),
                                          f"-I{ROOT / 'csrc' / 'include'}", str(src)], arch))
     if thuml:
         import sysconfig
