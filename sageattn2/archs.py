@@ -12,6 +12,13 @@ which levels are native or substituted. Nothing else restates these facts.
               FP8 P.V in the mma family accumulates in fp16 by default: GeForce Ada and
               Blackwell run that MMA at twice the rate of fp32 accumulation, at the same error
               within 0.1 % (numerics.md §2.6); Hopper emulates FP8 mma.sync, so it gains nothing
+    fp32_accum_full_rate
+              16-bit mma.sync with an fp32 accumulator runs at the fp16-accumulator rate (A100,
+              H100, B200; GeForce cards run it at half rate). There the mma family's 16-bit P.V
+              kernels take the row sums l from the tensor cores (P against a ones column, 8
+              MMAs per 64-key tile at D=64 instead of 64 FADDs), summing P as rounded for the
+              MMA (numerics.md step 5); on half-rate cards those MMAs would cost more than the
+              adds
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ class Arch:
     int4_mma: bool
     wgmma: bool
     fp8_pv_fp16_accum: bool = False
+    fp32_accum_full_rate: bool = False
 
     @property
     def number(self) -> int:
@@ -43,18 +51,19 @@ class Arch:
 
     def defines(self) -> list[str]:
         """Macros every kernel unit of this arch is compiled with."""
-        return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}"]
+        return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}",
+                f"-DSA2_FP32_ACCUM_FULL_RATE={int(self.fp32_accum_full_rate)}"]
 
 
 # Compute capability -> capabilities. Archs the mma.sync family serves; newer ones fall back to
 # the closest row below (same major) when NVRTC knows them.
 _TABLE = {
-    (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False),
+    (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False, fp32_accum_full_rate=True),
     (8, 6): Arch(8, 6, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False),
     (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
-    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True),
-    (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False),
+    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True, fp32_accum_full_rate=True),
+    (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp32_accum_full_rate=True),
     (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp8_pv_fp16_accum=True),
 }
 
@@ -71,7 +80,8 @@ def arch(major: int, minor: int) -> Arch | None:
         return None
     same_major = [cc for cc in _TABLE if cc[0] == major and cc[1] <= minor]
     base = _TABLE[max(same_major)] if same_major else _TABLE[max(_TABLE)]
-    return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False, fp8_pv_fp16_accum=base.fp8_pv_fp16_accum)
+    return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False, fp8_pv_fp16_accum=base.fp8_pv_fp16_accum,
+                fp32_accum_full_rate=base.fp32_accum_full_rate)
 
 
 def why_unsupported(major: int, minor: int) -> str:

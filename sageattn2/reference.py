@@ -488,6 +488,7 @@ def reference_attention(
     return_lse: bool = False,
     fp8_acc_mantissa_bits: int | None = None,
     fp8_flush_tiles: int | None = None,
+    rounded_p_row_sums: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """What a SageAttention2 kernel configured by `cfg` computes (docs/numerics.md), in fp32.
 
@@ -498,7 +499,10 @@ def reference_attention(
     wgmma accumulator does with 13. `fp8_flush_tiles` (fp8 PV only) models a kernel whose PV
     accumulator is not restarted every tile: it carries its sum (rescaled by alpha in fp32)
     across that many key tiles and only then adds it into the fp32 O; None is the two-level
-    scheme of today's kernels (numerics.md step 6), the same as 1.
+    scheme of today's kernels (numerics.md step 6), the same as 1. `rounded_p_row_sums`: l sums
+    P as rounded for P . V (numerics.md step 5), as the wgmma kernels always do and the mma
+    kernels' 16-bit P . V with an fp32 accumulator does where that MMA runs at full rate (the
+    kernel's `row_sums_by_mma` launch info); None: the family's fixed choice (wgmma yes, mma no).
 
     Integer dot products go through fp32 matmuls, which are exact here; on CUDA keep TF32
     matmuls off (the default) so fp32 P is not rounded when the inputs are fp32.
@@ -532,7 +536,12 @@ def reference_attention(
         qbar_hat = qq.qbar_values.to(torch.float32)
         block_of_row = rows // tile.q_mean_rows
     p_offset = cfg.p_log2_max
-    sum_rounded_p = cfg.family is Family.WGMMA  # numerics.md step 5
+    wgmma = cfg.family is Family.WGMMA
+    if rounded_p_row_sums is not None and rounded_p_row_sums != wgmma and (
+            wgmma or fp8_pv or cfg.pv_accum is PVAccum.FP16):
+        raise ValueError("rounded_p_row_sums can differ from the family's only for mma 16-bit P.V with an fp32 "
+                         "accumulator")
+    sum_rounded_p = wgmma if rounded_p_row_sums is None else rounded_p_row_sums  # numerics.md step 5
 
     m = torch.full((B, Hq, nq_pad), float("-inf"), device=device)
     l = torch.zeros((B, Hq, nq_pad), device=device)
@@ -563,7 +572,7 @@ def reference_attention(
         alpha = torch.exp2(m - m_new)
         p = torch.exp2(x - m_new[..., None] + p_offset)
         p_hat = _e4m3(p) if fp8_pv else p.to(q.dtype).to(torch.float32)
-        if sum_rounded_p:
+        if sum_rounded_p and wgmma:
             # wgmma: the row sums come from the PV operand through a ones column, in the same
             # accumulator as R; R restarts every fp8_flush_tiles tiles (default 1: two-level).
             l, o = alpha * l, alpha[..., None] * o
@@ -574,7 +583,7 @@ def reference_attention(
                 l, o = l + l_acc[..., 0], o + o_acc
                 l_acc = o_acc = None
         else:
-            l = alpha * l + p.sum(dim=-1)
+            l = alpha * l + (p_hat if sum_rounded_p else p).sum(dim=-1)
             if fp16_acc:
                 r = _tile_pv_fp16_acc(p_hat, v_tile, MMA_K_STEP[cfg.pv_dtype])
             else:

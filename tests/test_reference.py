@@ -447,6 +447,31 @@ def test_fp8_accumulator_flushed_every_few_tiles_matches_two_level():
     assert drift[1] < 5e-4 and drift[8] < 2e-3 and drift[10**6] > 5e-3, drift
 
 
+def test_rounded_p_row_sums_make_the_weights_sum_to_one():
+    """Row sums of P as rounded for P . V (the wgmma kernels, and the mma kernels' 16-bit P . V
+    where fp32-accumulating MMAs run at full rate): with V = 1 every output is 1 to fp32
+    summation order, where the unrounded sums are off by bf16's rounding of P (at most 2^-8
+    relative; lse shows it). On random data the two differ far less than either differs from
+    exact attention."""
+    cfg = AttnConfig(pv_dtype="fp16", family="mma")
+    q, k, _ = make_qkv(1, 2, 2, 200, 300, 64, dtype=torch.bfloat16)
+    ones = torch.ones_like(k)
+    rounded, lse_r = reference_attention(q, k, ones, cfg, rounded_p_row_sums=True, return_lse=True)
+    _, lse_u = reference_attention(q, k, ones, cfg, return_lse=True)
+    assert torch.equal(rounded, torch.ones_like(rounded))
+    gap = (lse_r - lse_u).abs()  # ln(sum P_hat / sum P)
+    assert 0 < gap.max() <= 2 ** -8 and gap.mean() > 1e-6, (float(gap.max()), float(gap.mean()))
+
+    q, k, v = make_qkv(1, 2, 2, 256, 512, 128, dtype=torch.bfloat16)
+    ex = exact64(q, k, v)[0]
+    a = reference_attention(q, k, v, cfg)[0]
+    b = reference_attention(q, k, v, cfg, rounded_p_row_sums=True)[0]
+    assert not torch.equal(a, b)
+    between = error_metrics(b, a)["rel_l1"]
+    ea, eb = error_metrics(a, ex)["rel_l1"], error_metrics(b, ex)["rel_l1"]
+    assert between < 0.1 * ea and abs(eb - ea) < 0.05 * ea, (between, ea, eb)
+
+
 def test_truncate_mantissa_rounds_toward_zero():
     x = torch.tensor([1 + 2**-13, 1 + 2**-14, -(1 + 2**-14), 3.0, -(2 - 2**-23)])
     got = _truncate_mantissa(x, 13).tolist()
@@ -476,6 +501,9 @@ def test_invalid_arguments_raise_value_error():
         lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp8", family="wgmma"), fp8_flush_tiles=0),
         lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp8", family="mma"), fp8_flush_tiles=4),
         lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp16", family="wgmma"), fp8_flush_tiles=4),
+        lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp8", family="mma"), rounded_p_row_sums=True),
+        lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp16", pv_accum="fp16"), rounded_p_row_sums=True),
+        lambda: reference_attention(q, k, v, cfg.with_(pv_dtype="fp16", family="wgmma"), rounded_p_row_sums=False),
         lambda: exact_attention(q, k, v, tensor_layout="hnd"),
     ]
     for i, call in enumerate(bad_calls):

@@ -132,7 +132,9 @@ def check(q, k, v, cfg, *, layout="HND", causal=False, lse=True, case="", exact_
     o, l, qz = run_kernel(q, k, v, cfg, layout=layout, causal=causal, lse=lse)
     assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
     assert torch.isfinite(o).all(), "output has NaN/inf: unwritten or broken elements"
-    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=lse)
+    kernel = LIB.get(mma.attention_kernel_for(cfg, q.dtype, q.shape[-1]))
+    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=lse,
+              rounded_p_row_sums=bool(kernel.info["row_sums_by_mma"]))
     same_o, same_l = reference_on_operands(qz, q, k, v, cfg, **kw)
     ref_o, ref_l = reference_attention(q, k, v, cfg, **kw)
     ex_o, ex_l = exact_attention(q, k, v, compute_dtype=exact_dtype, **kw)
@@ -465,13 +467,20 @@ def test_fp8_v_for_fp16_accumulation(smoothing):
 
 
 def test_dispatch_default_accumulator_and_launch_smem():
-    """The arch table's accumulator is what dispatch runs (FP8 PV in fp16 on sm_89/120/121), and
+    """The arch table's accumulator is what dispatch runs (FP8 PV in fp16 on sm_89/120/121), the
+    16-bit P.V kernels take their row sums from an MMA exactly where the table says, and
     a launch without Q smoothing asks for the smaller shared memory (two CTAs per GeForce SM at
     D = 128)."""
     from sageattn2 import dispatch
 
     acc = dispatch.default_pv_accum(CAP, PVDType.FP8)
     assert (acc.value == "fp16") == LIB.arch.fp8_pv_fp16_accum
+    # 16-bit P.V with an fp32 accumulator takes its row sums from the MMA where that runs at full rate.
+    for pv_cfg, dtype in ((make_cfg("int8+fp16"), torch.bfloat16), (make_cfg("int8+fp16"), torch.float16)):
+        kernel = LIB.get(mma.attention_kernel_for(pv_cfg, dtype, 64))
+        assert kernel.info["row_sums_by_mma"] == int(LIB.arch.fp32_accum_full_rate), kernel.name
+    if LIB.arch.fp8_mma:
+        assert LIB.get(mma.attention_kernel_for(make_cfg("int8+fp8"), torch.bfloat16, 64)).info["row_sums_by_mma"] == 0
     for smooth_q in (False, True):
         cfg = make_cfg("int8+fp16", smoothing="kq" if smooth_q else "k")
         kernel = LIB.get(mma.attention_kernel_for(cfg, torch.float16, 128))

@@ -88,6 +88,10 @@ struct AttnMmaTraits {
   // second m16 tile overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
   // there the overlap makes ptxas spill on sm_89/sm_120 (4-8 spill loads per tile).
   static constexpr bool kExpWithPV = !(kFp8PV && kHeadDim >= 128);
+  // The row sums l from the tensor cores (P against a ones column: 2 * kMTiles MMAs per 16 keys
+  // instead of a FADD per score) where fp32-accumulating 16-bit MMAs run at full rate
+  // (archs.Arch.fp32_accum_full_rate); l then sums P as rounded for P . V (numerics.md step 5).
+  static constexpr bool kRowSumsByMma = SA2_FP32_ACCUM_FULL_RATE && !kFp8PV && !kF16Acc;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -297,6 +301,13 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       for (int e = 0; e < 4; ++e) o[m][n][e] = 0.0f;
   softmax::RowState<M> rows;
   rows.init();
+  // kRowSumsByMma: l as an m16n8 accumulator of P . ones; every column holds the row sum, so a
+  // lane has row g's in elements 0-1 and row g+8's in 2-3.
+  float l_frag[M][4];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l_frag[m][e] = 0.0f;
   constexpr float kPOffset = T::kPLog2Max;
 
   // Commit order K0, V0, K1, V1, ... With three barriers: at the top of tile j wait_group 1
@@ -446,7 +457,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
                            const float (&alpha)[T::kMTiles][2], uint32_t (&p_frag)[T::kMTiles][T::kPSteps][4]) {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      softmax::exp_and_sum<NS>(x[m], x_scale, rows.max[m], kPOffset, alpha[m], rows.sum_part[m]);
+      softmax::exp_and_sum<NS, !T::kRowSumsByMma>(x[m], x_scale, rows.max[m], kPOffset, alpha[m], rows.sum_part[m]);
 #pragma unroll
       for (int kk = 0; kk < kPSteps; ++kk) {
         if constexpr (T::kFp8PV) {
@@ -466,8 +477,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     }
   };
 
-  // Rescale O only when a row max of the warp moved (alpha == 1 makes it the identity):
-  // once the maxima settle, most tiles skip these 4 * M * NO multiplies.
+  // Rescale O (and l from the MMA) only when a row max of the warp moved (alpha == 1 makes it
+  // the identity): once the maxima settle, most tiles skip these 4 * M * NO multiplies.
   auto rescale_o = [&](const float (&alpha)[T::kMTiles][2]) {
     bool moved = false;
 #pragma unroll
@@ -482,6 +493,12 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
           o[m][n][2] *= alpha[m][1];
           o[m][n][3] *= alpha[m][1];
         }
+      if constexpr (T::kRowSumsByMma) {
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) l_frag[m][e] *= alpha[m][e >> 1];
+      }
     }
   };
 
@@ -565,6 +582,13 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
             mma_pv16<T::kPV>(o[m][2 * np + 1], p_frag[m][kk], b[2], b[3]);
           }
         }
+      }
+      if constexpr (T::kRowSumsByMma) {
+        constexpr uint32_t kOnes = T::kPV == PVType::kBf16 ? 0x3F803F80u : 0x3C003C00u;  // 1.0 x2
+#pragma unroll
+        for (int kk = 0; kk < NS / 2; ++kk)
+#pragma unroll
+          for (int m = 0; m < M; ++m) mma_pv16<T::kPV>(l_frag[m], p_frag[m][kk], kOnes, kOnes);
       }
     }
   };
@@ -735,7 +759,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float l = softmax::quad_sum(rows.sum_part[m][h]);
+      const float l = T::kRowSumsByMma ? l_frag[m][2 * h] : softmax::quad_sum(rows.sum_part[m][h]);
       const int row = warp_row0 + m * 16 + g + 8 * h;
       if (row >= nq) continue;
       const float inv_l = 1.0f / l;

@@ -4,7 +4,7 @@
 // rows g (elements 0,1) and g+8 (elements 2,3) of each m16 tile, so it tracks 2*M rows; the
 // four lanes of a quad share a row and combine their row maxima with two shuffles. The row
 // sums stay per lane (they are linear in p, every lane rescales by the same alpha) and are
-// combined once in the epilogue.
+// combined once in the epilogue, unless the kernel takes them from an MMA (exp_and_sum<N, false>).
 #pragma once
 #include "sa2/common.cuh"
 
@@ -66,8 +66,8 @@ __device__ __forceinline__ void update_row_max(const float (&x)[N][4], float sca
   }
 }
 
-// Steps 4-5: x -> p = exp2(x * scale - m + p_offset) in place, l = alpha * l + sum(p).
-template <int N>
+// Steps 4-5: x -> p = exp2(x * scale - m + p_offset) in place, and with kSum l = alpha * l + sum(p).
+template <int N, bool kSum = true>
 __device__ __forceinline__ void exp_and_sum(float (&x)[N][4], float scale, const float (&row_max)[2],
                                             float p_offset, const float (&alpha)[2], float (&row_sum)[2]) {
 #pragma unroll
@@ -78,9 +78,9 @@ __device__ __forceinline__ void exp_and_sum(float (&x)[N][4], float scale, const
     for (int n = 0; n < N; ++n) {
       x[n][2 * h] = exp2_approx(fmaf(x[n][2 * h], scale, neg_shift));
       x[n][2 * h + 1] = exp2_approx(fmaf(x[n][2 * h + 1], scale, neg_shift));
-      sum += x[n][2 * h] + x[n][2 * h + 1];
+      if constexpr (kSum) sum += x[n][2 * h] + x[n][2 * h + 1];
     }
-    row_sum[h] = row_sum[h] * alpha[h] + sum;
+    if constexpr (kSum) row_sum[h] = row_sum[h] * alpha[h] + sum;
   }
 }
 
