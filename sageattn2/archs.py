@@ -19,6 +19,10 @@ which levels are native or substituted. Nothing else restates these facts.
               MMAs per 64-key tile at D=64 instead of 64 FADDs), summing P as rounded for the
               MMA (numerics.md step 5); on half-rate cards those MMAs would cost more than the
               adds
+    smem_per_sm_kb
+              shared memory one SM gives its CTAs (KB). With 160 or more (A100, H100, B200) the
+              mma family's D=128 16-bit P.V kernel double-buffers V (64 KB per CTA, two CTAs per
+              SM, one barrier per tile); on the 100 KB GeForce SMs it keeps one V stage (48 KB)
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ class Arch:
     wgmma: bool
     fp8_pv_fp16_accum: bool = False
     fp32_accum_full_rate: bool = False
+    smem_per_sm_kb: int = 100
 
     @property
     def number(self) -> int:
@@ -52,18 +57,19 @@ class Arch:
     def defines(self) -> list[str]:
         """Macros every kernel unit of this arch is compiled with."""
         return [f"-DSA2_ARCH={self.number}", f"-DSA2_HAS_FP8_MMA={int(self.fp8_mma)}",
-                f"-DSA2_FP32_ACCUM_FULL_RATE={int(self.fp32_accum_full_rate)}"]
+                f"-DSA2_FP32_ACCUM_FULL_RATE={int(self.fp32_accum_full_rate)}",
+                f"-DSA2_SMEM_PER_SM_KB={self.smem_per_sm_kb}"]
 
 
 # Compute capability -> capabilities. Archs the mma.sync family serves; newer ones fall back to
 # the closest row below (same major) when NVRTC knows them.
 _TABLE = {
-    (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False, fp32_accum_full_rate=True),
+    (8, 0): Arch(8, 0, fp8_mma=False, int4_mma=True, wgmma=False, fp32_accum_full_rate=True, smem_per_sm_kb=164),
     (8, 6): Arch(8, 6, fp8_mma=False, int4_mma=True, wgmma=False),
-    (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False),
+    (8, 7): Arch(8, 7, fp8_mma=False, int4_mma=True, wgmma=False, smem_per_sm_kb=164),
     (8, 9): Arch(8, 9, fp8_mma=True, int4_mma=True, wgmma=False, fp8_pv_fp16_accum=True),
-    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True, fp32_accum_full_rate=True),
-    (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp32_accum_full_rate=True),
+    (9, 0): Arch(9, 0, fp8_mma=True, int4_mma=False, wgmma=True, fp32_accum_full_rate=True, smem_per_sm_kb=228),
+    (10, 0): Arch(10, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp32_accum_full_rate=True, smem_per_sm_kb=228),
     (12, 0): Arch(12, 0, fp8_mma=True, int4_mma=False, wgmma=False, fp8_pv_fp16_accum=True),
 }
 
@@ -81,7 +87,7 @@ def arch(major: int, minor: int) -> Arch | None:
     same_major = [cc for cc in _TABLE if cc[0] == major and cc[1] <= minor]
     base = _TABLE[max(same_major)] if same_major else _TABLE[max(_TABLE)]
     return Arch(major, minor, base.fp8_mma, base.int4_mma, wgmma=False, fp8_pv_fp16_accum=base.fp8_pv_fp16_accum,
-                fp32_accum_full_rate=base.fp32_accum_full_rate)
+                fp32_accum_full_rate=base.fp32_accum_full_rate, smem_per_sm_kb=base.smem_per_sm_kb)
 
 
 def why_unsupported(major: int, minor: int) -> str:

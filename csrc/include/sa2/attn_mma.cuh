@@ -76,9 +76,11 @@ struct AttnMmaTraits {
   // (at its top K_j and V_j have landed, every warp is done with tile j-1, and tile j+1's K and
   // V are issued into j-1's stages); with one it needs three (K_j landed; V_j landed; every warp
   // done with V_j before V_{j+1}). Above D=64 a 16-bit V tile is 32 KB: one stage keeps a D=128
-  // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB.
+  // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB; SMs with
+  // 160 KB or more (archs.Arch.smem_per_sm_kb) fit two D=128 CTAs of 64 KB with two V stages.
   // Ping-pong reads V_{j-1} during step j while V_j lands: two stages.
-  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || kPingPong ? 2 : 1;
+  static constexpr bool kLargeSmem = SA2_SMEM_PER_SM_KB >= 160;
+  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || (kHeadDim <= 128 && kLargeSmem) || kPingPong ? 2 : 1;
   static constexpr bool kOneBarrier = kVStages == 2 && !kPingPong;
   // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
