@@ -57,9 +57,9 @@ __device__ __forceinline__ void update_row_max(const float (&x)[N][4], float sca
                                                float (&alpha)[2]) {
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float raw_max = -INFINITY;
+    float raw_max = fmaxf(x[0][2 * h], x[0][2 * h + 1]);
 #pragma unroll
-    for (int n = 0; n < N; ++n) raw_max = fmaxf(raw_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
+    for (int n = 1; n < N; ++n) raw_max = fmaxf(raw_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
     const float m_new = fmaxf(row_max[h], quad_max(raw_max * scale));
     alpha[h] = exp2_approx(row_max[h] - m_new);
     row_max[h] = m_new;
