@@ -133,10 +133,10 @@ def check(q, k, v, cfg, *, layout="HND", causal=False, lse=True, case="", exact_
     assert o.shape == q.shape and o.dtype == q.dtype and o.is_contiguous()
     assert torch.isfinite(o).all(), "output has NaN/inf: unwritten or broken elements"
     kernel = LIB.get(mma.attention_kernel_for(cfg, q.dtype, q.shape[-1]))
-    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=lse,
-              rounded_p_row_sums=bool(kernel.info["row_sums_by_mma"]))
-    same_o, same_l = reference_on_operands(qz, q, k, v, cfg, **kw)
-    ref_o, ref_l = reference_attention(q, k, v, cfg, **kw)
+    kw = dict(tensor_layout=layout, is_causal=causal, return_lse=lse)
+    row_sums = dict(rounded_p_row_sums=bool(kernel.info["row_sums_by_mma"]))
+    same_o, same_l = reference_on_operands(qz, q, k, v, cfg, **kw, **row_sums)
+    ref_o, ref_l = reference_attention(q, k, v, cfg, **kw, **row_sums)
     ex_o, ex_l = exact_attention(q, k, v, compute_dtype=exact_dtype, **kw)
     m = error_metrics(o, same_o)
     m_ref, m_exact, m_ref_exact = error_metrics(o, ref_o), error_metrics(o, ex_o), error_metrics(ref_o, ex_o)
