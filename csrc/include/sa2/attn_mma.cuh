@@ -586,9 +586,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         }
       }
       if constexpr (T::kRowSumsByMma) {
-        constexpr uint32_t kOnes = T::kPV == PVType::kBf16 ? 0x3F803F80u : 0x3C003C00u;  // 1.0 x2
+        constexpr uint32_t kOnes = ones_word<T::kPV>();
 #pragma unroll
-        for (int kk = 0; kk < NS / 2; ++kk)
+        for (int kk = 0; kk < kPSteps; ++kk)
 #pragma unroll
           for (int m = 0; m < M; ++m) mma_pv16<T::kPV>(l_frag[m], p_frag[m][kk], kOnes, kOnes);
       }

@@ -407,10 +407,9 @@ __global__ void __launch_bounds__(T::kThreads, 1)
     }
   }
   {
-    // The ones tile in the PV operand's type (e4m3 0x38, f16 0x3C00, bf16 0x3F80).
-    constexpr uint32_t kOne = T::kFp8PV ? 0x38383838u : T::kBf16PV ? 0x3F803F80u : 0x3C003C00u;
+    // The ones tile in the PV operand's type.
     uint32_t* ones = reinterpret_cast<uint32_t*>(smem + T::kQBytes);
-    for (int i = tid; i < T::kOnesBytes / 4; i += T::kThreads) ones[i] = kOne;
+    for (int i = tid; i < T::kOnesBytes / 4; i += T::kThreads) ones[i] = ones_word<T::kPV>();
     sm90::mbar_init_fence();  // this thread's barrier / ones writes -> async proxy
   }
   __syncthreads();

@@ -2,6 +2,7 @@
 // header (cuda_fp16.h, cuda_bf16.h, cuda_fp8.h), which NVRTC does not carry and torch's wheels
 // may not ship. Every conversion rounds to nearest even, as the header functions it replaces.
 #pragma once
+#include "sa2/abi.cuh"
 #include "sa2/common.cuh"
 
 namespace sa2 {
@@ -46,6 +47,13 @@ __device__ __forceinline__ uint32_t pack2_16bit(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %2, %1;\n" : "=r"(out) : "f"(lo), "f"(hi));
   }
   return out;
+}
+
+// A 32-bit word of P . V operands of type kPV that are all 1.0 (e4m3 0x38, f16 0x3C00, bf16
+// 0x3F80): the ones column against which P's rows sum on the tensor cores.
+template <PVType kPV>
+__device__ __forceinline__ constexpr uint32_t ones_word() {
+  return kPV == PVType::kFp8 ? 0x38383838u : kPV == PVType::kBf16 ? 0x3F803F80u : 0x3C003C00u;
 }
 
 // Two floats -> two E4M3 bytes (saturating to +-448), `lo` in the low byte. The cvt exists from
