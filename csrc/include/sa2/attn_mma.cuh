@@ -28,13 +28,11 @@
 #define SA2_MMA_PINGPONG_MAX_D 0  // 64 / 128: the ping-pong schedule for D <= that (at most 128)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
-#define SA2_MMA_MIN_CTAS_D64 1  // 3: __launch_bounds__ minimum for D <= 64 (<= 168 registers)
+#define SA2_MMA_MIN_CTAS_D64 0  // 0: AttnMmaTraits decides; n: __launch_bounds__ minimum n for every D <= 64 kernel
 #endif
-#if SA2_MMA_MIN_CTAS_D64 > 1  // (an explicit minimum of 1 changes ptxas's schedule at D=128)
+// An explicit minimum of 1 changes ptxas's schedule at D=128: kernels that want more than one
+// CTA per SM name it, the others keep the plain bound.
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads, T::kMinCtasPerSm)
-#else
-#define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads)
-#endif
 
 namespace sa2 {
 
@@ -85,7 +83,16 @@ struct AttnMmaTraits {
   // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
   static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
-  static constexpr int kMinCtasPerSm = kHeadDim <= 64 ? SA2_MMA_MIN_CTAS_D64 : 1;
+  // Three CTAs per SM for INT8 Q . K^T with 16-bit P . V at D <= 64 (168 registers, 12 warps)
+  // where the SM's shared memory holds them with room to spare: on H100 that kernel ran 7-8 %
+  // faster than at two CTAs (255 registers), though it issues more instructions and spills a
+  // little. GeForce SMs (100 KB) fit a third CTA only without Q smoothing, and their levels are
+  // tensor-bound; INT4 spills three times as much. Neither was measured, so neither takes it.
+  static constexpr int kMinCtasPerSm =
+      kHeadDim > 64                ? 0
+      : SA2_MMA_MIN_CTAS_D64 > 0   ? SA2_MMA_MIN_CTAS_D64
+      : kLargeSmem && !kFp8PV && kQK == QKType::kInt8 ? 3
+                                   : 0;
   // The exponentials after O's rescale, in one basic block with P . V, so that those of the
   // second m16 tile overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
   // there the overlap makes ptxas spill on sm_89/sm_120 (4-8 spill loads per tile).
