@@ -132,7 +132,8 @@ def main_loop(ins: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[t
     """(steady-state instructions, conditional instructions) of the backward-branch loop with
     the most MMAs. Conditional: regions a predicated forward branch skips that hold no MMA,
     ldmatrix, ex2, barrier or cp.async (Q smoothing's Delta-S, the lazy O rescale), which a
-    tile without Q smoothing whose row maxima did not move never runs."""
+    tile without Q smoothing whose row maxima did not move never runs. Of an if/else, the
+    longer arm (the bounds-checked copy of a last tile) is in neither list."""
     best, best_mma = [], -1
     for addr, text in ins:
         target = branch_target(text)
@@ -145,14 +146,22 @@ def main_loop(ins: list[tuple[int, str]]) -> tuple[list[tuple[int, str]], list[t
         if n_mma > best_mma or (n_mma == best_mma and len(body) < len(best)):
             best, best_mma = body, n_mma
     essential = ("LDSM", "MUFU", "BAR", "LDGSTS", "DEPBAR")
-    skip = set()
+    skip, cold = set(), set()
     for addr, text in best:
         target = branch_target(text)
         if target is not None and target > addr and conditional_branch(text):
             region = [x for x in best if addr < x[0] < target]
             if region and not any(mma_kind(opcode(t)) or opcode(t).startswith(essential) for _, t in region):
                 skip.update(a for a, _ in region)
-    return [x for x in best if x[0] not in skip], [x for x in best if x[0] in skip]
+            # An if/else (the fall-through arm ends in a forward BRA past the taken arm): the
+            # steady state runs the shorter arm, the full-tile copy; the longer, bounds-checked
+            # copy serves the last tile only.
+            end = branch_target(region[-1][1]) if region else None
+            if end is not None and end > target and not conditional_branch(region[-1][1]):
+                taken = [x for x in best if target <= x[0] < end]
+                cold.update(a for a, _ in (taken if len(taken) > len(region) else region))
+    return ([x for x in best if x[0] not in skip and x[0] not in cold],
+            [x for x in best if x[0] in skip and x[0] not in cold])
 
 
 def loop_counts(body: list[tuple[int, str]]) -> dict:

@@ -187,7 +187,11 @@ struct MmaTileOffsets {
 // tile, not once per chunk. Offsets inside one tile fit in 32 bits (a tile is < 2^31 bytes of
 // its source); the thread index comes from thread_id_in_loop() so ptxas recomputes them per
 // tile instead of keeping hoisted registers alive through the main loop.
-template <int kRowBytes, int kRows, int kThreads>
+// kAllRows (every row of the tile is valid: K and FP8 V^T, which are padded, and 16-bit V
+// before its last tile) drops the per-row tests, and the source of row pass `it` is one 64-bit
+// multiply-add from the thread's first row (an immediate offset where the stride is a
+// compile-time constant) instead of a bounds-selected 32-bit offset widened per chunk.
+template <int kRowBytes, int kRows, int kThreads, bool kAllRows = false>
 __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src, int64_t src_stride, int valid_rows,
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
@@ -201,11 +205,14 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
   const uint32_t dst0 = dst_addr + swizzle<kRowBytes>(row0, chunk);
   const int stride = static_cast<int>(src_stride);
   const bool chunk_valid = chunk < valid_chunks;
+  // A chunk past valid_chunks reads nothing but still needs a mapped address: its row's first.
+  const uint8_t* row0_src = kAllRows ? src + (static_cast<int64_t>(row0) * stride + (chunk_valid ? chunk * 16 : 0)) : src;
 #pragma unroll
   for (int it = 0; it < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++it) {
     const int row = row0 + it * kRowsPerPass;
-    const bool valid = chunk_valid && row < valid_rows;
-    const uint8_t* p = src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
+    const bool valid = chunk_valid && (kAllRows || row < valid_rows);
+    const uint8_t* p = kAllRows ? row0_src + static_cast<int64_t>(kRowsPerPass * stride) * it
+                                : src + (valid ? static_cast<uint32_t>(row * stride + chunk * 16) : 0u);
     const uint32_t d = kRowsPerPass % 8 == 0 ? dst0 + it * kRowsPerPass * kRowBytes
                                              : dst_addr + swizzle<kRowBytes>(row, chunk);
     mma::cp_async_16(d, p, valid);
@@ -279,21 +286,27 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // ---- K/V tile loaders.
   const uint8_t* k_src = static_cast<const uint8_t*>(a.k) + bkv * a.nk_pad * QB;
   auto load_k = [&](int tile, int stage) {
-    load_tile_async<QB, T::kKTile, T::kThreads>(k_smem + stage * T::kKTileBytes, k_src + static_cast<int64_t>(tile) * T::kKTile * QB,
-                                               QB, T::kKTile, QB / 16);
+    load_tile_async<QB, T::kKTile, T::kThreads, true>(k_smem + stage * T::kKTileBytes,
+                                                     k_src + static_cast<int64_t>(tile) * T::kKTile * QB, QB, T::kKTile,
+                                                     QB / 16);
   };
   auto load_v = [&](int tile, int stage) {
     if constexpr (T::kFp8PV) {
       const uint8_t* src = static_cast<const uint8_t*>(a.v) + bkv * T::kHeadDim * a.v_pad +
                            static_cast<int64_t>(tile) * T::kKTile;
-      load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads>(v_smem + stage * T::kVTileBytes, src, a.v_pad, T::kVRows,
-                                                            T::kVRowBytes / 16);
+      load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads, true>(v_smem + stage * T::kVTileBytes, src, a.v_pad,
+                                                                  T::kVRows, T::kVRowBytes / 16);
     } else {
       const int key0 = tile * T::kKTile;
       const uint8_t* src = static_cast<const uint8_t*>(a.v) +
                            2 * (batch * a.v_stride_b + kv_head * a.v_stride_h + key0 * a.v_stride_n);
-      load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads>(v_smem + stage * T::kVTileBytes, src, 2 * a.v_stride_n, nk - key0,
-                                                            static_cast<int>((a.head_dim + 7) / 8));
+      uint8_t* dst = v_smem + stage * T::kVTileBytes;
+      const int chunks = static_cast<int>((a.head_dim + 7) / 8);
+      if (key0 + T::kKTile <= nk) {
+        load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads, true>(dst, src, 2 * a.v_stride_n, T::kVRows, chunks);
+      } else {
+        load_tile_async<T::kVRowBytes, T::kVRows, T::kThreads>(dst, src, 2 * a.v_stride_n, nk - key0, chunks);
+      }
     }
   };
 
