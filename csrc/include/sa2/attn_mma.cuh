@@ -18,9 +18,6 @@
 
 // Experiment switches for device A/B runs (tests/gpu/rtx_round.sh MMA_VARIANTS, through
 // SAGEATTN2_NVRTC_FLAGS); each goes once a winner is measured.
-#ifndef SA2_MMA_EAGER_RESCALE
-#define SA2_MMA_EAGER_RESCALE 0  // 1: rescale O every tile (no vote, no branch before P.V)
-#endif
 #ifndef SA2_MMA_TWO_BARRIERS
 #define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
 #endif
@@ -505,7 +502,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     bool moved = false;
 #pragma unroll
     for (int m = 0; m < M; ++m) moved |= alpha[m][0] != 1.0f || alpha[m][1] != 1.0f;
-    if (SA2_MMA_EAGER_RESCALE || __any_sync(0xffffffffu, moved)) {
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
       for (int m = 0; m < M; ++m)
 #pragma unroll
