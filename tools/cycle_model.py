@@ -14,7 +14,9 @@ iteration = one KV tile of 64 keys for every kernel here; of several such loops,
 the copy without masking). Regions that a predicated forward branch skips and that hold no
 MMA, ldmatrix, ex2, barrier or cp.async are left out and reported as "conditional": our
 Q-smoothing Delta-S and the O rescale that runs only when a row max moved (the steady state of
-a long row). Everything else in the loop body is issued every tile (predicated code included).
+a long row). Of an if/else, the shorter arm is counted (our full-tile V copy; the longer,
+bounds-checked one serves the last tile). Everything else in the loop body is issued every tile
+(predicated code included).
 
 The model, per SM sub-partition (a quarter SM: one scheduler, a quarter of the tensor and
 special-function units), for one warp's tile:

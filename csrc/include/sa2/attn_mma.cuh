@@ -80,15 +80,16 @@ struct AttnMmaTraits {
   // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
   static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
-  // Three CTAs per SM for INT8 Q . K^T with 16-bit P . V at D <= 64 (168 registers, 12 warps)
+  // Three CTAs per SM for INT8 Q . K^T with 16-bit P . V into fp32 at D <= 64 (168 registers, 12 warps)
   // where the SM's shared memory holds them with room to spare: on H100 that kernel ran 7-8 %
   // faster than at two CTAs (255 registers), though it issues more instructions and spills a
   // little. GeForce SMs (100 KB) fit a third CTA only without Q smoothing, and their levels are
-  // tensor-bound; INT4 spills three times as much. Neither was measured, so neither takes it.
+  // tensor-bound; INT4 spills three times as much. Neither was measured, nor the fp16
+  // accumulator, so none of them takes it.
   static constexpr int kMinCtasPerSm =
       kHeadDim > 64                ? 0
       : SA2_MMA_MIN_CTAS_D64 > 0   ? SA2_MMA_MIN_CTAS_D64
-      : kLargeSmem && !kFp8PV && kQK == QKType::kInt8 ? 3
+      : kLargeSmem && !kFp8PV && !kF16Acc && kQK == QKType::kInt8 ? 3
                                    : 0;
   // The exponentials after O's rescale, in one basic block with P . V, so that those of the
   // second m16 tile overlap the first one's MMAs. FP8 P . V at D >= 128 keeps them before the rescale:
@@ -625,9 +626,11 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
       }
       cp_async_commit();
       // Causal: a warp whose rows all lie above the tile's first key has nothing to add (the
-      // CTA's loads and barriers above still need it). Not at D <= 64: there the early exit
-      // changed ptxas's schedule of the unmasked loop too, and the kernel lost 2-3 % on H100.
-      if constexpr (decltype(masked)::value && T::kHeadDim > 64) {
+      // CTA's loads and barriers above still need it). The early exit also moves ptxas's
+      // schedule of the unmasked loop, so it is only where that was measured or checked: with
+      // 16-bit P . V at D=128 (H100 +1..3 %). At D <= 64 the kernel lost 2-3 % on H100; with
+      // FP8 P . V ptxas spills on sm_89 (25 local accesses per tile at D=128).
+      if constexpr (decltype(masked)::value && T::kHeadDim > 64 && !T::kFp8PV) {
         if (causal && j * T::kKTile > warp_row0 + T::kWarpQ - 1) return;
       }
     } else if constexpr (T::kTwoBarriers) {
