@@ -123,7 +123,7 @@ def _info(kernel: kernels.Kernel) -> dict[str, int]:
                 "k_tile": tile.k_tile}
     tile = tile_shape(Family.MMA, dpad)
     return {"threads": 128, "smem": 50_000, "smem_no_qbar": 48_000, "cta_q": tile.cta_q, "k_tile": tile.k_tile,
-            "warp_q": tile.warp_q, "cta_rows": tile.cta_q}
+            "warp_q": tile.warp_q}
 
 
 class StubDeviceKernels:

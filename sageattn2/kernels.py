@@ -80,7 +80,7 @@ def mma_kernel(head_dim: int, qk_int4: bool, pv: int, f16_accum: bool = False) -
                   "sa2::MmaAttnParams",
                   (("threads", "SA2_T::kThreads"), ("smem", "SA2_T::kSmemBytes"),
                    ("smem_no_qbar", "SA2_T::kQbarOffset"), ("cta_q", "SA2_T::kCtaQ"),
-                   ("k_tile", "SA2_T::kKTile"), ("warp_q", "SA2_T::kWarpQ"), ("cta_rows", "SA2_T::kCtaRows"),
+                   ("k_tile", "SA2_T::kKTile"), ("warp_q", "SA2_T::kWarpQ"),
                    ("row_sums_by_mma", "SA2_T::kRowSumsByMma")))
 
 

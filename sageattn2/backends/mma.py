@@ -529,8 +529,8 @@ def _attention_params(cfg: AttnConfig, q_h, k_h, dpad: int, tile: TileShape, nq_
 
 
 def _attention_grid(kernel, nq_pad: int, hq: int, b: int) -> tuple[int, int, int]:
-    """One CTA per `cta_rows` query rows (a multiple of the quantizer's `cta_q` block)."""
-    return -(-nq_pad // kernel.info["cta_rows"]), hq, b
+    """One CTA per `cta_q` query rows (the quantizer's block)."""
+    return -(-nq_pad // kernel.info["cta_q"]), hq, b
 
 
 def _attention_smem(kernel, smooth_q: bool) -> int:

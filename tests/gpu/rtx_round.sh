@@ -36,7 +36,7 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # A timeout of at most $1 seconds that ends before the budget does (never below 10 s).
 cap() { local l; l=$(left); l=$(( l < $1 ? l : $1 )); echo $(( l < 10 ? 10 : l )); }
 # Kernel switches to A/B (name:flags, flags comma-separated; the -D guards in attn_mma.cuh).
-MMA_VARIANTS=${MMA_VARIANTS-"pingpong_d64:-DSA2_MMA_PINGPONG_MAX_D=64 pingpong:-DSA2_MMA_PINGPONG_MAX_D=128 one_v_stage:-DSA2_SMEM_PER_SM_KB=100 one_v_stage_two_barriers:-DSA2_SMEM_PER_SM_KB=100,-DSA2_MMA_TWO_BARRIERS=1 d64_2ctas:-DSA2_MMA_MIN_CTAS_D64=2"}
+MMA_VARIANTS=${MMA_VARIANTS-"one_v_stage:-DSA2_SMEM_PER_SM_KB=100 one_v_stage_two_barriers:-DSA2_SMEM_PER_SM_KB=100,-DSA2_MMA_TWO_BARRIERS=1 d64_2ctas:-DSA2_MMA_MIN_CTAS_D64=2"}
 AB_SHAPES=${AB_SHAPES:-1x24x8192x128,1x24x16384x64,1x32x8192x128c}
 # A variant builds into its own kernel cache (the default one stays the product build).
 in_variant() { local v=$1; shift; SAGEATTN2_CACHE_DIR=/tmp/sa2_ab/${v%%:*} SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" "$@"; }

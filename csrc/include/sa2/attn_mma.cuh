@@ -6,7 +6,7 @@
 //   low nibble = even channel), with their per-group fp32 scales (config.py groups);
 //   V: FP8 V^T (B, Hkv, D, Nv_pad) in the token order of quant::v_stored_position, or the
 //   16-bit V itself (any batch/head/token strides, d % 8 == 0, 16-byte aligned rows).
-// Per CTA: kCtaRows query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
+// Per CTA: kCtaQ query rows of one (batch, q head), kWarps warps of kWarpQ rows each; the
 // K/V tiles of kKTile keys stream through cp.async (K two stages, V two or one: kVStages).
 // Numerics follow
 // docs/numerics.md §2-3 step by step; the comments name the steps.
@@ -20,9 +20,6 @@
 // SAGEATTN2_NVRTC_FLAGS); each goes once a winner is measured.
 #ifndef SA2_MMA_TWO_BARRIERS
 #define SA2_MMA_TWO_BARRIERS 0  // 1: one V stage with two barriers per tile (V_j issued at the top of tile j)
-#endif
-#ifndef SA2_MMA_PINGPONG_MAX_D
-#define SA2_MMA_PINGPONG_MAX_D 0  // 64 / 128: the ping-pong schedule for D <= that (at most 128)
 #endif
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 0  // 0: AttnMmaTraits decides; n: __launch_bounds__ minimum n for every D <= 64 kernel
@@ -45,10 +42,7 @@ struct AttnMmaTraits {
   static constexpr int kCtaQ = kHeadDim <= 128 ? 128 : 64;
   static constexpr int kWarpQ = kHeadDim <= 128 ? 32 : 16;
   static constexpr int kKTile = 64;
-  // Ping-pong: a CTA takes two blocks of kCtaQ rows (the quantizer's groups stay per kCtaQ).
-  static constexpr bool kPingPong = kHeadDim <= SA2_MMA_PINGPONG_MAX_D && kHeadDim <= 128;
-  static constexpr int kCtaRows = kPingPong ? 2 * kCtaQ : kCtaQ;
-  static constexpr int kWarps = kCtaRows / kWarpQ;
+  static constexpr int kWarps = kCtaQ / kWarpQ;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kMTiles = kWarpQ / 16;
   static constexpr int kSTiles = kKTile / 8;                             // n8 tiles of S
@@ -66,20 +60,19 @@ struct AttnMmaTraits {
   static constexpr int kVRows = kFp8PV ? kHeadDim : kKTile;
   static constexpr int kKTileBytes = kKTile * kQKBytes;
   static constexpr int kVTileBytes = kVRows * kVRowBytes;
-  static constexpr int kQTileBytes = kCtaRows * kQKBytes;
+  static constexpr int kQTileBytes = kCtaQ * kQKBytes;
   // K is double-buffered, V too for FP8 and D=64. With two V stages a tile needs one barrier
   // (at its top K_j and V_j have landed, every warp is done with tile j-1, and tile j+1's K and
   // V are issued into j-1's stages); with one it needs three (K_j landed; V_j landed; every warp
   // done with V_j before V_{j+1}). Above D=64 a 16-bit V tile is 32 KB: one stage keeps a D=128
   // CTA at 48 KB (two CTAs per SM on the 100 KB sm_86/89/120) and D=256 under 99 KB; SMs with
   // 160 KB or more (archs.Arch.smem_per_sm_kb) fit two D=128 CTAs of 64 KB with two V stages.
-  // Ping-pong reads V_{j-1} during step j while V_j lands: two stages.
   static constexpr bool kLargeSmem = SA2_SMEM_PER_SM_KB >= 160;
-  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || (kHeadDim <= 128 && kLargeSmem) || kPingPong ? 2 : 1;
-  static constexpr bool kOneBarrier = kVStages == 2 && !kPingPong;
+  static constexpr int kVStages = kFp8PV || kHeadDim <= 64 || (kHeadDim <= 128 && kLargeSmem) ? 2 : 1;
+  static constexpr bool kOneBarrier = kVStages == 2;
   // One V stage with two barriers: the barrier at the top of tile j also says every warp is done
   // with V_{j-1}, so V_j is issued there (it still lands during QK_j and the softmax).
-  static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier && !kPingPong;
+  static constexpr bool kTwoBarriers = SA2_MMA_TWO_BARRIERS && !kOneBarrier;
   // Three CTAs per SM for INT8 Q . K^T with 16-bit P . V into fp32 at D <= 64 (168 registers, 12 warps)
   // where the SM's shared memory holds them with room to spare: on H100 that kernel ran 7-8 %
   // faster than at two CTAs (255 registers), though it issues more instructions and spills a
@@ -194,19 +187,18 @@ __device__ __forceinline__ void load_tile_async(uint8_t* dst, const uint8_t* src
                                                 int valid_chunks) {
   constexpr int kChunks = kRowBytes / 16;
   constexpr int kRowsPerPass = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && (kRows % kRowsPerPass == 0 || kRowsPerPass % kRows == 0),
-                "every thread copies one chunk column (or none, where a pass covers more rows than the tile)");
+  static_assert(kThreads % kChunks == 0 && kRows % kRowsPerPass == 0, "every thread copies one chunk column");
   const uint32_t tid = static_cast<uint32_t>(thread_id_in_loop()) % kThreads;
   const int row0 = static_cast<int>(tid / kChunks), chunk = static_cast<int>(tid % kChunks);
-  if (kRows < kRowsPerPass && row0 >= kRows) return;  // more threads than chunks (INT4 K at D=64, 8 warps)
   const uint32_t dst_addr = mma::smem_addr(dst);
   const uint32_t dst0 = dst_addr + swizzle<kRowBytes>(row0, chunk);
   const int stride = static_cast<int>(src_stride);
   const bool chunk_valid = chunk < valid_chunks;
   // A chunk past valid_chunks reads nothing but still needs a mapped address: its row's first.
-  const uint8_t* row0_src = kAllRows ? src + (static_cast<int64_t>(row0) * stride + (chunk_valid ? chunk * 16 : 0)) : src;
+  const uint8_t* row0_src =
+      kAllRows ? src + (static_cast<int64_t>(row0) * stride + (chunk_valid ? chunk * 16 : 0)) : src;
 #pragma unroll
-  for (int it = 0; it < (kRows + kRowsPerPass - 1) / kRowsPerPass; ++it) {
+  for (int it = 0; it < kRows / kRowsPerPass; ++it) {
     const int row = row0 + it * kRowsPerPass;
     const bool valid = chunk_valid && (kAllRows || row < valid_rows);
     const uint8_t* p = kAllRows ? row0_src + static_cast<int64_t>(kRowsPerPass * stride) * it
@@ -238,17 +230,13 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int kv_head = head / static_cast<int>(a.heads_q / a.heads_kv);  // GQA: no K/V copies
   const int64_t bh = static_cast<int64_t>(batch) * a.heads_q + head;
   const int64_t bkv = static_cast<int64_t>(batch) * a.heads_kv + kv_head;
-  const int row0 = q_block * T::kCtaRows;         // first query row of the CTA
+  const int row0 = q_block * T::kCtaQ;            // first query row of the CTA
   const int warp_row0 = row0 + warp * T::kWarpQ;  // first query row of this warp
   const int nq = static_cast<int>(a.nq), nk = static_cast<int>(a.nk);
-  // A ping-pong CTA's second block may lie past Q's padding: its warps run on zeros, read the
-  // last block's scales and store nothing.
-  const int group_row0 = T::kPingPong ? min(warp_row0, static_cast<int>(a.nq_pad) - T::kWarpQ) : warp_row0;
 
   // ---- Q tile -> shared memory (its own commit group, completed with K0).
   const uint8_t* q_src = static_cast<const uint8_t*>(a.q) + (bh * a.nq_pad + row0) * QB;
-  load_tile_async<QB, T::kCtaRows, T::kThreads>(q_smem, q_src, QB,
-                                                T::kPingPong ? static_cast<int>(a.nq_pad) - row0 : T::kCtaQ, QB / 16);
+  load_tile_async<QB, T::kCtaQ, T::kThreads>(q_smem, q_src, QB, T::kCtaQ, QB / 16);
   cp_async_commit();
 
   // Q smoothing: this warp's q-bar block (every warp lies inside one q_mean_rows block).
@@ -256,7 +244,7 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   float qbar_scale = 0.0f;
   if (smooth_q) {
     const int qbar_blocks = static_cast<int>(a.nq_pad / a.q_mean_rows);
-    const int64_t block = bh * qbar_blocks + group_row0 / a.q_mean_rows;
+    const int64_t block = bh * qbar_blocks + warp_row0 / a.q_mean_rows;
     const int8_t* src = static_cast<const int8_t*>(a.qbar) + block * T::kHeadDim;
     int8_t* dst = qbar_smem + warp * T::kHeadDim;
     for (int c = lane; c < T::kHeadDim; c += 32) {
@@ -272,9 +260,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int gran = static_cast<int>(a.granularity);
   const int q_groups = static_cast<int>(a.nq_pad / T::kCtaQ) *
                        (gran == kPerBlock ? 1 : (T::kCtaQ / T::kWarpQ) * (gran == kPerThread ? 8 : 1));
-  const int q_group = gran == kPerBlock ? (T::kPingPong ? group_row0 / T::kCtaQ : q_block)
-                      : gran == kPerWarp ? group_row0 / T::kWarpQ
-                                         : (group_row0 / T::kWarpQ) * 8 + g;
+  const int q_group = gran == kPerBlock ? q_block
+                      : gran == kPerWarp ? warp_row0 / T::kWarpQ
+                                         : (warp_row0 / T::kWarpQ) * 8 + g;
   const float q_scale = static_cast<const float*>(a.q_scale)[bh * q_groups + q_group];
   const int k_groups_per_tile = gran == kPerThread ? 4 : 1;
   const int k_groups = static_cast<int>(a.nk_pad / T::kKTile) * k_groups_per_tile;
@@ -309,8 +297,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   };
 
   const int k_tiles_all = (nk + T::kKTile - 1) / T::kKTile;
-  // Causal (top-left): the CTA's last row sees keys up to row0 + kCtaRows - 1.
-  const int k_tiles = causal ? min(k_tiles_all, (row0 + T::kCtaRows + T::kKTile - 1) / T::kKTile) : k_tiles_all;
+  // Causal (top-left): the CTA's last row sees keys up to row0 + kCtaQ - 1.
+  const int k_tiles = causal ? min(k_tiles_all, (row0 + T::kCtaQ + T::kKTile - 1) / T::kKTile) : k_tiles_all;
 
   float o[M][NO][4];
 #pragma unroll
@@ -334,11 +322,10 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // leaves only V_j in flight; after K_{j+1} is issued, wait_group 1 leaves only K_{j+1}.
   // With one: at the top of tile j wait_group 0 (K_j, V_j), then K_{j+1} and V_{j+1} go out.
   // With two: at the top of tile j wait_group 0 (K_j), V_j goes out; before P . V wait_group 1
-  // leaves only K_{j+1}. Ping-pong: at the top of step j wait_group 0 (K_j, V_{j-1}), then
-  // K_{j+1} and V_j go out.
+  // leaves only K_{j+1}.
   load_k(0, 0);
   cp_async_commit();
-  if constexpr (!T::kTwoBarriers && !T::kPingPong) {
+  if constexpr (!T::kTwoBarriers) {
     load_v(0, 0);
     cp_async_commit();
   }
@@ -355,9 +342,6 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   auto delta_s = [&](const int j) {
     const uint8_t* ks_tile = k_smem + (j & 1) * T::kKTileBytes;
     const int8_t* qb = qbar_smem + warp * T::kHeadDim;
-    // Every lane is done reading the previous tile's row (the ping-pong upper half reaches here
-    // with no CTA barrier since its softmax of tile j-1).
-    if constexpr (T::kPingPong) __syncwarp();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int key = lane + 32 * half;
@@ -673,90 +657,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // Tiles every row of the CTA sees in full: all keys < nk and (causal) key0 + kKTile - 1 <= row0.
   const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
 
-  // Ping-pong (T::kPingPong): warps w and w + 4 share a scheduler (sub-partition); the upper half
-  // of the CTA runs half a step behind the lower half, so one warp's MMAs overlap the other's
-  // softmax. Step j: QK_j and P_{j-1} . V_{j-1} (the MMAs of both), and the softmax of tile j
-  // (lower half, after its MMAs) or of tile j-1 (upper half, before them). One barrier per step:
-  // K_j and V_{j-1} have landed, every warp is done with K_{j-1} and V_{j-2}, whose stages take
-  // K_{j+1} and V_j.
-  // Each half is its own compiled loop: across the barrier the lower half holds P, the upper half
-  // the scores, never both.
-  auto pingpong_steps = [&](auto exact_logits, auto upper_half) {
-    constexpr bool kExactLogits = decltype(exact_logits)::value;
-    constexpr bool upper = decltype(upper_half)::value;
-    int32_t s[M][NS][4];
-    uint32_t p_frag[M][kPSteps][4];
-    float kscale = 0.0f;  // of the tile whose scores are in s
-    // The softmax of tile j from the scores in s into P, with O's rescale.
-    auto softmax_p = [&](const int j, auto masked) {
-      float x[M][NS][4];
-      float alpha[M][2];
-      const float x_scale = logits_and_max(j, kscale, s, x, alpha, masked, exact_logits);
-      rescale_o(alpha);
-      probabilities(x, x_scale, alpha, p_frag);
-    };
-    // At the top of step j: K_j and V_{j-1} have landed and every warp is done with the stages
-    // that K_{j+1} and V_j now go into.
-    auto issue_loads = [&](const int j) {
-      cp_async_wait<0>();
-      cta_barrier_divergent();
-      if (j + 1 < k_tiles) load_k(j + 1, (j + 1) & 1);
-      if (j < k_tiles) load_v(j, j & 1);
-      cp_async_commit();
-    };
-    // Step j: K_j and V_{j-1} are in shared memory. has_prev: j > 0 (P_{j-1} . V_{j-1}, and
-    // the upper half's softmax of tile j-1); has_next: j < k_tiles (QK_j, the lower half's
-    // softmax of tile j). `masked` is for the tile of this step's softmax.
-    auto step = [&](const int j, auto masked, auto has_prev, auto has_next) {
-      constexpr bool kPrev = decltype(has_prev)::value, kNext = decltype(has_next)::value;
-      issue_loads(j);
-      if constexpr (upper && kPrev) softmax_p(j - 1, masked);
-      const TileOffsets off(lane_id_in_loop());
-      if constexpr (kPrev) pv(j - 1, off, p_frag);
-      if constexpr (kNext) {
-        if (kExactLogits && smooth_q) delta_s(j);
-        kscale = lane_k_scale(j);
-        qk(j, off, s);
-        if constexpr (!upper) softmax_p(j, masked);
-      }
-    };
-    constexpr BoolConstant<true> yes{};
-    constexpr BoolConstant<false> no{};
-    // Causal: the lower half's rows end kCtaQ rows before the CTA's, so it computes up to its own
-    // last tile and then only takes part in the remaining steps' barriers and loads.
-    const int half_row0 = row0 + (upper ? T::kCtaQ : 0);
-    const int half_tiles = causal ? min(k_tiles, (half_row0 + T::kCtaQ + T::kKTile - 1) / T::kKTile) : k_tiles;
-    const int half_full = min(half_tiles, causal ? min(nk / T::kKTile, (half_row0 + 1) / T::kKTile) : nk / T::kKTile);
-    // The softmax of step j is of tile j - kLag; each range of steps is its own loop, so the
-    // steady-state step has one softmax body (unmasked) and no edge branches.
-    constexpr int kLag = upper ? 1 : 0;
-    if (!upper && half_full == 0) {
-      step(0, yes, no, yes);
-    } else {
-      step(0, no, no, yes);
-    }
-    const int first_masked = max(1, min(half_tiles, half_full + kLag));
-    for (int j = 1; j < first_masked; ++j) step(j, no, yes, yes);
-    for (int j = first_masked; j < half_tiles; ++j) step(j, yes, yes, yes);
-    if (upper && half_tiles - 1 >= half_full) {
-      step(half_tiles, yes, yes, no);
-    } else {
-      step(half_tiles, no, yes, no);
-    }
-    for (int j = half_tiles + 1; j <= k_tiles; ++j) issue_loads(j);
-  };
-
   auto key_tiles = [&](auto exact_logits) {
-    if constexpr (T::kPingPong) {
-      if (warp >= T::kWarps / 2) {
-        pingpong_steps(exact_logits, BoolConstant<true>{});
-      } else {
-        pingpong_steps(exact_logits, BoolConstant<false>{});
-      }
-    } else {
-      for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
-      for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
-    }
+    for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
+    for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
   };
   if (smooth_q || !(c_log2 > 0.0f)) {
     key_tiles(BoolConstant<true>{});

@@ -39,11 +39,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
-// A barrier over the whole CTA that warps may reach at different instructions, as the ping-pong
-// halves do (their loops are compiled apart). __syncthreads is bar.sync, i.e. barrier.sync.aligned,
-// whose contract is that every thread executes the same instruction.
-__device__ __forceinline__ void cta_barrier_divergent() { asm volatile("barrier.sync 0;\n" ::: "memory"); }
-
 // Four 8x8 matrices of 16-bit elements (= 8 rows x 16 bytes); lanes 8i..8i+7 give the row
 // addresses of matrix i, which lands in r[i].
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
