@@ -22,9 +22,9 @@ which levels are native or substituted. Nothing else restates these facts.
     smem_per_sm_kb
               shared memory one SM gives its CTAs (KB). With 160 or more (A100, H100, B200) the
               mma family's D=128 16-bit P.V kernel double-buffers V (64 KB per CTA, two CTAs per
-              SM, one barrier per tile), and its D=64 INT8 / 16-bit P.V kernel runs three CTAs
-              per SM (168 registers); on the 100 KB GeForce SMs it keeps one V stage (48 KB)
-              and two CTAs at D=64
+              SM, one barrier per tile), and its D=64 INT8 / 16-bit P.V kernel with an fp32
+              accumulator runs three CTAs per SM (168 registers); on the 100 KB GeForce SMs it
+              keeps one V stage (48 KB) and two CTAs at D=64
 """
 from __future__ import annotations
 
