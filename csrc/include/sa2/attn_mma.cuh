@@ -24,11 +24,24 @@
 #ifndef SA2_MMA_MIN_CTAS_D64
 #define SA2_MMA_MIN_CTAS_D64 0  // 0: AttnMmaTraits decides; n: __launch_bounds__ minimum n for every D <= 64 kernel
 #endif
+#ifndef SA2_MMA_INT_ROW_MAX
+#define SA2_MMA_INT_ROW_MAX 0  // 1: steady-state row maxima from the int32 scores (three-input integer max)
+#endif
+#ifndef SA2_MMA_KSCALE_AHEAD
+#define SA2_MMA_KSCALE_AHEAD 0  // 1: the lane's K scale of tile j+1 is read during tile j
+#endif
+#ifndef SA2_MMA_TILE_UNROLL
+#define SA2_MMA_TILE_UNROLL 1  // n > 1: the loop over full key tiles unrolled n times
+#endif
 // An explicit minimum of 1 changes ptxas's schedule at D=128: kernels that want more than one
 // CTA per SM name it, the others keep the plain bound.
 #define SA2_MMA_LAUNCH_BOUNDS(T) __launch_bounds__(T::kThreads, T::kMinCtasPerSm)
 
 namespace sa2 {
+
+#if SA2_MMA_TILE_UNROLL > 1
+constexpr int kMmaTileUnroll = SA2_MMA_TILE_UNROLL;  // `#pragma unroll` takes a constant, not a macro
+#endif
 
 template <int kHeadDim_, QKType kQK_, PVType kPV_, PVAccum kAcc_ = PVAccum::kFp32>
 struct AttnMmaTraits {
@@ -92,6 +105,12 @@ struct AttnMmaTraits {
   // instead of a FADD per score) where fp32-accumulating 16-bit MMAs run at full rate
   // (archs.Arch.fp32_accum_full_rate); l then sums P as rounded for P . V (numerics.md step 5).
   static constexpr bool kRowSumsByMma = SA2_FP32_ACCUM_FULL_RATE && !kFp8PV && !kF16Acc;
+  // Row maxima of unmasked tiles without Q smoothing taken on the int32 scores
+  // (softmax::lane_row_max): the same maxima in fewer instructions where the integer max takes
+  // three inputs (sm_90: VIMNMX3; its float max takes two).
+  static constexpr bool kIntRowMax = SA2_MMA_INT_ROW_MAX;
+  // The lane's K scale of tile j+1 read at tile j, so that its load latency has a whole tile.
+  static constexpr bool kKScaleAhead = SA2_MMA_KSCALE_AHEAD;
   // Q stays in shared memory and is re-read per tile: holding it in registers (32 per lane)
   // on top of O (128) and S (64) made ptxas spill at D=128.
   static constexpr int kQOffset = 0;
@@ -415,6 +434,8 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   // would otherwise keep the load from being issued early). Returns the factor that turns x
   // into logits.
   auto lane_k_scale = [&](const int j) { return k_scale[j * k_groups_per_tile + (gran == kPerThread ? t : 0)]; };
+  // kKScaleAhead: this lane's K scale of the next tile to run.
+  float kscale_ahead = T::kKScaleAhead ? lane_k_scale(0) : 0.0f;
   auto logits_and_max = [&](const int j, const float kscale_lane, const int32_t (&s)[T::kMTiles][T::kSTiles][4],
                             float (&x)[T::kMTiles][T::kSTiles][4], float (&alpha)[T::kMTiles][2], auto masked,
                             auto exact_logits) {
@@ -453,7 +474,11 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
         }
       }
       // Step 3, in base 2.
-      softmax::update_row_max<NS>(x[m], kExactLogits ? 1.0f : s_to_x, rows.max[m], alpha[m]);
+      if constexpr (kMasked || kExactLogits || !T::kIntRowMax) {
+        softmax::update_row_max<NS>(x[m], kExactLogits ? 1.0f : s_to_x, rows.max[m], alpha[m]);
+      } else {
+        softmax::update_row_max<NS>(s[m], s_to_x, rows.max[m], alpha[m]);
+      }
     }
     return kExactLogits ? 1.0f : s_to_x;
   };
@@ -628,7 +653,15 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
     }
     const TileOffsets off(lane_id_in_loop());
     if (kExactLogits && smooth_q) delta_s(j);
-    const float kscale = lane_k_scale(j);
+    float kscale;
+    if constexpr (T::kKScaleAhead) {
+      // A warp that left a causal tile early above leaves every later one too, so the scale it
+      // skipped reading is never used.
+      kscale = kscale_ahead;
+      if (j + 1 < k_tiles) kscale_ahead = lane_k_scale(j + 1);
+    } else {
+      kscale = lane_k_scale(j);
+    }
     int32_t s[M][NS][4];
     qk(j, off, s);
     float x[M][NS][4];
@@ -658,6 +691,9 @@ __global__ void SA2_MMA_LAUNCH_BOUNDS(T) attn_mma_kernel(const MmaAttnParams a) 
   const int full_tiles = min(k_tiles, causal ? min(nk / T::kKTile, (row0 + 1) / T::kKTile) : nk / T::kKTile);
 
   auto key_tiles = [&](auto exact_logits) {
+#if SA2_MMA_TILE_UNROLL > 1
+#pragma unroll kMmaTileUnroll
+#endif
     for (int j = 0; j < full_tiles; ++j) key_tile(j, BoolConstant<false>{}, exact_logits);
     for (int j = full_tiles; j < k_tiles; ++j) key_tile(j, BoolConstant<true>{}, exact_logits);
   };

@@ -52,18 +52,39 @@ struct RowState {
 // Step 3: the new row maxima, and alpha[h] = exp2(m_old - m_new) for rescaling O and l. The first
 // tile processed must give every row a finite max (key 0 is always visible), so alpha =
 // exp2(-inf) = 0 there.
+__device__ __forceinline__ void advance_row_max(float lane_max, float& row_max, float& alpha) {
+  const float m_new = fmaxf(row_max, quad_max(lane_max));
+  alpha = exp2_approx(row_max - m_new);
+  row_max = m_new;
+}
+
+// This lane's raw maximum of row half h (elements 2h, 2h+1 of each n8 tile).
 template <int N>
-__device__ __forceinline__ void update_row_max(const float (&x)[N][4], float scale, float (&row_max)[2],
+__device__ __forceinline__ float lane_row_max(const float (&x)[N][4], int h) {
+  float v = fmaxf(x[0][2 * h], x[0][2 * h + 1]);
+#pragma unroll
+  for (int n = 1; n < N; ++n) v = fmaxf(v, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
+  return v;
+}
+
+// The same on the int32 scores, converted once: int -> float is exact here (|s| < 2^24) and
+// monotone, so the result equals the float path's bit for bit. sm_90 has a three-input integer
+// max (VIMNMX3) but only a two-input float one, so this takes N instructions instead of 2N - 1.
+template <int N>
+__device__ __forceinline__ float lane_row_max(const int32_t (&s)[N][4], int h) {
+  int v = max(s[0][2 * h], s[0][2 * h + 1]);
+#pragma unroll
+  for (int n = 1; n < N; ++n) v = __vimax3_s32(v, s[n][2 * h], s[n][2 * h + 1]);
+  return static_cast<float>(v);
+}
+
+// `scores` are x (float) or the integer scores whose conversion is x; scale > 0 turns x into
+// logits, so the row max of x * scale is (max x) * scale.
+template <int N, class Score>
+__device__ __forceinline__ void update_row_max(const Score (&scores)[N][4], float scale, float (&row_max)[2],
                                                float (&alpha)[2]) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float raw_max = fmaxf(x[0][2 * h], x[0][2 * h + 1]);
-#pragma unroll
-    for (int n = 1; n < N; ++n) raw_max = fmaxf(raw_max, fmaxf(x[n][2 * h], x[n][2 * h + 1]));
-    const float m_new = fmaxf(row_max[h], quad_max(raw_max * scale));
-    alpha[h] = exp2_approx(row_max[h] - m_new);
-    row_max[h] = m_new;
-  }
+  for (int h = 0; h < 2; ++h) advance_row_max(lane_row_max(scores, h) * scale, row_max[h], alpha[h]);
 }
 
 // Steps 4-5: x -> p = exp2(x * scale - m + p_offset) in place, and with kSum l = alpha * l + sum(p).
