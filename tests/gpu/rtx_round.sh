@@ -36,8 +36,9 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # A timeout of at most $1 seconds that ends before the budget does (never below 10 s).
 cap() { local l; l=$(left); l=$(( l < $1 ? l : $1 )); echo $(( l < 10 ? 10 : l )); }
 # Kernel switches to A/B (name:flags, flags comma-separated; the -D guards in attn_mma.cuh).
-MMA_VARIANTS=${MMA_VARIANTS-"one_v_stage:-DSA2_SMEM_PER_SM_KB=100 one_v_stage_two_barriers:-DSA2_SMEM_PER_SM_KB=100,-DSA2_MMA_TWO_BARRIERS=1 d64_2ctas:-DSA2_MMA_MIN_CTAS_D64=2"}
-AB_SHAPES=${AB_SHAPES:-1x24x8192x128,1x24x16384x64,1x32x8192x128c}
+# In order of priority: variants past the time budget are skipped.
+MMA_VARIANTS=${MMA_VARIANTS-"imax:-DSA2_MMA_INT_ROW_MAX=1 u2:-DSA2_MMA_TILE_UNROLL=2 imax_u2:-DSA2_MMA_INT_ROW_MAX=1,-DSA2_MMA_TILE_UNROLL=2 ka:-DSA2_MMA_KSCALE_AHEAD=1 one_v_stage:-DSA2_SMEM_PER_SM_KB=100 one_v_stage_two_barriers:-DSA2_SMEM_PER_SM_KB=100,-DSA2_MMA_TWO_BARRIERS=1"}
+AB_SHAPES=${AB_SHAPES:-1x24x16384x128,1x40x32760x128,1x24x8192x64,1x24x16384x64,1x24x8192x64c}
 # A variant builds into its own kernel cache (the default one stays the product build).
 in_variant() { local v=$1; shift; SAGEATTN2_CACHE_DIR=/tmp/sa2_ab/${v%%:*} SAGEATTN2_NVRTC_FLAGS="$(echo "${v#*:}" | tr , ' ')" "$@"; }
 pack() { tar czf "$OUT/rtx_raw.tgz" -C "$OUT" raw && rm -rf "$RAW"; }
