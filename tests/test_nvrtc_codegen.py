@@ -29,10 +29,10 @@ extern "C" __global__ void probe(float* x, const int* key, int nk) {
 """
 
 
-def ptx_of(source: str) -> str:
-    """PTX for compute_90 through the same headers and options as the kernels."""
-    opts = [o for o in kernels.options(archs.arch(9, 0)) if not o.startswith("--gpu-architecture")]
-    return NV.ptx(source, "probe.cu", kernels.headers(), opts + ["--gpu-architecture=compute_90"])
+def ptx_of(source: str, arch: tuple[int, int] = (9, 0), extra: tuple[str, ...] = (), name: str = "probe.cu") -> str:
+    """PTX for the arch's virtual target through the same headers and options as the kernels."""
+    opts = [o for o in kernels.options(archs.arch(*arch), extra) if not o.startswith("--gpu-architecture")]
+    return NV.ptx(source, name, kernels.headers(), opts + [f"--gpu-architecture=compute_{arch[0]}{arch[1]}"])
 
 
 def test_infinity_is_a_folded_constant():
@@ -63,9 +63,7 @@ def header_switches() -> dict[str, str]:
 
 def kernel_ptx(arch: tuple[int, int], head_dim: int, extra: tuple[str, ...] = ()) -> str:
     k = kernels.mma_kernel(head_dim, False, abi.PV_FP16)
-    source = k.source() + f"template __global__ void {k.expr}(const {k.params_c});\n"
-    opts = [o for o in kernels.options(archs.arch(*arch), extra) if not o.startswith("--gpu-architecture")]
-    return NV.ptx(source, f"{k.name}.cu", kernels.headers(), opts + [f"--gpu-architecture=compute_{arch[0]}{arch[1]}"])
+    return ptx_of(k.source() + f"template __global__ void {k.expr}(const {k.params_c});\n", arch, extra, f"{k.name}.cu")
 
 
 def test_every_switch_has_a_probe():
